@@ -1,0 +1,193 @@
+#include "client/output.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+json_t *out_from_msgpack(const msgpack_object *o)
+{
+	switch (o->type) {
+	case MSGPACK_OBJECT_NIL:
+		return json_null();
+	case MSGPACK_OBJECT_BOOLEAN:
+		return json_boolean(o->via.boolean);
+	case MSGPACK_OBJECT_POSITIVE_INTEGER:
+		return json_integer(o->via.u64 > (uint64_t)INT64_MAX ? INT64_MAX : (json_int_t)o->via.u64);
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+		return json_integer(o->via.i64);
+	case MSGPACK_OBJECT_FLOAT32:
+	case MSGPACK_OBJECT_FLOAT64:
+		return json_real(o->via.f64);
+	case MSGPACK_OBJECT_STR:
+		return json_stringn_nocheck(o->via.str.ptr, o->via.str.size);
+	case MSGPACK_OBJECT_BIN: {
+		static const char hex[] = "0123456789abcdef";
+		json_t *s;
+		char *buf = malloc(2 * (size_t)o->via.bin.size + 1);
+		if (buf == NULL)
+			return NULL;
+		for (uint32_t i = 0; i < o->via.bin.size; i++) {
+			buf[2 * i] = hex[(uint8_t)o->via.bin.ptr[i] >> 4];
+			buf[2 * i + 1] = hex[(uint8_t)o->via.bin.ptr[i] & 15];
+		}
+		s = json_stringn(buf, 2 * (size_t)o->via.bin.size);
+		free(buf);
+		return s;
+	}
+	case MSGPACK_OBJECT_ARRAY: {
+		json_t *a = json_array();
+		for (uint32_t i = 0; a && i < o->via.array.size; i++)
+			json_array_append_new(a, out_from_msgpack(&o->via.array.ptr[i]));
+		return a;
+	}
+	case MSGPACK_OBJECT_MAP: {
+		json_t *m = json_object();
+		for (uint32_t i = 0; m && i < o->via.map.size; i++) {
+			const msgpack_object *k = &o->via.map.ptr[i].key;
+			if (k->type != MSGPACK_OBJECT_STR)
+				continue;
+			char *key = strndup(k->via.str.ptr, k->via.str.size);
+			if (key == NULL)
+				continue;
+			json_object_set_new(m, key, out_from_msgpack(&o->via.map.ptr[i].val));
+			free(key);
+		}
+		return m;
+	}
+	default:
+		return json_null();
+	}
+}
+
+void out_json(json_t *v)
+{
+	char *s = json_dumps(v, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY);
+	if (s != NULL) {
+		puts(s);
+		free(s);
+	}
+}
+
+static const char *str(json_t *o, const char *key)
+{
+	const char *s = json_string_value(json_object_get(o, key));
+	return s ? s : "";
+}
+
+static long long num(json_t *o, const char *key)
+{
+	return (long long)json_integer_value(json_object_get(o, key));
+}
+
+static void fmt_time(long long t, char *buf, size_t sz)
+{
+	time_t tt = (time_t)t;
+	struct tm tm;
+	if (t <= 0 || localtime_r(&tt, &tm) == NULL)
+		snprintf(buf, sz, "-");
+	else
+		strftime(buf, sz, "%Y-%m-%d %H:%M", &tm);
+}
+
+void out_auth(json_t *r)
+{
+	json_t *created = json_object_get(r, "created");
+	if (created == NULL)
+		printf("%s\n", str(r, "did"));
+	else if (json_is_true(created))
+		printf("Created node identity %s\n", str(r, "did"));
+	else
+		printf("Node identity already exists: %s\n", str(r, "did"));
+	const char *note = str(r, "note");
+	if (*note)
+		printf("%s\n", note);
+}
+
+void out_node_status(json_t *r)
+{
+	json_t *did = json_object_get(r, "did");
+	long long up = num(r, "uptime_s");
+	printf("Node:         %s\n", json_is_string(did) ? json_string_value(did)
+						    : "(no identity: run 'mectl auth init')");
+	printf("Alias:        %s\n", str(r, "alias"));
+	printf("Addresses:    ");
+	json_t *a = json_object_get(r, "addresses");
+	for (size_t i = 0; i < json_array_size(a); i++)
+		printf("%s%s", i ? ", " : "", json_string_value(json_array_get(a, i)));
+	printf("\n");
+	printf("Version:      %s\n", str(r, "version"));
+	printf("Uptime:       %lldd %02lld:%02lld:%02lld\n", up / 86400, up / 3600 % 24, up / 60 % 60,
+	       up % 60);
+	printf("Data root:    %s\n", str(r, "root"));
+	printf("Repositories: %lld\n", num(r, "repos"));
+	printf("Known nodes:  %lld\n", num(r, "nodes"));
+	printf("Peers:        %lld\n", num(r, "peers"));
+}
+
+void out_repo_add(json_t *r)
+{
+	printf("Added repository %s as %s\n", str(r, "name"), str(r, "id"));
+}
+
+static const char *creator_label(json_t *repo)
+{
+	return json_is_true(json_object_get(repo, "mine")) ? "you" : str(repo, "creator");
+}
+
+void out_repo_list(json_t *r)
+{
+	json_t *repos = json_object_get(r, "repos");
+	size_t n = json_array_size(repos);
+	int wid = 2, wname = 4, wcre = 7, wst = 5;
+
+	if (n == 0) {
+		printf("No repositories. Add one with: mectl repo add --path DIR\n");
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		json_t *x = json_array_get(repos, i);
+		int l;
+		if ((l = (int)strlen(str(x, "id"))) > wid) wid = l;
+		if ((l = (int)strlen(str(x, "name"))) > wname) wname = l;
+		if ((l = (int)strlen(creator_label(x))) > wcre) wcre = l;
+		if ((l = (int)strlen(str(x, "state"))) > wst) wst = l;
+	}
+	printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, "ID", wname, "NAME", wcre, "CREATOR", wst,
+	       "STATE", "UPDATED");
+	for (size_t i = 0; i < n; i++) {
+		json_t *x = json_array_get(repos, i);
+		char t[32];
+		fmt_time(num(x, "updated_at"), t, sizeof(t));
+		printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, str(x, "id"), wname, str(x, "name"), wcre,
+		       creator_label(x), wst, str(x, "state"), t);
+	}
+}
+
+void out_repo_show(json_t *r)
+{
+	char c[32], u[32];
+	fmt_time(num(r, "created_at"), c, sizeof(c));
+	fmt_time(num(r, "updated_at"), u, sizeof(u));
+	printf("ID:           %s\n", str(r, "id"));
+	printf("Name:         %s\n", str(r, "name"));
+	printf("Description:  %s\n", str(r, "description"));
+	printf("Creator:      %s%s\n", str(r, "creator"),
+	       json_is_true(json_object_get(r, "mine")) ? " (you)" : "");
+	printf("Path:         %s\n", *str(r, "path") ? str(r, "path") : "-");
+	printf("State:        %s\n", str(r, "state"));
+	printf("Root commit:  %s\n", str(r, "root_commit"));
+	printf("HEAD:         %s\n", *str(r, "head") ? str(r, "head") : "(detached)");
+	printf("Created:      %s\n", c);
+	printf("Updated:      %s\n", u);
+	json_t *refs = json_object_get(r, "refs");
+	printf("Refs:         %zu\n", json_array_size(refs));
+	for (size_t i = 0; i < json_array_size(refs); i++) {
+		json_t *x = json_array_get(refs, i);
+		printf("  %s  %s\n", str(x, "oid"), str(x, "name"));
+	}
+}
+
+void out_repo_remove(json_t *r)
+{
+	printf("Removed repository %s\n", str(r, "removed"));
+}

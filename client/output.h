@@ -1,0 +1,24 @@
+/* mectl's rendering: replies become JSON values (jansson); --json prints them as they are,
+ * otherwise a per-command renderer prints a human table. Parsing stays in mectl.c. */
+#ifndef ME_OUTPUT_H
+#define ME_OUTPUT_H
+
+#include <jansson.h>
+#include <msgpack.h>
+
+/* Converts a reply object to JSON (binary becomes lowercase hex). NULL on allocation failure. */
+json_t *out_from_msgpack(const msgpack_object *o);
+
+typedef void (*out_render_fn)(json_t *result);
+
+void out_auth(json_t *r);
+void out_node_status(json_t *r);
+void out_repo_add(json_t *r);
+void out_repo_list(json_t *r);
+void out_repo_show(json_t *r);
+void out_repo_remove(json_t *r);
+
+/* Prints JSON to stdout, indented, keys in the daemon's order. */
+void out_json(json_t *v);
+
+#endif

@@ -1,0 +1,14 @@
+/* SHA3-256 from wolfCrypt. */
+#ifndef ME_SHA3_H
+#define ME_SHA3_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ME_SHA3_256_LEN 32
+
+/* Hashes the concatenation of two buffers (either may be empty). Returns 0 or ME_EINTERNAL. */
+int me_sha3_256_2(const void *a, size_t alen, const void *b, size_t blen,
+		  uint8_t out[ME_SHA3_256_LEN]);
+
+#endif

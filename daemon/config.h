@@ -1,0 +1,56 @@
+/* megaengined's configuration: command-line flags over environment over defaults. */
+#ifndef ME_CONFIG_H
+#define ME_CONFIG_H
+
+#include <limits.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "common/ids.h"
+#include "common/util.h"
+
+#define ME_MAX_ADDRS 8
+#define ME_MAX_BOOTSTRAP 16
+#define ME_ALIAS_MAX 64
+#define ME_DEFAULT_PORT 9000
+#define ME_SOCKET_NAME "megaengined.sock"
+#define ME_SUN_PATH_MAX 108
+
+struct me_sockaddr {
+	struct sockaddr_storage ss;
+	socklen_t len;
+	char text[80]; /* normalised "ip:port" / "[ip6]:port" */
+};
+
+struct me_bootstrap {
+	char did[ME_DID_KEY_SIZE];
+	struct me_sockaddr addr;
+};
+
+struct me_config {
+	char root[PATH_MAX];
+	char alias[ME_ALIAS_MAX];
+	struct me_sockaddr addrs[ME_MAX_ADDRS];
+	size_t naddrs;
+	struct me_bootstrap boots[ME_MAX_BOOTSTRAP];
+	size_t nboots;
+	char cert_path[PATH_MAX];
+	char socket_path[ME_SUN_PATH_MAX];
+	char socket_group[64];
+	int log_level;
+	int foreground;
+};
+
+enum { ME_CONFIG_OK = 0, ME_CONFIG_EXIT = 1 };
+
+/* Fills cfg from argv and the environment. Returns ME_CONFIG_OK, ME_CONFIG_EXIT after printing
+ * --help or --version, or a negative code with a message in err. */
+int me_config_load(struct me_config *cfg, int argc, char **argv, char *err, size_t errsz);
+
+/* Parses "1.2.3.4:9000" or "[::1]:9000" (numeric only). 0 or ME_EINVAL. */
+int me_sockaddr_parse(const char *s, struct me_sockaddr *out);
+/* Parses "did:key:...@ip:port". 0, ME_EBADID or ME_EINVAL. */
+int me_bootstrap_parse(const char *s, struct me_bootstrap *out);
+
+#endif

@@ -1,0 +1,445 @@
+#include "daemon/control.h"
+
+#include <errno.h>
+#include <grp.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "common/err.h"
+#include "common/frame.h"
+#include "common/log.h"
+#include "common/proto.h"
+#include "daemon/cmds.h"
+
+#define READ_CHUNK 65536
+
+struct conn {
+	uv_pipe_t pipe;
+	struct control *ctl;
+	struct me_frame_reader rd;
+	size_t pending_write;
+	int close_after_write;
+	int closing;
+	uid_t uid;
+	pid_t pid;
+	struct conn *prev, *next;
+};
+
+struct control {
+	uv_loop_t *loop;
+	uv_pipe_t server;
+	struct node *node;
+	char path[ME_SUN_PATH_MAX];
+	int owns_path;
+	int has_group;
+	gid_t group;
+	struct conn *conns;
+	size_t nconns;
+	int handles; /* open libuv handles, for the deferred free */
+	int closing;
+	char rbuf[READ_CHUNK];
+};
+
+struct wreq {
+	uv_write_t req;
+	struct conn *c;
+	size_t len;
+	char *data;
+};
+
+static void control_maybe_release(struct control *c)
+{
+	if (c->closing && c->handles == 0)
+		free(c);
+}
+
+static void conn_on_close(uv_handle_t *h)
+{
+	struct conn *cn = h->data;
+	struct control *c = cn->ctl;
+
+	me_frame_reader_free(&cn->rd);
+	free(cn);
+	c->handles--;
+	control_maybe_release(c);
+}
+
+static void conn_close(struct conn *cn)
+{
+	struct control *c = cn->ctl;
+
+	if (cn->closing)
+		return;
+	cn->closing = 1;
+	if (cn->prev)
+		cn->prev->next = cn->next;
+	else
+		c->conns = cn->next;
+	if (cn->next)
+		cn->next->prev = cn->prev;
+	c->nconns--;
+	uv_close((uv_handle_t *)&cn->pipe, conn_on_close);
+}
+
+static void on_write(uv_write_t *req, int status)
+{
+	struct wreq *w = (struct wreq *)req;
+	struct conn *cn = w->c;
+
+	cn->pending_write -= w->len;
+	free(w->data);
+	free(w);
+	if (status < 0 || (cn->close_after_write && cn->pending_write == 0))
+		conn_close(cn);
+}
+
+/* Queues a frame; takes ownership of sb's data. */
+static void conn_send(struct conn *cn, msgpack_sbuffer *sb)
+{
+	if (cn->closing || sb->size == 0) {
+		msgpack_sbuffer_destroy(sb);
+		return;
+	}
+	if (cn->pending_write + sb->size > CONTROL_MAX_PENDING_WRITE) {
+		log_warn("control: client pid %ld does not read its replies; disconnecting",
+			 (long)cn->pid);
+		msgpack_sbuffer_destroy(sb);
+		conn_close(cn);
+		return;
+	}
+	struct wreq *w = calloc(1, sizeof(*w));
+	if (w == NULL) {
+		msgpack_sbuffer_destroy(sb);
+		conn_close(cn);
+		return;
+	}
+	w->c = cn;
+	w->len = sb->size;
+	w->data = msgpack_sbuffer_release(sb);
+	uv_buf_t buf = uv_buf_init(w->data, (unsigned)w->len);
+	cn->pending_write += w->len;
+	int rc = uv_write(&w->req, (uv_stream_t *)&cn->pipe, &buf, 1, on_write);
+	if (rc < 0) {
+		cn->pending_write -= w->len;
+		free(w->data);
+		free(w);
+		conn_close(cn);
+	}
+}
+
+static void send_error(struct conn *cn, uint32_t id, int code, const char *msg)
+{
+	msgpack_sbuffer sb;
+	msgpack_sbuffer_init(&sb);
+	if (me_reply_pack_error(&sb, id, code, msg) < 0) {
+		msgpack_sbuffer_destroy(&sb);
+		conn_close(cn);
+		return;
+	}
+	conn_send(cn, &sb);
+}
+
+/* A protocol violation that leaves the stream unusable: answer once, then hang up. */
+static void fail_stream(struct conn *cn, int code, const char *msg)
+{
+	log_info("control: pid %ld: %s; closing connection", (long)cn->pid, msg);
+	uv_read_stop((uv_stream_t *)&cn->pipe);
+	cn->close_after_write = 1;
+	send_error(cn, 0, code, msg);
+	if (!cn->closing && cn->pending_write == 0)
+		conn_close(cn);
+}
+
+static void handle_request(struct conn *cn, const uint8_t *body, size_t len)
+{
+	struct control *c = cn->ctl;
+	msgpack_zone zone;
+	msgpack_object obj;
+	struct me_request req;
+	const char *why;
+	char err[512];
+
+	if (!msgpack_zone_init(&zone, 2048)) {
+		send_error(cn, 0, ME_ENOMEM, NULL);
+		return;
+	}
+	int rc = me_mp_unpack(body, len, ME_MP_MAX_OBJECTS, &zone, &obj);
+	if (rc < 0) {
+		send_error(cn, 0, rc == ME_ETOOBIG ? ME_ETOOBIG : ME_EPROTO,
+			   rc == ME_ETOOBIG ? "request too deeply nested or has too many objects"
+					    : "request is not a single well-formed msgpack object");
+		goto out;
+	}
+	rc = me_request_decode(&obj, &req, &why);
+	if (rc < 0) {
+		send_error(cn, req.id, rc, why);
+		goto out;
+	}
+
+	msgpack_sbuffer result;
+	msgpack_packer pk;
+	msgpack_sbuffer_init(&result);
+	msgpack_packer_init(&pk, &result, msgpack_sbuffer_write);
+	err[0] = '\0';
+	struct cmd_ctx ctx = { .node = c->node, .err = err, .errsz = sizeof(err),
+			       .nconns = c->nconns };
+	rc = cmd_dispatch(&ctx, &req, &pk);
+	log_debug("control: pid %ld: %s -> %s", (long)cn->pid, me_cmds[req.cmd].name,
+		  me_errname(rc));
+	if (rc < 0) {
+		send_error(cn, req.id, rc, err[0] ? err : NULL);
+	} else {
+		msgpack_sbuffer sb;
+		msgpack_sbuffer_init(&sb);
+		if (me_reply_pack_result(&sb, req.id, "result", result.data, result.size) < 0) {
+			msgpack_sbuffer_destroy(&sb);
+			send_error(cn, req.id, ME_ETOOBIG, "reply too large");
+		} else {
+			conn_send(cn, &sb);
+		}
+	}
+	msgpack_sbuffer_destroy(&result);
+out:
+	msgpack_zone_destroy(&zone);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+	struct conn *cn = h->data;
+	(void)suggested;
+	*buf = uv_buf_init(cn->ctl->rbuf, sizeof(cn->ctl->rbuf));
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+	struct conn *cn = s->data;
+
+	if (nread < 0) {
+		conn_close(cn);
+		return;
+	}
+	if (nread == 0 || cn->closing)
+		return;
+	int rc = me_frame_reader_feed(&cn->rd, buf->base, (size_t)nread);
+	for (;;) {
+		const uint8_t *body;
+		size_t len;
+		if (rc < 0) {
+			fail_stream(cn, rc, rc == ME_ETOOBIG
+				    ? "frame length exceeds the 1 MiB limit"
+				    : "invalid frame length");
+			return;
+		}
+		rc = me_frame_reader_next(&cn->rd, &body, &len);
+		if (rc <= 0)
+			break;
+		handle_request(cn, body, len);
+		if (cn->closing || cn->close_after_write)
+			return;
+	}
+	if (rc < 0)
+		fail_stream(cn, rc, "invalid frame length");
+}
+
+static int peer_allowed(struct control *c, uid_t uid, gid_t gid)
+{
+	if (uid == 0 || uid == geteuid())
+		return 1;
+	if (!c->has_group)
+		return 0;
+	if (gid == c->group)
+		return 1;
+	struct passwd pw, *pwp = NULL;
+	char buf[4096];
+	if (getpwuid_r(uid, &pw, buf, sizeof(buf), &pwp) != 0 || pwp == NULL)
+		return 0;
+	gid_t groups[256];
+	int ng = 256;
+	if (getgrouplist(pw.pw_name, pw.pw_gid, groups, &ng) < 0)
+		return 0;
+	for (int i = 0; i < ng; i++)
+		if (groups[i] == c->group)
+			return 1;
+	return 0;
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+	struct control *c = server->data;
+
+	if (status < 0 || c->closing)
+		return;
+	struct conn *cn = calloc(1, sizeof(*cn));
+	if (cn == NULL)
+		return;
+	cn->ctl = c;
+	me_frame_reader_init(&cn->rd, ME_CTL_MAX_FRAME);
+	uv_pipe_init(c->loop, &cn->pipe, 0);
+	cn->pipe.data = cn;
+	c->handles++;
+	cn->next = c->conns;
+	if (c->conns)
+		c->conns->prev = cn;
+	c->conns = cn;
+	c->nconns++;
+	if (uv_accept(server, (uv_stream_t *)&cn->pipe) < 0) {
+		conn_close(cn);
+		return;
+	}
+	if (c->nconns > CONTROL_MAX_CONNS) {
+		log_warn("control: too many connections (%d); refusing one", CONTROL_MAX_CONNS);
+		conn_close(cn);
+		return;
+	}
+	uv_os_fd_t fd;
+	struct ucred cred;
+	socklen_t clen = sizeof(cred);
+	if (uv_fileno((uv_handle_t *)&cn->pipe, &fd) < 0 ||
+	    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
+		conn_close(cn);
+		return;
+	}
+	cn->uid = cred.uid;
+	cn->pid = cred.pid;
+	if (!peer_allowed(c, cred.uid, cred.gid)) {
+		log_notice("control: refused uid %ld (pid %ld): not root, the daemon's user or in the "
+			   "control group", (long)cred.uid, (long)cred.pid);
+		cn->close_after_write = 1;
+		send_error(cn, 0, ME_EPERM,
+			   "permission denied: the control socket is for root, the daemon's user "
+			   "and members of its group");
+		return;
+	}
+	uv_read_start((uv_stream_t *)&cn->pipe, on_alloc, on_read);
+}
+
+/* Replaces a stale socket file, refuses to steal a live one. */
+static int socket_path_prepare(const char *path, char *err, size_t errsz)
+{
+	struct stat st;
+
+	if (lstat(path, &st) < 0)
+		return errno == ENOENT ? 0 : ME_EIO;
+	if (!S_ISSOCK(st.st_mode)) {
+		snprintf(err, errsz, "%s exists and is not a socket; refusing to replace it", path);
+		return ME_EEXIST;
+	}
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return ME_EIO;
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+	int live = connect(fd, (struct sockaddr *)&sun, sizeof(sun)) == 0;
+	close(fd);
+	if (live) {
+		snprintf(err, errsz, "another daemon is listening on %s", path);
+		return ME_EBUSY;
+	}
+	if (unlink(path) < 0 && errno != ENOENT) {
+		snprintf(err, errsz, "cannot remove stale socket %s: %s", path, strerror(errno));
+		return ME_EIO;
+	}
+	return 0;
+}
+
+static void server_on_close(uv_handle_t *h)
+{
+	struct control *c = h->data;
+	c->handles--;
+	control_maybe_release(c);
+}
+
+int control_init(struct control **out, uv_loop_t *loop, struct node *node, int listen_fd,
+		 char *err, size_t errsz)
+{
+	const struct me_config *cfg = node->cfg;
+	int rc;
+
+	*out = NULL;
+	struct control *c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return ME_ENOMEM;
+	c->loop = loop;
+	c->node = node;
+	snprintf(c->path, sizeof(c->path), "%s", cfg->socket_path);
+	if (cfg->socket_group[0] != '\0') {
+		struct group gr, *grp = NULL;
+		char buf[4096];
+		if (getgrnam_r(cfg->socket_group, &gr, buf, sizeof(buf), &grp) != 0 || grp == NULL) {
+			snprintf(err, errsz, "unknown group '%s' (--socket-group)", cfg->socket_group);
+			free(c);
+			return ME_EINVAL;
+		}
+		c->group = gr.gr_gid;
+		c->has_group = 1;
+	}
+
+	uv_pipe_init(loop, &c->server, 0);
+	c->server.data = c;
+	c->handles = 1;
+	if (listen_fd >= 0) {
+		rc = uv_pipe_open(&c->server, listen_fd);
+		if (rc < 0) {
+			snprintf(err, errsz, "cannot use the activated control socket: %s",
+				 uv_strerror(rc));
+			goto fail;
+		}
+	} else {
+		if ((rc = socket_path_prepare(c->path, err, errsz)) < 0)
+			goto fail_me;
+		mode_t old = umask(0117);
+		rc = uv_pipe_bind(&c->server, c->path);
+		umask(old);
+		if (rc < 0) {
+			snprintf(err, errsz, "cannot bind control socket %s: %s", c->path,
+				 uv_strerror(rc));
+			goto fail;
+		}
+		c->owns_path = 1;
+		if (chmod(c->path, 0660) < 0 ||
+		    (c->has_group && chown(c->path, (uid_t)-1, c->group) < 0)) {
+			snprintf(err, errsz, "cannot set mode/group of %s: %s", c->path,
+				 strerror(errno));
+			rc = -1;
+			goto fail;
+		}
+	}
+	rc = uv_listen((uv_stream_t *)&c->server, 128, on_connection);
+	if (rc < 0) {
+		snprintf(err, errsz, "cannot listen on %s: %s", c->path, uv_strerror(rc));
+		goto fail;
+	}
+	*out = c;
+	return 0;
+fail:
+	rc = ME_EIO;
+fail_me:
+	if (c->owns_path)
+		unlink(c->path);
+	c->closing = 1;
+	uv_close((uv_handle_t *)&c->server, server_on_close);
+	return rc;
+}
+
+void control_free(struct control *c)
+{
+	if (c == NULL)
+		return;
+	c->closing = 1;
+	while (c->conns)
+		conn_close(c->conns);
+	if (c->owns_path)
+		unlink(c->path);
+	uv_close((uv_handle_t *)&c->server, server_on_close);
+}
+
+size_t control_nconns(const struct control *c)
+{
+	return c ? c->nconns : 0;
+}

@@ -1,0 +1,27 @@
+/* The daemon's shared state: configuration, identity and store, handed to every plane. */
+#ifndef ME_NODE_H
+#define ME_NODE_H
+
+#include <stdint.h>
+
+#include "common/keys.h"
+#include "daemon/config.h"
+#include "daemon/store.h"
+
+struct node {
+	const struct me_config *cfg;
+	struct me_keypair kp;
+	int has_key;
+	struct store *store;
+	int64_t start_mono_ms;
+	int lock_fd;
+};
+
+/* Creates the data root (0700), takes its lock (one daemon per root), loads the identity if
+ * there is one and opens the store. On failure err says why. */
+int node_init(struct node *n, const struct me_config *cfg, char *err, size_t errsz);
+void node_free(struct node *n);
+/* Creates the identity if missing (auth init); *created tells which. */
+int node_auth_init(struct node *n, int *created, char *err, size_t errsz);
+
+#endif

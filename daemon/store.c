@@ -1,0 +1,957 @@
+#include "daemon/store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+
+#include "common/err.h"
+
+#define STORE_DB_FILE "megaengine.db"
+#define STORE_BUSY_MS 5000
+
+/* migrations[i] brings the schema from version i to i + 1. Append only; never edit. */
+static const char *const migrations[STORE_SCHEMA_VERSION] = {
+	/* 0 -> 1 */
+	"CREATE TABLE repos ("
+	" id TEXT PRIMARY KEY,"
+	" name TEXT NOT NULL,"
+	" creator TEXT NOT NULL,"
+	" description TEXT NOT NULL DEFAULT '',"
+	" path TEXT NOT NULL DEFAULT '',"
+	" is_external INTEGER NOT NULL DEFAULT 0,"
+	" root_commit TEXT NOT NULL DEFAULT '',"
+	" head TEXT NOT NULL DEFAULT '',"
+	" created_at INTEGER NOT NULL,"
+	" updated_at INTEGER NOT NULL);"
+	"CREATE TABLE refs ("
+	" repo_id TEXT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,"
+	" ref_name TEXT NOT NULL,"
+	" oid TEXT NOT NULL,"
+	" updated_at INTEGER NOT NULL,"
+	" PRIMARY KEY (repo_id, ref_name));"
+	"CREATE TABLE nodes ("
+	" id TEXT PRIMARY KEY,"
+	" alias TEXT NOT NULL DEFAULT '',"
+	" addresses TEXT NOT NULL DEFAULT '',"
+	" node_type INTEGER NOT NULL DEFAULT 0,"
+	" version TEXT NOT NULL DEFAULT '',"
+	" created_at INTEGER NOT NULL,"
+	" updated_at INTEGER NOT NULL);"
+	"CREATE INDEX repos_path ON repos(path);",
+};
+
+enum stmt_id {
+	S_BEGIN,
+	S_COMMIT,
+	S_ROLLBACK,
+	S_REPO_INSERT,
+	S_REPO_GET,
+	S_REPO_FIND_PATH,
+	S_REPO_LIST,
+	S_REPO_DELETE,
+	S_REPO_TOUCH,
+	S_REPO_COUNT,
+	S_REF_INSERT,
+	S_REF_CLEAR,
+	S_REF_LIST,
+	S_NODE_UPSERT,
+	S_NODE_LIST,
+	S_NODE_COUNT,
+	S__COUNT
+};
+
+#define REPO_COLS "id, name, creator, description, path, is_external, root_commit, head, " \
+		  "created_at, updated_at"
+#define NODE_COLS "id, alias, addresses, node_type, version, created_at, updated_at"
+
+static const char *const stmt_sql[S__COUNT] = {
+	[S_BEGIN] = "BEGIN IMMEDIATE",
+	[S_COMMIT] = "COMMIT",
+	[S_ROLLBACK] = "ROLLBACK",
+	[S_REPO_INSERT] = "INSERT INTO repos (" REPO_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+	[S_REPO_GET] = "SELECT " REPO_COLS " FROM repos WHERE id = ?1",
+	[S_REPO_FIND_PATH] = "SELECT " REPO_COLS " FROM repos WHERE path = ?1 AND is_external = 0"
+			     " ORDER BY created_at, id LIMIT 1",
+	[S_REPO_LIST] = "SELECT " REPO_COLS " FROM repos ORDER BY name, id",
+	[S_REPO_DELETE] = "DELETE FROM repos WHERE id = ?1",
+	[S_REPO_TOUCH] = "UPDATE repos SET updated_at = ?2 WHERE id = ?1",
+	[S_REPO_COUNT] = "SELECT count(*) FROM repos",
+	[S_REF_INSERT] = "INSERT INTO refs (repo_id, ref_name, oid, updated_at) VALUES (?1, ?2, ?3, ?4)",
+	[S_REF_CLEAR] = "DELETE FROM refs WHERE repo_id = ?1",
+	[S_REF_LIST] = "SELECT ref_name, oid FROM refs WHERE repo_id = ?1 ORDER BY ref_name",
+	[S_NODE_UPSERT] = "INSERT INTO nodes (" NODE_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+			  " ON CONFLICT (id) DO UPDATE SET alias = excluded.alias,"
+			  " addresses = excluded.addresses, node_type = excluded.node_type,"
+			  " version = excluded.version, updated_at = excluded.updated_at",
+	[S_NODE_LIST] = "SELECT " NODE_COLS " FROM nodes ORDER BY id",
+	[S_NODE_COUNT] = "SELECT count(*) FROM nodes",
+};
+
+struct store {
+	sqlite3 *db;
+	sqlite3_stmt *stmt[S__COUNT];
+	char err[512];
+};
+
+__attribute__((format(printf, 2, 3)))
+static void set_err(struct store *st, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(st->err, sizeof(st->err), fmt, ap);
+	va_end(ap);
+}
+
+/* Records the connection's last error with some context and maps it to an ME_E* code. */
+static int db_fail(struct store *st, const char *what)
+{
+	int ec = sqlite3_errcode(st->db);
+
+	set_err(st, "%s: %s", what, sqlite3_errmsg(st->db));
+	return ec == SQLITE_NOMEM ? ME_ENOMEM : ME_EDB;
+}
+
+static void stmt_done(sqlite3_stmt *s)
+{
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+}
+
+/* The caller's strings outlive every use: statements are reset before returning. */
+static int bind_text(sqlite3_stmt *s, int i, const char *v)
+{
+	return sqlite3_bind_text(s, i, v != NULL ? v : "", -1, SQLITE_STATIC);
+}
+
+static int64_t now_or(int64_t t)
+{
+	return t != 0 ? t : (int64_t)time(NULL);
+}
+
+/* Steps a statement that returns no rows, then resets it. */
+static int step_done(struct store *st, sqlite3_stmt *s, const char *what)
+{
+	int rc = 0;
+
+	if (sqlite3_step(s) != SQLITE_DONE)
+		rc = db_fail(st, what);
+	stmt_done(s);
+	return rc;
+}
+
+static int tx_begin(struct store *st)
+{
+	return step_done(st, st->stmt[S_BEGIN], "begin transaction");
+}
+
+static int tx_commit(struct store *st)
+{
+	return step_done(st, st->stmt[S_COMMIT], "commit");
+}
+
+/* Keeps the message of the failure that caused the rollback. */
+static void tx_rollback(struct store *st)
+{
+	if (sqlite3_get_autocommit(st->db))
+		return;
+	sqlite3_step(st->stmt[S_ROLLBACK]);
+	stmt_done(st->stmt[S_ROLLBACK]);
+}
+
+static char *col_dup(sqlite3_stmt *s, int i)
+{
+	const unsigned char *t;
+
+	if (sqlite3_column_type(s, i) == SQLITE_NULL)
+		return strdup("");
+	if ((t = sqlite3_column_text(s, i)) == NULL)
+		return NULL; /* out of memory */
+	return strdup((const char *)t);
+}
+
+void store_repo_clear(struct store_repo *r)
+{
+	if (r == NULL)
+		return;
+	free(r->id);
+	free(r->name);
+	free(r->creator);
+	free(r->description);
+	free(r->path);
+	free(r->root_commit);
+	free(r->head);
+	memset(r, 0, sizeof(*r));
+}
+
+void store_repo_list_free(struct store_repo *r, size_t n)
+{
+	if (r == NULL)
+		return;
+	for (size_t i = 0; i < n; i++)
+		store_repo_clear(&r[i]);
+	free(r);
+}
+
+void store_refs_free(struct store_ref *r, size_t n)
+{
+	if (r == NULL)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		free(r[i].name);
+		free(r[i].oid);
+	}
+	free(r);
+}
+
+static void node_clear(struct store_node *n)
+{
+	free(n->id);
+	free(n->alias);
+	free(n->addresses);
+	free(n->version);
+	memset(n, 0, sizeof(*n));
+}
+
+void store_node_list_free(struct store_node *n, size_t cnt)
+{
+	if (n == NULL)
+		return;
+	for (size_t i = 0; i < cnt; i++)
+		node_clear(&n[i]);
+	free(n);
+}
+
+/* Reads a row selected with REPO_COLS. */
+static int read_repo(struct store *st, sqlite3_stmt *s, struct store_repo *r)
+{
+	memset(r, 0, sizeof(*r));
+	r->id = col_dup(s, 0);
+	r->name = col_dup(s, 1);
+	r->creator = col_dup(s, 2);
+	r->description = col_dup(s, 3);
+	r->path = col_dup(s, 4);
+	r->is_external = sqlite3_column_int64(s, 5) != 0;
+	r->root_commit = col_dup(s, 6);
+	r->head = col_dup(s, 7);
+	r->created_at = sqlite3_column_int64(s, 8);
+	r->updated_at = sqlite3_column_int64(s, 9);
+	if (!r->id || !r->name || !r->creator || !r->description || !r->path || !r->root_commit ||
+	    !r->head) {
+		store_repo_clear(r);
+		set_err(st, "out of memory");
+		return ME_ENOMEM;
+	}
+	return 0;
+}
+
+/* Reads a row selected with NODE_COLS. */
+static int read_node(struct store *st, sqlite3_stmt *s, struct store_node *n)
+{
+	memset(n, 0, sizeof(*n));
+	n->id = col_dup(s, 0);
+	n->alias = col_dup(s, 1);
+	n->addresses = col_dup(s, 2);
+	n->node_type = sqlite3_column_int(s, 3);
+	n->version = col_dup(s, 4);
+	n->created_at = sqlite3_column_int64(s, 5);
+	n->updated_at = sqlite3_column_int64(s, 6);
+	if (!n->id || !n->alias || !n->addresses || !n->version) {
+		node_clear(n);
+		set_err(st, "out of memory");
+		return ME_ENOMEM;
+	}
+	return 0;
+}
+
+/* Returns arr (of elements of size elsz) grown so that element n fits, or NULL (arr is then
+ * left as it was). */
+static void *grow(struct store *st, void *arr, size_t *cap, size_t n, size_t elsz)
+{
+	void *p;
+	size_t ncap;
+
+	if (n < *cap)
+		return arr;
+	ncap = *cap ? *cap * 2 : 16;
+	if (ncap < *cap || ncap > SIZE_MAX / elsz || (p = realloc(arr, ncap * elsz)) == NULL) {
+		set_err(st, "out of memory");
+		return NULL;
+	}
+	*cap = ncap;
+	return p;
+}
+
+/* --- opening and migrating --------------------------------------------------------------- */
+
+static int exec_sql(struct store *st, const char *sql, const char *what)
+{
+	if (sqlite3_exec(st->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+		return db_fail(st, what);
+	return 0;
+}
+
+/* Runs a constant single-column query and returns its first row's value as text. */
+static int query_text(struct store *st, const char *sql, const char *what, char *out, size_t outsz)
+{
+	sqlite3_stmt *s = NULL;
+	const unsigned char *t;
+	int rc = 0;
+
+	if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK)
+		return db_fail(st, what);
+	if (sqlite3_step(s) != SQLITE_ROW) {
+		rc = db_fail(st, what);
+	} else if ((t = sqlite3_column_text(s, 0)) == NULL) {
+		set_err(st, "%s: no value", what);
+		rc = ME_EDB;
+	} else {
+		snprintf(out, outsz, "%s", (const char *)t);
+	}
+	sqlite3_finalize(s);
+	return rc;
+}
+
+static int query_int(struct store *st, const char *sql, const char *what, int64_t *out)
+{
+	sqlite3_stmt *s = NULL;
+	int rc = 0;
+
+	if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK)
+		return db_fail(st, what);
+	if (sqlite3_step(s) != SQLITE_ROW)
+		rc = db_fail(st, what);
+	else
+		*out = sqlite3_column_int64(s, 0);
+	sqlite3_finalize(s);
+	return rc;
+}
+
+static int schema_version(struct store *st, int *v)
+{
+	int64_t x;
+	int rc;
+
+	if ((rc = query_int(st, "PRAGMA user_version", "read schema version", &x)) < 0)
+		return rc;
+	if (x > STORE_SCHEMA_VERSION) {
+		set_err(st, "database schema version %lld is newer than this megaengined supports (%d)",
+			(long long)x, STORE_SCHEMA_VERSION);
+		return ME_EDB;
+	}
+	if (x < 0) {
+		set_err(st, "database schema version %lld is invalid", (long long)x);
+		return ME_EDB;
+	}
+	*v = (int)x;
+	return 0;
+}
+
+/* Applies the missing migrations, one transaction each. The version is re-read under the
+ * write lock so that two processes opening the same file do not migrate twice. */
+static int migrate(struct store *st)
+{
+	char sql[64], what[64];
+	int v, rc;
+
+	if ((rc = schema_version(st, &v)) < 0)
+		return rc;
+	while (v < STORE_SCHEMA_VERSION) {
+		if ((rc = exec_sql(st, "BEGIN IMMEDIATE", "begin migration")) < 0)
+			return rc;
+		if ((rc = schema_version(st, &v)) < 0)
+			goto fail;
+		if (v < STORE_SCHEMA_VERSION) {
+			snprintf(what, sizeof(what), "migrate schema %d -> %d", v, v + 1);
+			if ((rc = exec_sql(st, migrations[v], what)) < 0)
+				goto fail;
+			/* PRAGMA takes no parameters; the value is our own integer. */
+			snprintf(sql, sizeof(sql), "PRAGMA user_version = %d", v + 1);
+			if ((rc = exec_sql(st, sql, what)) < 0)
+				goto fail;
+			v++;
+		}
+		if ((rc = exec_sql(st, "COMMIT", "commit migration")) < 0)
+			goto fail;
+	}
+	return 0;
+fail:
+	if (!sqlite3_get_autocommit(st->db))
+		sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+	return rc;
+}
+
+/* Creates the database file owner-only before SQLite sees it (SQLite would use 0644 & ~umask;
+ * its -wal and -shm files copy the database file's mode). An existing file is left alone. */
+static int db_file_create(struct store *st, const char *path)
+{
+	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	int e;
+
+	if (fd < 0) {
+		if ((e = errno) == EEXIST)
+			return 0;
+		set_err(st, "cannot create %s: %s", path, strerror(e));
+		return e == ENOMEM ? ME_ENOMEM : ME_EDB;
+	}
+	if (fchmod(fd, 0600) < 0) {
+		set_err(st, "cannot chmod %s: %s", path, strerror(errno));
+		close(fd);
+		return ME_EDB;
+	}
+	close(fd);
+	return 0;
+}
+
+static int db_configure(struct store *st)
+{
+	char mode[32];
+	int64_t fk = 0;
+	int rc;
+
+	sqlite3_busy_timeout(st->db, STORE_BUSY_MS);
+	sqlite3_extended_result_codes(st->db, 1);
+#ifdef SQLITE_DBCONFIG_DEFENSIVE
+	sqlite3_db_config(st->db, SQLITE_DBCONFIG_DEFENSIVE, 1, NULL);
+#endif
+#ifdef SQLITE_DBCONFIG_TRUSTED_SCHEMA
+	sqlite3_db_config(st->db, SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0, NULL);
+#endif
+	if ((rc = query_text(st, "PRAGMA journal_mode = WAL", "enable WAL", mode, sizeof(mode))) < 0)
+		return rc;
+	if (strcasecmp(mode, "wal") != 0) {
+		set_err(st, "cannot enable WAL journal mode (journal mode is %s)", mode);
+		return ME_EDB;
+	}
+	if ((rc = exec_sql(st, "PRAGMA synchronous = NORMAL", "set synchronous")) < 0)
+		return rc;
+	if ((rc = exec_sql(st, "PRAGMA foreign_keys = ON", "enable foreign keys")) < 0)
+		return rc;
+	if ((rc = query_int(st, "PRAGMA foreign_keys", "enable foreign keys", &fk)) < 0)
+		return rc;
+	if (fk != 1) {
+		set_err(st, "this SQLite does not enforce foreign keys");
+		return ME_EDB;
+	}
+	return 0;
+}
+
+static int stmts_prepare(struct store *st)
+{
+	for (int i = 0; i < S__COUNT; i++) {
+		if (sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+				       &st->stmt[i], NULL) != SQLITE_OK)
+			return db_fail(st, "prepare statement");
+	}
+	return 0;
+}
+
+static void db_close(struct store *st)
+{
+	for (int i = 0; i < S__COUNT; i++) {
+		sqlite3_finalize(st->stmt[i]);
+		st->stmt[i] = NULL;
+	}
+	if (st->db != NULL)
+		sqlite3_close_v2(st->db);
+	st->db = NULL;
+}
+
+int store_open(const char *root, struct store **out)
+{
+	struct store *st;
+	char path[PATH_MAX];
+	int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
+	int n, rc;
+
+	if (out == NULL)
+		return ME_EINVAL;
+	*out = NULL;
+	if ((st = calloc(1, sizeof(*st))) == NULL)
+		return ME_ENOMEM;
+	/* Returned even on failure so that the caller can read store_errmsg(). */
+	*out = st;
+	if (root == NULL || *root == '\0') {
+		set_err(st, "no data directory");
+		return ME_EINVAL;
+	}
+	n = snprintf(path, sizeof(path), "%s/%s", root, STORE_DB_FILE);
+	if (n < 0 || (size_t)n >= sizeof(path)) {
+		set_err(st, "database path is too long");
+		return ME_EINVAL;
+	}
+	if ((rc = db_file_create(st, path)) < 0)
+		return rc;
+#ifdef SQLITE_OPEN_NOFOLLOW
+	flags |= SQLITE_OPEN_NOFOLLOW;
+#endif
+	if (sqlite3_open_v2(path, &st->db, flags, NULL) != SQLITE_OK) {
+		if (st->db == NULL) {
+			set_err(st, "cannot open %s: out of memory", path);
+			return ME_ENOMEM;
+		}
+		set_err(st, "cannot open %s: %s", path, sqlite3_errmsg(st->db));
+		rc = sqlite3_errcode(st->db) == SQLITE_NOMEM ? ME_ENOMEM : ME_EDB;
+		db_close(st);
+		return rc;
+	}
+	if ((rc = db_configure(st)) < 0 || (rc = migrate(st)) < 0 || (rc = stmts_prepare(st)) < 0) {
+		db_close(st);
+		return rc;
+	}
+	st->err[0] = '\0';
+	return 0;
+}
+
+void store_free(struct store *st)
+{
+	if (st == NULL)
+		return;
+	db_close(st);
+	free(st);
+}
+
+const char *store_errmsg(const struct store *st)
+{
+	if (st == NULL)
+		return "no database";
+	return st->err[0] ? st->err : "no error";
+}
+
+static int store_ready(struct store *st)
+{
+	if (st->db == NULL) {
+		set_err(st, "database is not open");
+		return ME_EDB;
+	}
+	return 0;
+}
+
+int store_schema_version(struct store *st)
+{
+	int64_t v;
+	int rc;
+
+	if (st == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if ((rc = query_int(st, "PRAGMA user_version", "read schema version", &v)) < 0)
+		return rc;
+	if (v < 0 || v > INT_MAX) {
+		set_err(st, "database schema version %lld is invalid", (long long)v);
+		return ME_EDB;
+	}
+	return (int)v;
+}
+
+/* --- repositories and refs ---------------------------------------------------------------- */
+
+/* Inserts refs inside the caller's transaction. */
+static int refs_insert(struct store *st, const char *repo_id, const struct store_ref *refs,
+		       size_t n, int64_t now)
+{
+	sqlite3_stmt *s = st->stmt[S_REF_INSERT];
+	int rc;
+
+	for (size_t i = 0; i < n; i++) {
+		if (refs[i].name == NULL || refs[i].name[0] == '\0' || refs[i].oid == NULL) {
+			set_err(st, "ref %zu has no name or oid", i);
+			return ME_EINVAL;
+		}
+		if (bind_text(s, 1, repo_id) != SQLITE_OK || bind_text(s, 2, refs[i].name) != SQLITE_OK ||
+		    bind_text(s, 3, refs[i].oid) != SQLITE_OK ||
+		    sqlite3_bind_int64(s, 4, now) != SQLITE_OK) {
+			rc = db_fail(st, "insert ref");
+			stmt_done(s);
+			return rc;
+		}
+		if (sqlite3_step(s) != SQLITE_DONE) {
+			if (sqlite3_extended_errcode(st->db) == SQLITE_CONSTRAINT_PRIMARYKEY) {
+				set_err(st, "duplicate ref %s", refs[i].name);
+				rc = ME_EINVAL;
+			} else {
+				rc = db_fail(st, "insert ref");
+			}
+			stmt_done(s);
+			return rc;
+		}
+		stmt_done(s);
+	}
+	return 0;
+}
+
+int store_repo_add(struct store *st, const struct store_repo *r, const struct store_ref *refs,
+		   size_t nrefs)
+{
+	sqlite3_stmt *s;
+	int64_t now = time(NULL), created, updated;
+	int rc;
+
+	if (st == NULL || r == NULL || (refs == NULL && nrefs > 0))
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if (r->id == NULL || r->id[0] == '\0' || r->name == NULL || r->creator == NULL) {
+		set_err(st, "repository needs an id, a name and a creator");
+		return ME_EINVAL;
+	}
+	created = now_or(r->created_at);
+	updated = now_or(r->updated_at);
+	if ((rc = tx_begin(st)) < 0)
+		return rc;
+	s = st->stmt[S_REPO_INSERT];
+	if (bind_text(s, 1, r->id) != SQLITE_OK || bind_text(s, 2, r->name) != SQLITE_OK ||
+	    bind_text(s, 3, r->creator) != SQLITE_OK || bind_text(s, 4, r->description) != SQLITE_OK ||
+	    bind_text(s, 5, r->path) != SQLITE_OK ||
+	    sqlite3_bind_int(s, 6, r->is_external ? 1 : 0) != SQLITE_OK ||
+	    bind_text(s, 7, r->root_commit) != SQLITE_OK || bind_text(s, 8, r->head) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 9, created) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 10, updated) != SQLITE_OK) {
+		rc = db_fail(st, "insert repository");
+		stmt_done(s);
+		goto fail;
+	}
+	if (sqlite3_step(s) != SQLITE_DONE) {
+		if (sqlite3_extended_errcode(st->db) == SQLITE_CONSTRAINT_PRIMARYKEY) {
+			set_err(st, "repository %s already exists", r->id);
+			rc = ME_EEXIST;
+		} else {
+			rc = db_fail(st, "insert repository");
+		}
+		stmt_done(s);
+		goto fail;
+	}
+	stmt_done(s);
+	if ((rc = refs_insert(st, r->id, refs, nrefs, now)) < 0)
+		goto fail;
+	if ((rc = tx_commit(st)) < 0)
+		goto fail;
+	return 0;
+fail:
+	tx_rollback(st);
+	return rc;
+}
+
+/* Runs a one-row repository query bound to key. */
+static int repo_get_one(struct store *st, enum stmt_id id, const char *key, struct store_repo *out)
+{
+	sqlite3_stmt *s = st->stmt[id];
+	int rc, step;
+
+	if (bind_text(s, 1, key) != SQLITE_OK) {
+		rc = db_fail(st, "select repository");
+		stmt_done(s);
+		return rc;
+	}
+	step = sqlite3_step(s);
+	if (step == SQLITE_ROW) {
+		rc = read_repo(st, s, out);
+	} else if (step == SQLITE_DONE) {
+		set_err(st, "no repository %s", key);
+		rc = ME_ENOTFOUND;
+	} else {
+		rc = db_fail(st, "select repository");
+	}
+	stmt_done(s);
+	return rc;
+}
+
+int store_repo_get(struct store *st, const char *id, struct store_repo *out)
+{
+	int rc;
+
+	if (out != NULL)
+		memset(out, 0, sizeof(*out));
+	if (st == NULL || id == NULL || out == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	return repo_get_one(st, S_REPO_GET, id, out);
+}
+
+int store_repo_find_path(struct store *st, const char *path, struct store_repo *out)
+{
+	int rc;
+
+	if (out != NULL)
+		memset(out, 0, sizeof(*out));
+	if (st == NULL || path == NULL || out == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if (path[0] == '\0') {
+		set_err(st, "no repository with an empty path");
+		return ME_ENOTFOUND;
+	}
+	return repo_get_one(st, S_REPO_FIND_PATH, path, out);
+}
+
+int store_repo_list(struct store *st, struct store_repo **out, size_t *n)
+{
+	sqlite3_stmt *s;
+	struct store_repo *arr = NULL;
+	size_t cnt = 0, cap = 0;
+	void *p;
+	int rc = 0, step;
+
+	if (out != NULL)
+		*out = NULL;
+	if (n != NULL)
+		*n = 0;
+	if (st == NULL || out == NULL || n == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	s = st->stmt[S_REPO_LIST];
+	while ((step = sqlite3_step(s)) == SQLITE_ROW) {
+		if ((p = grow(st, arr, &cap, cnt, sizeof(*arr))) == NULL) {
+			rc = ME_ENOMEM;
+			break;
+		}
+		arr = p;
+		if ((rc = read_repo(st, s, &arr[cnt])) < 0)
+			break;
+		cnt++;
+	}
+	if (rc == 0 && step != SQLITE_DONE)
+		rc = db_fail(st, "list repositories");
+	stmt_done(s);
+	if (rc < 0) {
+		store_repo_list_free(arr, cnt);
+		return rc;
+	}
+	*out = arr;
+	*n = cnt;
+	return 0;
+}
+
+int store_repo_remove(struct store *st, const char *id)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if (st == NULL || id == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	s = st->stmt[S_REPO_DELETE];
+	if (bind_text(s, 1, id) != SQLITE_OK) {
+		rc = db_fail(st, "delete repository");
+		stmt_done(s);
+		return rc;
+	}
+	/* One statement: the refs go with it (ON DELETE CASCADE) atomically. */
+	if ((rc = step_done(st, s, "delete repository")) < 0)
+		return rc;
+	if (sqlite3_changes(st->db) == 0) {
+		set_err(st, "no repository %s", id);
+		return ME_ENOTFOUND;
+	}
+	return 0;
+}
+
+int store_refs_set(struct store *st, const char *repo_id, const struct store_ref *refs, size_t n)
+{
+	sqlite3_stmt *s;
+	int64_t now = time(NULL);
+	int rc;
+
+	if (st == NULL || repo_id == NULL || (refs == NULL && n > 0))
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if ((rc = tx_begin(st)) < 0)
+		return rc;
+	s = st->stmt[S_REPO_TOUCH];
+	if (bind_text(s, 1, repo_id) != SQLITE_OK || sqlite3_bind_int64(s, 2, now) != SQLITE_OK) {
+		rc = db_fail(st, "update repository");
+		stmt_done(s);
+		goto fail;
+	}
+	if ((rc = step_done(st, s, "update repository")) < 0)
+		goto fail;
+	if (sqlite3_changes(st->db) == 0) {
+		set_err(st, "no repository %s", repo_id);
+		rc = ME_ENOTFOUND;
+		goto fail;
+	}
+	s = st->stmt[S_REF_CLEAR];
+	if (bind_text(s, 1, repo_id) != SQLITE_OK) {
+		rc = db_fail(st, "delete refs");
+		stmt_done(s);
+		goto fail;
+	}
+	if ((rc = step_done(st, s, "delete refs")) < 0)
+		goto fail;
+	if ((rc = refs_insert(st, repo_id, refs, n, now)) < 0)
+		goto fail;
+	if ((rc = tx_commit(st)) < 0)
+		goto fail;
+	return 0;
+fail:
+	tx_rollback(st);
+	return rc;
+}
+
+int store_refs_get(struct store *st, const char *repo_id, struct store_ref **out, size_t *n)
+{
+	sqlite3_stmt *s;
+	struct store_ref *arr = NULL;
+	size_t cnt = 0, cap = 0;
+	void *p;
+	int rc = 0, step;
+
+	if (out != NULL)
+		*out = NULL;
+	if (n != NULL)
+		*n = 0;
+	if (st == NULL || repo_id == NULL || out == NULL || n == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	s = st->stmt[S_REF_LIST];
+	if (bind_text(s, 1, repo_id) != SQLITE_OK) {
+		rc = db_fail(st, "list refs");
+		stmt_done(s);
+		return rc;
+	}
+	while ((step = sqlite3_step(s)) == SQLITE_ROW) {
+		if ((p = grow(st, arr, &cap, cnt, sizeof(*arr))) == NULL) {
+			rc = ME_ENOMEM;
+			break;
+		}
+		arr = p;
+		arr[cnt].name = col_dup(s, 0);
+		arr[cnt].oid = col_dup(s, 1);
+		cnt++;
+		if (arr[cnt - 1].name == NULL || arr[cnt - 1].oid == NULL) {
+			set_err(st, "out of memory");
+			rc = ME_ENOMEM;
+			break;
+		}
+	}
+	if (rc == 0 && step != SQLITE_DONE)
+		rc = db_fail(st, "list refs");
+	stmt_done(s);
+	if (rc < 0) {
+		store_refs_free(arr, cnt);
+		return rc;
+	}
+	*out = arr;
+	*n = cnt;
+	return 0;
+}
+
+static int count_rows(struct store *st, enum stmt_id id, const char *what, int64_t *n)
+{
+	sqlite3_stmt *s = st->stmt[id];
+	int rc = 0;
+
+	if (sqlite3_step(s) == SQLITE_ROW)
+		*n = sqlite3_column_int64(s, 0);
+	else
+		rc = db_fail(st, what);
+	stmt_done(s);
+	return rc;
+}
+
+int store_repo_count(struct store *st, int64_t *n)
+{
+	int rc;
+
+	if (st == NULL || n == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	return count_rows(st, S_REPO_COUNT, "count repositories", n);
+}
+
+/* --- nodes -------------------------------------------------------------------------------- */
+
+int store_node_upsert(struct store *st, const struct store_node *n)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if (st == NULL || n == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if (n->id == NULL || n->id[0] == '\0') {
+		set_err(st, "node needs an id");
+		return ME_EINVAL;
+	}
+	s = st->stmt[S_NODE_UPSERT];
+	if (bind_text(s, 1, n->id) != SQLITE_OK || bind_text(s, 2, n->alias) != SQLITE_OK ||
+	    bind_text(s, 3, n->addresses) != SQLITE_OK ||
+	    sqlite3_bind_int(s, 4, n->node_type) != SQLITE_OK ||
+	    bind_text(s, 5, n->version) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 6, now_or(n->created_at)) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 7, now_or(n->updated_at)) != SQLITE_OK) {
+		rc = db_fail(st, "upsert node");
+		stmt_done(s);
+		return rc;
+	}
+	return step_done(st, s, "upsert node");
+}
+
+int store_node_list(struct store *st, struct store_node **out, size_t *n)
+{
+	sqlite3_stmt *s;
+	struct store_node *arr = NULL;
+	size_t cnt = 0, cap = 0;
+	void *p;
+	int rc = 0, step;
+
+	if (out != NULL)
+		*out = NULL;
+	if (n != NULL)
+		*n = 0;
+	if (st == NULL || out == NULL || n == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	s = st->stmt[S_NODE_LIST];
+	while ((step = sqlite3_step(s)) == SQLITE_ROW) {
+		if ((p = grow(st, arr, &cap, cnt, sizeof(*arr))) == NULL) {
+			rc = ME_ENOMEM;
+			break;
+		}
+		arr = p;
+		if ((rc = read_node(st, s, &arr[cnt])) < 0)
+			break;
+		cnt++;
+	}
+	if (rc == 0 && step != SQLITE_DONE)
+		rc = db_fail(st, "list nodes");
+	stmt_done(s);
+	if (rc < 0) {
+		store_node_list_free(arr, cnt);
+		return rc;
+	}
+	*out = arr;
+	*n = cnt;
+	return 0;
+}
+
+int store_node_count(struct store *st, int64_t *n)
+{
+	int rc;
+
+	if (st == NULL || n == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	return count_rows(st, S_NODE_COUNT, "count nodes", n);
+}

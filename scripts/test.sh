@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing (scripts/setup.sh), builds the release and the
+# ASan/UBSan trees, runs the cmocka unit tests in both and the pytest integration tests against
+# both daemons, and ends with one line "N passed, N failed".
+set -uo pipefail
+. "$(dirname "$0")/env.sh"
+cd "$ME_ROOT_DIR"
+
+bash scripts/setup.sh || { echo "0 passed, 1 failed"; exit 1; }
+bash scripts/build.sh --asan || { echo "0 passed, 1 failed"; exit 1; }
+
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1:strict_string_checks=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+
+passed=0
+failed=0
+tally() { # file with "P F" on one line
+	read -r p f <"$1"
+	passed=$((passed + p))
+	failed=$((failed + f))
+}
+
+for tree in release asan; do
+	echo "== unit tests ($tree)"
+	meson test -C "build/$tree" --suite unit --print-errorlogs >"build/$tree.unit.log" 2>&1
+	grep -E '^ *[0-9]+/[0-9]+ ' "build/$tree.unit.log" || cat "build/$tree.unit.log"
+	/usr/bin/python3 - "build/$tree/meson-logs/testlog.json" >"build/$tree.unit.count" <<'PY'
+import json, sys
+p = f = 0
+for line in open(sys.argv[1]):
+    r = json.loads(line)["result"]
+    if r in ("OK", "EXPECTEDFAIL"):
+        p += 1
+    elif r != "SKIP":
+        f += 1
+print(p, f)
+PY
+	tally "build/$tree.unit.count"
+
+	echo "== integration tests ($tree)"
+	ME_BUILD_DIR="$ME_ROOT_DIR/build/$tree" /usr/bin/python3 -m pytest -q -p no:cacheprovider \
+		--junitxml="build/$tree.pytest.xml" tests/integration 2>&1 | tail -n 25
+	/usr/bin/python3 - "build/$tree.pytest.xml" >"build/$tree.pytest.count" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception:
+    print(0, 1); sys.exit()
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skip = sum(int(s.get("skipped", 0)) for s in suites)
+print(t - bad - skip, bad if t else 1)
+PY
+	tally "build/$tree.pytest.count"
+done
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
