@@ -461,7 +461,8 @@ int main(int argc, char **argv)
 
 	if (connect_socket(sockpath, &fd) < 0) {
 		int e = errno;
-		if (o.cc->local_fallback && (e == ENOENT || e == ECONNREFUSED || e == ENAMETOOLONG))
+		if (o.cc->local_fallback && (e == ENOENT || e == ECONNREFUSED || e == ENAMETOOLONG ||
+					  e == ENOTDIR))
 			return local_auth(&o);
 		fprintf(stderr, "mectl: cannot connect to megaengined at %s: %s\n", sockpath,
 			strerror(e));

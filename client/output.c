@@ -46,9 +46,11 @@ json_t *out_from_msgpack(const msgpack_object *o)
 			const msgpack_object *k = &o->via.map.ptr[i].key;
 			if (k->type != MSGPACK_OBJECT_STR)
 				continue;
-			char *key = strndup(k->via.str.ptr, k->via.str.size);
+			char *key = malloc((size_t)k->via.str.size + 1);
 			if (key == NULL)
 				continue;
+			memcpy(key, k->via.str.ptr, k->via.str.size);
+			key[k->via.str.size] = '\0';
 			json_object_set_new(m, key, out_from_msgpack(&o->via.map.ptr[i].val));
 			free(key);
 		}

@@ -106,7 +106,8 @@ static void conn_send(struct conn *cn, msgpack_sbuffer *sb)
 		msgpack_sbuffer_destroy(sb);
 		return;
 	}
-	if (cn->pending_write + sb->size > CONTROL_MAX_PENDING_WRITE) {
+	/* One reply of any size is fine; replies piling up unread are not. */
+	if (cn->pending_write > 0 && cn->pending_write + sb->size > CONTROL_MAX_PENDING_WRITE) {
 		log_warn("control: client pid %ld does not read its replies; disconnecting",
 			 (long)cn->pid);
 		msgpack_sbuffer_destroy(sb);
@@ -226,16 +227,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 	}
 	if (nread == 0 || cn->closing)
 		return;
-	int rc = me_frame_reader_feed(&cn->rd, buf->base, (size_t)nread);
+	/* Frames that arrived before a bad header are still answered, then the stream fails. */
+	int frc = me_frame_reader_feed(&cn->rd, buf->base, (size_t)nread);
+	int rc;
 	for (;;) {
 		const uint8_t *body;
 		size_t len;
-		if (rc < 0) {
-			fail_stream(cn, rc, rc == ME_ETOOBIG
-				    ? "frame length exceeds the 1 MiB limit"
-				    : "invalid frame length");
-			return;
-		}
 		rc = me_frame_reader_next(&cn->rd, &body, &len);
 		if (rc <= 0)
 			break;
@@ -243,8 +240,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 		if (cn->closing || cn->close_after_write)
 			return;
 	}
+	if (rc == 0)
+		rc = frc;
 	if (rc < 0)
-		fail_stream(cn, rc, "invalid frame length");
+		fail_stream(cn, rc, rc == ME_ETOOBIG ? "frame length exceeds the 1 MiB limit"
+			    : rc == ME_ENOMEM ? "out of memory" : "invalid frame length");
 }
 
 static int peer_allowed(struct control *c, uid_t uid, gid_t gid)

@@ -16,6 +16,11 @@ _Static_assert(GIT_OID_HEXSZ + 1 == sizeof(((struct gitrepo_info *)0)->root_hex)
 void gitrepo_global_init(void)
 {
 	git_libgit2_init();
+	/* The daemon runs as its own user and reads repositories that users own. git's
+	 * safe.directory check guards against running commands named in a foreign repository's
+	 * config; libgit2 runs none (no hooks, no fsmonitor), and the daemon only reads objects
+	 * and refs, so the ownership check would refuse every legitimate repository. */
+	git_libgit2_opts(GIT_OPT_SET_OWNER_VALIDATION, 0);
 }
 
 void gitrepo_global_free(void)

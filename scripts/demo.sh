@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The main job, end to end: installs what is missing, builds megaengine, then walks through a
+# first session with the freshly built binaries (build/release) in a throw-away directory:
+#   a small generated git repository -> `mectl auth init` (before any daemon: the seed order)
+#   -> megaengined in the background -> repo add / list / show, node status -> clean stop.
+# Every step is echoed as "$ command" before its output. Exits non-zero on any failure; the
+# daemon is stopped and the directory removed on any exit (ME_DEMO_KEEP=1 keeps the directory).
+set -euo pipefail
+# shellcheck source=scripts/env.sh
+. "$(dirname "$0")/env.sh"
+cd "$ME_ROOT_DIR"
+
+if [ -t 1 ]; then BOLD=$'\033[1m' NORM=$'\033[0m'; else BOLD="" NORM=""; fi
+say() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$NORM"; }
+show() { printf '$ %s\n' "$*"; }
+# Shows a command as one would type it (arguments with spaces quoted), then runs it.
+run() {
+	local a words=()
+	for a in "$@"; do
+		if [[ $a =~ ^[A-Za-z0-9_./:@=+,%-]+$ ]]; then
+			words+=("$a")
+		else
+			a=${a//\\/\\\\}; a=${a//\"/\\\"}; a=${a//\$/\\\$}; a=${a//\`/\\\`}
+			words+=("\"$a\"")
+		fi
+	done
+	show "${words[*]}"
+	"$@"
+}
+
+say "Installing dependencies (scripts/setup.sh)"
+bash scripts/setup.sh
+say "Building (scripts/build.sh -> build/release)"
+bash scripts/build.sh
+
+BIN="$ME_ROOT_DIR/build/release"
+for b in "$BIN/daemon/megaengined" "$BIN/client/mectl"; do
+	[ -x "$b" ] || { echo "demo: $b was not built" >&2; exit 1; }
+done
+# So that the commands below read as a user would type them.
+export PATH="$BIN/client:$BIN/daemon:$PATH"
+unset MEGAENGINE_ROOT MEGAENGINE_SOCKET MEGAENGINE_LOG
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/megaengine-demo.XXXXXX")"
+ROOT="$WORK/root"
+REPO="$WORK/hello-world"
+LOG="$WORK/megaengined.log"
+DAEMON_PID=""
+STATUS=1
+
+cleanup() {
+	local rc=$?
+	if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+		kill -TERM "$DAEMON_PID" 2>/dev/null || true
+		for _ in $(seq 50); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$DAEMON_PID" 2>/dev/null || true
+		wait "$DAEMON_PID" 2>/dev/null || true
+	fi
+	if [ "$STATUS" -ne 0 ] || [ "$rc" -ne 0 ]; then
+		echo >&2
+		echo "demo: FAILED (exit $rc)" >&2
+		if [ -s "$LOG" ]; then
+			echo "demo: megaengined's log ($LOG):" >&2
+			sed 's/^/    /' "$LOG" >&2
+		fi
+		[ "$rc" -ne 0 ] || rc=1
+	fi
+	if [ "${ME_DEMO_KEEP:-0}" = 1 ]; then
+		echo "demo: kept $WORK"
+	else
+		rm -rf "$WORK"
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A free local UDP port (QUIC) for the daemon to announce.
+PORT="$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+
+say "1. A small git repository to publish"
+export GIT_AUTHOR_NAME="Demo User" GIT_AUTHOR_EMAIL=demo@example.invalid
+export GIT_COMMITTER_NAME="Demo User" GIT_COMMITTER_EMAIL=demo@example.invalid
+run git init -q -b main "$REPO"
+printf '# hello-world\n\nA repository made by scripts/demo.sh.\n' >"$REPO/README.md"
+run git -C "$REPO" add README.md
+run git -C "$REPO" commit -q -m "Initial commit"
+printf 'int main(void) { return 0; }\n' >"$REPO/main.c"
+run git -C "$REPO" add main.c
+run git -C "$REPO" commit -q -m "Add main.c"
+run git -C "$REPO" tag -a v0.1 -m "First release"
+run git -C "$REPO" checkout -q -b feature
+printf 'TODO: more features\n' >"$REPO/TODO"
+run git -C "$REPO" add TODO
+run git -C "$REPO" commit -q -m "Start a feature"
+run git -C "$REPO" checkout -q main
+run git -C "$REPO" log --oneline --graph --all --decorate
+
+say "2. Create the node identity: no daemon needed yet"
+run mectl --root "$ROOT" auth init
+run ls -l "$ROOT/keypair"
+
+say "3. Start the daemon in the background"
+show "megaengined --root $ROOT --addr 127.0.0.1:$PORT >$LOG 2>&1 &"
+megaengined --root "$ROOT" --addr "127.0.0.1:$PORT" >"$LOG" 2>&1 &
+DAEMON_PID=$!
+ready=0
+for _ in $(seq 100); do
+	if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
+		echo "demo: megaengined exited during start-up" >&2
+		exit 1
+	fi
+	# node status is always answered by the daemon itself (auth/node id work without one).
+	if mectl --root "$ROOT" --timeout 2 node status >/dev/null 2>&1; then
+		ready=1
+		break
+	fi
+	sleep 0.1
+done
+[ "$ready" = 1 ] || { echo "demo: megaengined did not answer within 10 s" >&2; exit 1; }
+echo "megaengined is running (pid $DAEMON_PID), control socket $ROOT/megaengined.sock"
+run mectl --root "$ROOT" auth show
+
+say "4. Publish the repository"
+show "mectl --root $ROOT repo add --path $REPO --description \"Demo repository\""
+out="$(mectl --root "$ROOT" repo add --path "$REPO" --description "Demo repository")"
+printf '%s\n' "$out"
+REPO_ID="$(printf '%s\n' "$out" | grep -o 'did:repo:z[1-9A-HJ-NP-Za-km-z]*' | head -n 1)"
+[ -n "$REPO_ID" ] || { echo "demo: repo add printed no did:repo" >&2; exit 1; }
+
+say "5. Look at it"
+run mectl --root "$ROOT" repo list
+run mectl --root "$ROOT" repo show "$REPO_ID"
+run mectl --root "$ROOT" node status
+
+say "6. Stop the daemon"
+show "kill -TERM $DAEMON_PID"
+kill -TERM "$DAEMON_PID"
+rc=0
+wait "$DAEMON_PID" || rc=$?
+DAEMON_PID=""
+[ "$rc" -eq 0 ] || { echo "demo: megaengined exited with $rc" >&2; exit 1; }
+[ ! -e "$ROOT/megaengined.sock" ] || { echo "demo: the control socket was left behind" >&2; exit 1; }
+echo "megaengined stopped cleanly (exit 0, control socket removed)"
+show "cat $LOG"
+sed 's/^/    /' "$LOG"
+
+STATUS=0
+say "Done. Where things were"
+cat <<EOF
+  binaries         $BIN/daemon/megaengined, $BIN/client/mectl
+  git repository   $REPO
+  data root        $ROOT
+    identity       $ROOT/keypair (mode 0600)
+    database       $ROOT/megaengine.db (SQLite: repos, refs, nodes)
+    control socket $ROOT/megaengined.sock (only while the daemon runs)
+  daemon log       $LOG
+  repository id    $REPO_ID
+EOF
+if [ "${ME_DEMO_KEEP:-0}" != 1 ]; then
+	echo "(all under $WORK, removed now; run with ME_DEMO_KEEP=1 to keep it)"
+fi
