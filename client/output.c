@@ -1,8 +1,11 @@
 #include "client/output.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "common/util.h"
 
 json_t *out_from_msgpack(const msgpack_object *o)
 {
@@ -91,6 +94,40 @@ static void fmt_time(long long t, char *buf, size_t sz)
 		strftime(buf, sz, "%Y-%m-%d %H:%M", &tm);
 }
 
+/* "12s ago", "5m ago", "3h ago", "2d ago" for a unix-ms time; "never" when unset. */
+static void fmt_ago(long long t_ms, char *buf, size_t sz)
+{
+	long long d;
+
+	if (t_ms <= 0) {
+		snprintf(buf, sz, "never");
+		return;
+	}
+	d = ((long long)me_now_ms() - t_ms) / 1000;
+	if (d < 0)
+		d = 0;
+	if (d < 60)
+		snprintf(buf, sz, "%llds ago", d);
+	else if (d < 3600)
+		snprintf(buf, sz, "%lldm ago", d / 60);
+	else if (d < 86400)
+		snprintf(buf, sz, "%lldh ago", d / 3600);
+	else
+		snprintf(buf, sz, "%lldd ago", d / 86400);
+}
+
+static const char *or_dash(const char *s)
+{
+	return *s ? s : "-";
+}
+
+static void widen(int *w, const char *s)
+{
+	int l = (int)strlen(s);
+	if (l > *w)
+		*w = l;
+}
+
 void out_auth(json_t *r)
 {
 	json_t *created = json_object_get(r, "created");
@@ -140,7 +177,7 @@ void out_repo_list(json_t *r)
 {
 	json_t *repos = json_object_get(r, "repos");
 	size_t n = json_array_size(repos);
-	int wid = 2, wname = 4, wcre = 7, wst = 5;
+	int wid = 2, wname = 4, wcre = 7, wal = 5, wst = 5;
 
 	if (n == 0) {
 		printf("No repositories. Add one with: mectl repo add --path DIR\n");
@@ -148,20 +185,112 @@ void out_repo_list(json_t *r)
 	}
 	for (size_t i = 0; i < n; i++) {
 		json_t *x = json_array_get(repos, i);
-		int l;
-		if ((l = (int)strlen(str(x, "id"))) > wid) wid = l;
-		if ((l = (int)strlen(str(x, "name"))) > wname) wname = l;
-		if ((l = (int)strlen(creator_label(x))) > wcre) wcre = l;
-		if ((l = (int)strlen(str(x, "state"))) > wst) wst = l;
+		widen(&wid, str(x, "id"));
+		widen(&wname, str(x, "name"));
+		widen(&wcre, creator_label(x));
+		widen(&wal, or_dash(str(x, "creator_alias")));
+		widen(&wst, str(x, "state"));
 	}
-	printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, "ID", wname, "NAME", wcre, "CREATOR", wst,
-	       "STATE", "UPDATED");
+	printf("%-*s  %-*s  %-*s  %-*s  %-*s  %s\n", wid, "ID", wname, "NAME", wcre, "CREATOR",
+	       wal, "ALIAS", wst, "STATE", "UPDATED");
 	for (size_t i = 0; i < n; i++) {
 		json_t *x = json_array_get(repos, i);
 		char t[32];
 		fmt_time(num(x, "updated_at"), t, sizeof(t));
-		printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, str(x, "id"), wname, str(x, "name"), wcre,
-		       creator_label(x), wst, str(x, "state"), t);
+		printf("%-*s  %-*s  %-*s  %-*s  %-*s  %s\n", wid, str(x, "id"), wname, str(x, "name"),
+		       wcre, creator_label(x), wal, or_dash(str(x, "creator_alias")), wst,
+		       str(x, "state"), t);
+	}
+}
+
+/* Joins a JSON array of strings with ","; "-" when empty. Caller frees. */
+static char *join_addrs(json_t *a)
+{
+	size_t len = 2, n = json_array_size(a);
+	char *buf;
+
+	for (size_t i = 0; i < n; i++) {
+		const char *s = json_string_value(json_array_get(a, i));
+		len += (s ? strlen(s) : 0) + 1;
+	}
+	if ((buf = malloc(len)) == NULL)
+		return NULL;
+	buf[0] = '\0';
+	for (size_t i = 0; i < n; i++) {
+		const char *s = json_string_value(json_array_get(a, i));
+		if (s == NULL || *s == '\0')
+			continue;
+		if (buf[0] != '\0')
+			strcat(buf, ",");
+		strcat(buf, s);
+	}
+	if (buf[0] == '\0')
+		strcpy(buf, "-");
+	return buf;
+}
+
+void out_node_list(json_t *r)
+{
+	json_t *nodes = json_object_get(r, "nodes");
+	size_t n = json_array_size(nodes);
+	int wid = 4, wal = 5, wad = 9, wseen = 9;
+	char **addrs, t[32];
+
+	if (n == 0) {
+		printf("No known nodes.\n");
+		return;
+	}
+	if ((addrs = calloc(n, sizeof(*addrs))) == NULL)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		json_t *x = json_array_get(nodes, i);
+		addrs[i] = join_addrs(json_object_get(x, "addresses"));
+		widen(&wid, str(x, "id"));
+		widen(&wal, or_dash(str(x, "alias")));
+		widen(&wad, addrs[i] ? addrs[i] : "-");
+		fmt_ago(num(x, "last_seen"), t, sizeof(t));
+		widen(&wseen, t);
+	}
+	printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, "NODE", wal, "ALIAS", wad, "ADDRESSES", wseen,
+	       "LAST SEEN", "CONNECTED");
+	for (size_t i = 0; i < n; i++) {
+		json_t *x = json_array_get(nodes, i);
+		fmt_ago(num(x, "last_seen"), t, sizeof(t));
+		printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, str(x, "id"), wal, or_dash(str(x, "alias")),
+		       wad, addrs[i] ? addrs[i] : "-", wseen, t,
+		       json_is_true(json_object_get(x, "connected")) ? "yes" : "no");
+		free(addrs[i]);
+	}
+	free(addrs);
+}
+
+void out_peer_list(json_t *r)
+{
+	json_t *peers = json_object_get(r, "peers");
+	size_t n = json_array_size(peers);
+	int wdid = 3, wad = 7, wdir = 9, wrtt = 3;
+	char t[32], rtt[32];
+
+	if (n == 0) {
+		printf("No connected peers.\n");
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		json_t *x = json_array_get(peers, i);
+		widen(&wdid, str(x, "did"));
+		widen(&wad, str(x, "address"));
+		widen(&wdir, str(x, "direction"));
+		snprintf(rtt, sizeof(rtt), "%.1fms", json_number_value(json_object_get(x, "rtt_ms")));
+		widen(&wrtt, rtt);
+	}
+	printf("%-*s  %-*s  %-*s  %-*s  %s\n", wdid, "DID", wad, "ADDRESS", wdir, "DIRECTION", wrtt,
+	       "RTT", "SINCE");
+	for (size_t i = 0; i < n; i++) {
+		json_t *x = json_array_get(peers, i);
+		snprintf(rtt, sizeof(rtt), "%.1fms", json_number_value(json_object_get(x, "rtt_ms")));
+		fmt_ago(num(x, "since"), t, sizeof(t));
+		printf("%-*s  %-*s  %-*s  %-*s  %s\n", wdid, str(x, "did"), wad, str(x, "address"),
+		       wdir, str(x, "direction"), wrtt, rtt, t);
 	}
 }
 
@@ -173,8 +302,12 @@ void out_repo_show(json_t *r)
 	printf("ID:           %s\n", str(r, "id"));
 	printf("Name:         %s\n", str(r, "name"));
 	printf("Description:  %s\n", str(r, "description"));
-	printf("Creator:      %s%s\n", str(r, "creator"),
-	       json_is_true(json_object_get(r, "mine")) ? " (you)" : "");
+	if (json_is_true(json_object_get(r, "mine")))
+		printf("Creator:      %s (you)\n", str(r, "creator"));
+	else if (*str(r, "creator_alias"))
+		printf("Creator:      %s (%s)\n", str(r, "creator"), str(r, "creator_alias"));
+	else
+		printf("Creator:      %s\n", str(r, "creator"));
 	printf("Path:         %s\n", *str(r, "path") ? str(r, "path") : "-");
 	printf("State:        %s\n", str(r, "state"));
 	printf("Root commit:  %s\n", str(r, "root_commit"));

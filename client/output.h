@@ -17,6 +17,8 @@ void out_repo_add(json_t *r);
 void out_repo_list(json_t *r);
 void out_repo_show(json_t *r);
 void out_repo_remove(json_t *r);
+void out_node_list(json_t *r);
+void out_peer_list(json_t *r);
 
 /* Prints JSON to stdout, indented, keys in the daemon's order. */
 void out_json(json_t *v);

@@ -25,6 +25,8 @@ const struct me_cmdinfo me_cmds[ME_CMD__COUNT] = {
 	[ME_CMD_REPO_REMOVE] = { "repo.remove", ME_CMDF_WRITE, {
 		{ "repo_id", ME_ARG_STR, true, ID_MAXLEN },
 		{ 0 } } },
+	[ME_CMD_NODE_LIST] = { "node.list", 0, { { 0 } } },
+	[ME_CMD_PEER_LIST] = { "peer.list", 0, { { 0 } } },
 };
 
 int me_cmd_lookup(const char *name, size_t len)

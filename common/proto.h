@@ -20,6 +20,8 @@
 /* Oldest request version the daemon still answers. */
 #define ME_PROTO_VERSION_MIN 1
 
+/* Commands travel by name; the numbers index the tables. Append new ones just before
+ * ME_CMD__COUNT, never renumber. */
 enum me_cmd {
 	ME_CMD_AUTH_INIT,
 	ME_CMD_AUTH_SHOW,
@@ -29,6 +31,8 @@ enum me_cmd {
 	ME_CMD_REPO_LIST,
 	ME_CMD_REPO_SHOW,
 	ME_CMD_REPO_REMOVE,
+	ME_CMD_NODE_LIST,
+	ME_CMD_PEER_LIST,
 	ME_CMD__COUNT
 };
 

@@ -5,21 +5,36 @@
 
 #include "common/err.h"
 #include "common/frame.h"
+#include "common/ids.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "daemon/gitrepo.h"
+#include "daemon/net.h"
 
 #define ERR(ctx, code, ...) (snprintf((ctx)->err, (ctx)->errsz, __VA_ARGS__), (code))
 
-static void pack_repo(msgpack_packer *pk, const struct node *n, const struct store_repo *r,
-		      const struct store_ref *refs, size_t nrefs, int with_refs)
+/* Packs a repository map. creator_alias comes from the nodes table: "" when the creator is this
+ * node (so repo.add cannot fail here after adding) or not a known one. 0, or a ME_E* code with
+ * ctx->err set. */
+static int repo_pack(struct cmd_ctx *ctx, msgpack_packer *pk, const struct store_repo *r,
+		     const struct store_ref *refs, size_t nrefs, int with_refs)
 {
+	const struct node *n = ctx->node;
 	int mine = n->has_key && strcmp(r->creator, n->kp.did) == 0;
+	struct store_node cn;
+	int rc = ME_ENOTFOUND;
 
-	msgpack_pack_map(pk, with_refs ? 13 : 12);
+	memset(&cn, 0, sizeof(cn));
+	if (!mine)
+		rc = store_node_get(n->store, r->creator, &cn);
+	if (rc < 0 && rc != ME_ENOTFOUND)
+		return ERR(ctx, rc, "database: %s", store_errmsg(n->store));
+	msgpack_pack_map(pk, with_refs ? 14 : 13);
 	me_mp_pack_kv_str(pk, "id", r->id);
 	me_mp_pack_kv_str(pk, "name", r->name);
 	me_mp_pack_kv_str(pk, "creator", r->creator);
+	me_mp_pack_kv_str(pk, "creator_alias", rc == 0 ? cn.alias : "");
+	store_node_clear(&cn);
 	me_mp_pack_kv_bool(pk, "mine", mine);
 	me_mp_pack_kv_str(pk, "description", r->description);
 	me_mp_pack_kv_str(pk, "path", r->path);
@@ -38,6 +53,7 @@ static void pack_repo(msgpack_packer *pk, const struct node *n, const struct sto
 			me_mp_pack_kv_str(pk, "oid", refs[i].oid);
 		}
 	}
+	return 0;
 }
 
 static int cmd_auth_init(struct cmd_ctx *ctx, const msgpack_object *args, msgpack_packer *out)
@@ -89,7 +105,7 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	me_mp_pack_kv_str(out, "root", cfg->root);
 	me_mp_pack_kv_int(out, "repos", nrepos);
 	me_mp_pack_kv_int(out, "nodes", nnodes);
-	me_mp_pack_kv_int(out, "peers", 0);
+	me_mp_pack_kv_int(out, "peers", n->net != NULL ? (int64_t)net_npeers(n->net) : 0);
 	me_mp_pack_kv_int(out, "control_connections", (int64_t)ctx->nconns);
 	return 0;
 }
@@ -155,9 +171,8 @@ static int cmd_repo_add(struct cmd_ctx *ctx, const msgpack_object *args, msgpack
 		rc = ERR(ctx, rc, "database: %s", store_errmsg(n->store));
 		goto out;
 	}
-	pack_repo(out, n, &r, gi.refs, gi.nrefs, 1);
+	rc = repo_pack(ctx, out, &r, gi.refs, gi.nrefs, 1);
 	store_repo_clear(&r);
-	rc = 0;
 out:
 	gitrepo_info_clear(&gi);
 	return rc;
@@ -167,6 +182,7 @@ static int cmd_repo_list(struct cmd_ctx *ctx, const msgpack_object *args, msgpac
 {
 	struct store_repo *repos;
 	size_t nrepos;
+	int rc = 0;
 	(void)args;
 
 	if (store_repo_list(ctx->node->store, &repos, &nrepos) < 0)
@@ -174,10 +190,10 @@ static int cmd_repo_list(struct cmd_ctx *ctx, const msgpack_object *args, msgpac
 	msgpack_pack_map(out, 1);
 	me_mp_pack_str(out, "repos");
 	msgpack_pack_array(out, nrepos);
-	for (size_t i = 0; i < nrepos; i++)
-		pack_repo(out, ctx->node, &repos[i], NULL, 0, 0);
+	for (size_t i = 0; i < nrepos && rc == 0; i++)
+		rc = repo_pack(ctx, out, &repos[i], NULL, 0, 0);
 	store_repo_list_free(repos, nrepos);
-	return 0;
+	return rc;
 }
 
 static int repo_id_arg(struct cmd_ctx *ctx, const msgpack_object *args, char *id, size_t idsz)
@@ -206,10 +222,10 @@ static int cmd_repo_show(struct cmd_ctx *ctx, const msgpack_object *args, msgpac
 		store_repo_clear(&r);
 		return ERR(ctx, ME_EDB, "database: %s", store_errmsg(ctx->node->store));
 	}
-	pack_repo(out, ctx->node, &r, refs, nrefs, 1);
+	rc = repo_pack(ctx, out, &r, refs, nrefs, 1);
 	store_refs_free(refs, nrefs);
 	store_repo_clear(&r);
-	return 0;
+	return rc;
 }
 
 static int cmd_repo_remove(struct cmd_ctx *ctx, const msgpack_object *args, msgpack_packer *out)
@@ -233,6 +249,86 @@ static int cmd_repo_remove(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	return 0;
 }
 
+/* Packs a comma-separated address list as an array of its non-empty items. */
+static void pack_addr_list(msgpack_packer *pk, const char *list)
+{
+	size_t cnt = 0;
+	const char *p, *e;
+
+	for (p = list; *p != '\0'; p = *e ? e + 1 : e) {
+		e = p + strcspn(p, ",");
+		cnt += e > p;
+	}
+	msgpack_pack_array(pk, cnt);
+	for (p = list; *p != '\0'; p = *e ? e + 1 : e) {
+		e = p + strcspn(p, ",");
+		if (e > p) {
+			msgpack_pack_str(pk, (size_t)(e - p));
+			msgpack_pack_str_body(pk, p, (size_t)(e - p));
+		}
+	}
+}
+
+static int cmd_node_list(struct cmd_ctx *ctx, const msgpack_object *args, msgpack_packer *out)
+{
+	struct node *n = ctx->node;
+	struct store_node *nodes;
+	size_t cnt;
+	uint8_t pk[ME_PK_LEN];
+	(void)args;
+
+	if (store_node_list(n->store, &nodes, &cnt) < 0)
+		return ERR(ctx, ME_EDB, "database: %s", store_errmsg(n->store));
+	msgpack_pack_map(out, 1);
+	me_mp_pack_str(out, "nodes");
+	msgpack_pack_array(out, cnt);
+	for (size_t i = 0; i < cnt; i++) {
+		const struct store_node *x = &nodes[i];
+		int connected = n->net != NULL && me_did_key_parse(x->id, pk) == 0 &&
+				net_peer_find(n->net, pk) != NULL;
+
+		msgpack_pack_map(out, 7);
+		me_mp_pack_kv_str(out, "id", x->id);
+		me_mp_pack_kv_str(out, "alias", x->alias);
+		me_mp_pack_str(out, "addresses");
+		pack_addr_list(out, x->addresses);
+		me_mp_pack_kv_int(out, "node_type", x->node_type);
+		me_mp_pack_kv_str(out, "version", x->version);
+		me_mp_pack_kv_int(out, "last_seen", x->last_seen_ms);
+		me_mp_pack_kv_bool(out, "connected", connected);
+	}
+	store_node_list_free(nodes, cnt);
+	return 0;
+}
+
+static int cmd_peer_list(struct cmd_ctx *ctx, const msgpack_object *args, msgpack_packer *out)
+{
+	struct net *net = ctx->node->net;
+	struct peer *p;
+	size_t cnt = 0;
+	(void)args;
+
+	for (p = net != NULL ? net_peer_first(net) : NULL; p != NULL; p = net_peer_next(p))
+		cnt++;
+	msgpack_pack_map(out, 1);
+	me_mp_pack_str(out, "peers");
+	msgpack_pack_array(out, cnt);
+	/* Nothing else runs between the two walks: the list cannot change. */
+	for (p = net != NULL ? net_peer_first(net) : NULL; p != NULL && cnt > 0;
+	     p = net_peer_next(p), cnt--) {
+		const char *did = net_peer_did(p), *addr = net_peer_addr(p);
+
+		msgpack_pack_map(out, 5);
+		me_mp_pack_kv_str(out, "did", did != NULL ? did : "");
+		me_mp_pack_kv_str(out, "address", addr != NULL ? addr : "");
+		me_mp_pack_kv_str(out, "direction", net_peer_outbound(p) ? "outbound" : "inbound");
+		me_mp_pack_str(out, "rtt_ms");
+		msgpack_pack_double(out, (double)net_peer_rtt_us(p) / 1000.0);
+		me_mp_pack_kv_int(out, "since", net_peer_since_ms(p));
+	}
+	return 0;
+}
+
 const struct cmd_handler cmd_table[ME_CMD__COUNT] = {
 	[ME_CMD_AUTH_INIT] = { cmd_auth_init, 0 },
 	[ME_CMD_AUTH_SHOW] = { cmd_auth_show, 1 },
@@ -242,6 +338,8 @@ const struct cmd_handler cmd_table[ME_CMD__COUNT] = {
 	[ME_CMD_REPO_LIST] = { cmd_repo_list, 0 },
 	[ME_CMD_REPO_SHOW] = { cmd_repo_show, 0 },
 	[ME_CMD_REPO_REMOVE] = { cmd_repo_remove, 0 },
+	[ME_CMD_NODE_LIST] = { cmd_node_list, 0 },
+	[ME_CMD_PEER_LIST] = { cmd_peer_list, 0 },
 };
 
 int cmd_dispatch(struct cmd_ctx *ctx, const struct me_request *req, msgpack_packer *out)

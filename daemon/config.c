@@ -24,6 +24,15 @@ static const char usage_text[] =
 "  -b, --bootstrap-node DID@IP:PORT\n"
 "                            peer to join the network through, e.g.\n"
 "                            did:key:z6Mk...@192.0.2.1:9000; repeatable\n"
+"      --announce-addr IP:PORT\n"
+"                            address announced to peers instead of the listen\n"
+"                            addresses (default: each --addr, with 0.0.0.0 / ::\n"
+"                            replaced by this host's interface addresses);\n"
+"                            repeatable\n"
+"      --gossip-interval SEC re-announce this node and its repositories every\n"
+"                            SEC seconds (default 10)\n"
+"      --max-outbound N      connections to open to nodes learnt by gossip\n"
+"                            (default 8; bootstrap nodes are always dialed)\n"
 "      --cert-path DIR       where the node's TLS certificate is stored\n"
 "                            (default ROOT/certs)\n"
 "  -s, --socket PATH         control socket (default ROOT/megaengined.sock)\n"
@@ -40,7 +49,7 @@ static const char usage_text[] =
 "Environment: MEGAENGINE_ROOT, MEGAENGINE_LOG.\n"
 "Stop with SIGINT or SIGTERM. Control it with mectl(1).\n";
 
-enum { OPT_CERT = 256, OPT_SOCKGROUP, OPT_LOGLEVEL };
+enum { OPT_CERT = 256, OPT_SOCKGROUP, OPT_LOGLEVEL, OPT_ANNOUNCE, OPT_GOSSIP_IVL, OPT_MAX_OUT };
 
 static const struct option long_opts[] = {
 	{ "root", required_argument, NULL, 'r' },
@@ -48,6 +57,9 @@ static const struct option long_opts[] = {
 	{ "addr", required_argument, NULL, 'l' },
 	{ "bootstrap-node", required_argument, NULL, 'b' },
 	{ "cert-path", required_argument, NULL, OPT_CERT },
+	{ "announce-addr", required_argument, NULL, OPT_ANNOUNCE },
+	{ "gossip-interval", required_argument, NULL, OPT_GOSSIP_IVL },
+	{ "max-outbound", required_argument, NULL, OPT_MAX_OUT },
 	{ "socket", required_argument, NULL, 's' },
 	{ "socket-group", required_argument, NULL, OPT_SOCKGROUP },
 	{ "log-level", required_argument, NULL, OPT_LOGLEVEL },
@@ -132,6 +144,8 @@ int me_config_load(struct me_config *cfg, int argc, char **argv, char *err, size
 
 	memset(cfg, 0, sizeof(*cfg));
 	cfg->log_level = LOG_INFO;
+	cfg->gossip_interval_ms = ME_GOSSIP_INTERVAL_MS;
+	cfg->max_outbound = ME_MAX_OUTBOUND;
 	optind = 1;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":r:a:l:b:s:fhV", long_opts, NULL)) != -1) {
@@ -160,6 +174,30 @@ int me_config_load(struct me_config *cfg, int argc, char **argv, char *err, size
 			if (rc < 0)
 				FAIL("invalid --bootstrap-node '%s': expected did:key:z...@IP:PORT", optarg);
 			cfg->nboots++;
+			break;
+		}
+		case OPT_ANNOUNCE:
+			if (cfg->nannounce == ME_MAX_ADDRS)
+				FAIL("at most %d --announce-addr flags", ME_MAX_ADDRS);
+			if (me_sockaddr_parse(optarg, &cfg->announce[cfg->nannounce]) < 0)
+				FAIL("invalid --announce-addr '%s': expected IP:PORT or [IPv6]:PORT",
+				     optarg);
+			cfg->nannounce++;
+			break;
+		case OPT_GOSSIP_IVL: {
+			char *end;
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (*optarg < '0' || *optarg > '9' || *end != '\0' || v < 1 || v > 3600)
+				FAIL("--gossip-interval must be 1 to 3600 seconds");
+			cfg->gossip_interval_ms = (unsigned)v * 1000;
+			break;
+		}
+		case OPT_MAX_OUT: {
+			char *end;
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (*optarg < '0' || *optarg > '9' || *end != '\0' || v > 64)
+				FAIL("--max-outbound must be 0 to 64");
+			cfg->max_outbound = (unsigned)v;
 			break;
 		}
 		case OPT_CERT:

@@ -16,6 +16,8 @@
 #define ME_DEFAULT_PORT 9000
 #define ME_SOCKET_NAME "megaengined.sock"
 #define ME_SUN_PATH_MAX 108
+#define ME_GOSSIP_INTERVAL_MS 10000
+#define ME_MAX_OUTBOUND 8
 
 struct me_sockaddr {
 	struct sockaddr_storage ss;
@@ -35,6 +37,10 @@ struct me_config {
 	size_t naddrs;
 	struct me_bootstrap boots[ME_MAX_BOOTSTRAP];
 	size_t nboots;
+	struct me_sockaddr announce[ME_MAX_ADDRS]; /* --announce-addr; empty: derived */
+	size_t nannounce;
+	unsigned gossip_interval_ms;  /* re-announce period (default 10 s) */
+	unsigned max_outbound;        /* nodes dialed from announcements (default 8) */
 	char cert_path[PATH_MAX];
 	char socket_path[ME_SUN_PATH_MAX];
 	char socket_group[64];

@@ -12,8 +12,43 @@
 #include "daemon/config.h"
 #include "daemon/control.h"
 #include "daemon/gitrepo.h"
+#include "daemon/gossip.h"
+#include "daemon/net.h"
 #include "daemon/node.h"
 #include "daemon/sdglue.h"
+#include "daemon/tls.h"
+
+static uv_loop_t loop;
+static struct tls_ctx *tls;
+static int fatal;
+
+/* Starts TLS, gossip and QUIC once the node has an identity (at start-up, or when
+ * `mectl auth init` creates it). */
+static void network_start(struct node *n)
+{
+	char err[512] = "";
+	struct net_callbacks cb;
+
+	if (n->net != NULL || !n->has_key)
+		return;
+	if (tls_init(&tls, &n->kp, n->cfg->cert_path, err, sizeof(err)) < 0 ||
+	    gossip_init(&n->gossip, &loop, n, err, sizeof(err)) < 0)
+		goto fail;
+	cb = gossip_net_callbacks(n->gossip);
+	if (net_init(&n->net, &loop, &n->kp, tls, n->cfg->addrs, n->cfg->naddrs, &cb, err,
+		     sizeof(err)) < 0)
+		goto fail;
+	gossip_start(n->gossip, n->net);
+	for (size_t i = 0; i < n->cfg->naddrs; i++)
+		log_info("listening on %s (QUIC)", n->cfg->addrs[i].text);
+	return;
+fail:
+	log_err("network not started: %s", err);
+	gossip_free(n->gossip);
+	n->gossip = NULL;
+	fatal = 1;
+	uv_stop(&loop);
+}
 
 static void on_signal(uv_signal_t *h, int signum)
 {
@@ -35,7 +70,6 @@ int main(int argc, char **argv)
 	static struct me_config cfg;
 	struct node node;
 	struct control *ctl = NULL;
-	uv_loop_t loop;
 	uv_signal_t sigint, sigterm;
 	char err[1024] = "";
 	int rc, status = EXIT_FAILURE;
@@ -64,6 +98,8 @@ int main(int argc, char **argv)
 		log_err("%s", err);
 		goto out;
 	}
+	node.identity_ready = network_start;
+	network_start(&node);
 	uv_signal_init(&loop, &sigint);
 	uv_signal_init(&loop, &sigterm);
 	uv_signal_start(&sigint, on_signal, SIGINT);
@@ -78,13 +114,18 @@ int main(int argc, char **argv)
 	sdglue_ready(node.has_key ? "Running" : "Running without identity: run 'mectl auth init'");
 	uv_run(&loop, UV_RUN_DEFAULT);
 	sdglue_stopping();
-	status = EXIT_SUCCESS;
+	status = fatal ? EXIT_FAILURE : EXIT_SUCCESS;
 
 	uv_close((uv_handle_t *)&sigint, NULL);
 	uv_close((uv_handle_t *)&sigterm, NULL);
 out:
 	control_free(ctl);
+	net_free(node.net);
+	gossip_free(node.gossip);
+	node.net = NULL;
+	node.gossip = NULL;
 	uv_run(&loop, UV_RUN_DEFAULT); /* let close callbacks release memory */
+	tls_free(tls);
 	if (uv_loop_close(&loop) != 0)
 		log_warn("event loop closed with handles still open");
 	node_free(&node);

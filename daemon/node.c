@@ -107,5 +107,7 @@ int node_auth_init(struct node *n, int *created, char *err, size_t errsz)
 		return rc;
 	}
 	n->has_key = 1;
+	if (*created && n->identity_ready)
+		n->identity_ready(n);
 	return 0;
 }

@@ -8,6 +8,9 @@
 #include "daemon/config.h"
 #include "daemon/store.h"
 
+struct net;
+struct gossip;
+
 struct node {
 	const struct me_config *cfg;
 	struct me_keypair kp;
@@ -15,6 +18,12 @@ struct node {
 	struct store *store;
 	int64_t start_mono_ms;
 	int lock_fd;
+	/* Planes, set by main once they run (NULL before the node has an identity). */
+	struct net *net;
+	struct gossip *gossip;
+	/* Called by node_auth_init when an identity was just created, so main can start the
+	 * network without a restart. */
+	void (*identity_ready)(struct node *n);
 };
 
 /* Creates the data root (0700), takes its lock (one daemon per root), loads the identity if

@@ -48,6 +48,11 @@ static const char *const migrations[STORE_SCHEMA_VERSION] = {
 	" created_at INTEGER NOT NULL,"
 	" updated_at INTEGER NOT NULL);"
 	"CREATE INDEX repos_path ON repos(path);",
+	/* 1 -> 2: the creator's signed ref state; when a node was last heard from. */
+	"ALTER TABLE repos ADD COLUMN ref_seq INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE repos ADD COLUMN ref_sig BLOB;"
+	"ALTER TABLE nodes ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;"
+	"CREATE INDEX nodes_last_seen ON nodes(last_seen DESC, id);",
 };
 
 enum stmt_id {
@@ -61,24 +66,30 @@ enum stmt_id {
 	S_REPO_DELETE,
 	S_REPO_TOUCH,
 	S_REPO_COUNT,
+	S_REPO_SET_REFSTATE,
+	S_REPO_EXT_STATE,
+	S_REPO_EXT_UPDATE,
 	S_REF_INSERT,
 	S_REF_CLEAR,
 	S_REF_LIST,
 	S_NODE_UPSERT,
+	S_NODE_GET,
 	S_NODE_LIST,
+	S_NODE_DELETE,
 	S_NODE_COUNT,
 	S__COUNT
 };
 
 #define REPO_COLS "id, name, creator, description, path, is_external, root_commit, head, " \
-		  "created_at, updated_at"
-#define NODE_COLS "id, alias, addresses, node_type, version, created_at, updated_at"
+		  "created_at, updated_at, ref_seq, ref_sig"
+#define NODE_COLS "id, alias, addresses, node_type, version, created_at, updated_at, last_seen"
 
 static const char *const stmt_sql[S__COUNT] = {
 	[S_BEGIN] = "BEGIN IMMEDIATE",
 	[S_COMMIT] = "COMMIT",
 	[S_ROLLBACK] = "ROLLBACK",
-	[S_REPO_INSERT] = "INSERT INTO repos (" REPO_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+	[S_REPO_INSERT] = "INSERT INTO repos (" REPO_COLS ")"
+			  " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
 	[S_REPO_GET] = "SELECT " REPO_COLS " FROM repos WHERE id = ?1",
 	[S_REPO_FIND_PATH] = "SELECT " REPO_COLS " FROM repos WHERE path = ?1 AND is_external = 0"
 			     " ORDER BY created_at, id LIMIT 1",
@@ -86,14 +97,23 @@ static const char *const stmt_sql[S__COUNT] = {
 	[S_REPO_DELETE] = "DELETE FROM repos WHERE id = ?1",
 	[S_REPO_TOUCH] = "UPDATE repos SET updated_at = ?2 WHERE id = ?1",
 	[S_REPO_COUNT] = "SELECT count(*) FROM repos",
+	[S_REPO_SET_REFSTATE] = "UPDATE repos SET head = ?2, ref_seq = ?3, ref_sig = ?4,"
+				" updated_at = ?5 WHERE id = ?1",
+	[S_REPO_EXT_STATE] = "SELECT is_external, ref_seq, creator, root_commit FROM repos"
+			     " WHERE id = ?1",
+	[S_REPO_EXT_UPDATE] = "UPDATE repos SET name = ?2, description = ?3, head = ?4, ref_seq = ?5,"
+			      " ref_sig = ?6, updated_at = ?7 WHERE id = ?1 AND is_external = 1",
 	[S_REF_INSERT] = "INSERT INTO refs (repo_id, ref_name, oid, updated_at) VALUES (?1, ?2, ?3, ?4)",
 	[S_REF_CLEAR] = "DELETE FROM refs WHERE repo_id = ?1",
 	[S_REF_LIST] = "SELECT ref_name, oid FROM refs WHERE repo_id = ?1 ORDER BY ref_name",
-	[S_NODE_UPSERT] = "INSERT INTO nodes (" NODE_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+	[S_NODE_UPSERT] = "INSERT INTO nodes (" NODE_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
 			  " ON CONFLICT (id) DO UPDATE SET alias = excluded.alias,"
 			  " addresses = excluded.addresses, node_type = excluded.node_type,"
-			  " version = excluded.version, updated_at = excluded.updated_at",
-	[S_NODE_LIST] = "SELECT " NODE_COLS " FROM nodes ORDER BY id",
+			  " version = excluded.version, updated_at = excluded.updated_at,"
+			  " last_seen = max(nodes.last_seen, excluded.last_seen)",
+	[S_NODE_GET] = "SELECT " NODE_COLS " FROM nodes WHERE id = ?1",
+	[S_NODE_LIST] = "SELECT " NODE_COLS " FROM nodes ORDER BY last_seen DESC, id",
+	[S_NODE_DELETE] = "DELETE FROM nodes WHERE id = ?1",
 	[S_NODE_COUNT] = "SELECT count(*) FROM nodes",
 };
 
@@ -132,6 +152,14 @@ static void stmt_done(sqlite3_stmt *s)
 static int bind_text(sqlite3_stmt *s, int i, const char *v)
 {
 	return sqlite3_bind_text(s, i, v != NULL ? v : "", -1, SQLITE_STATIC);
+}
+
+/* Binds a signature, or NULL when there is none. */
+static int bind_sig(sqlite3_stmt *s, int i, const uint8_t *sig)
+{
+	if (sig == NULL)
+		return sqlite3_bind_null(s, i);
+	return sqlite3_bind_blob(s, i, sig, STORE_SIG_LEN, SQLITE_STATIC);
 }
 
 static int64_t now_or(int64_t t)
@@ -214,8 +242,10 @@ void store_refs_free(struct store_ref *r, size_t n)
 	free(r);
 }
 
-static void node_clear(struct store_node *n)
+void store_node_clear(struct store_node *n)
 {
+	if (n == NULL)
+		return;
 	free(n->id);
 	free(n->alias);
 	free(n->addresses);
@@ -228,13 +258,15 @@ void store_node_list_free(struct store_node *n, size_t cnt)
 	if (n == NULL)
 		return;
 	for (size_t i = 0; i < cnt; i++)
-		node_clear(&n[i]);
+		store_node_clear(&n[i]);
 	free(n);
 }
 
 /* Reads a row selected with REPO_COLS. */
 static int read_repo(struct store *st, sqlite3_stmt *s, struct store_repo *r)
 {
+	int oom = 0;
+
 	memset(r, 0, sizeof(*r));
 	r->id = col_dup(s, 0);
 	r->name = col_dup(s, 1);
@@ -246,8 +278,20 @@ static int read_repo(struct store *st, sqlite3_stmt *s, struct store_repo *r)
 	r->head = col_dup(s, 7);
 	r->created_at = sqlite3_column_int64(s, 8);
 	r->updated_at = sqlite3_column_int64(s, 9);
-	if (!r->id || !r->name || !r->creator || !r->description || !r->path || !r->root_commit ||
-	    !r->head) {
+	r->ref_seq = sqlite3_column_int64(s, 10);
+	/* Anything but a blob of the right size is no signature. */
+	if (sqlite3_column_type(s, 11) == SQLITE_BLOB) {
+		const void *b = sqlite3_column_blob(s, 11);
+		int len = sqlite3_column_bytes(s, 11);
+		if (b != NULL && len == STORE_SIG_LEN) {
+			memcpy(r->ref_sig, b, STORE_SIG_LEN);
+			r->has_ref_sig = 1;
+		} else if (b == NULL && len > 0) {
+			oom = 1;
+		}
+	}
+	if (oom || !r->id || !r->name || !r->creator || !r->description || !r->path ||
+	    !r->root_commit || !r->head) {
 		store_repo_clear(r);
 		set_err(st, "out of memory");
 		return ME_ENOMEM;
@@ -266,8 +310,9 @@ static int read_node(struct store *st, sqlite3_stmt *s, struct store_node *n)
 	n->version = col_dup(s, 4);
 	n->created_at = sqlite3_column_int64(s, 5);
 	n->updated_at = sqlite3_column_int64(s, 6);
+	n->last_seen_ms = sqlite3_column_int64(s, 7);
 	if (!n->id || !n->alias || !n->addresses || !n->version) {
-		node_clear(n);
+		store_node_clear(n);
 		set_err(st, "out of memory");
 		return ME_ENOMEM;
 	}
@@ -591,36 +636,25 @@ static int refs_insert(struct store *st, const char *repo_id, const struct store
 	return 0;
 }
 
-int store_repo_add(struct store *st, const struct store_repo *r, const struct store_ref *refs,
-		   size_t nrefs)
+/* Inserts one repository row inside the caller's transaction. */
+static int repo_insert(struct store *st, const struct store_repo *r, int is_external,
+		       const char *path, int64_t created, int64_t updated)
 {
-	sqlite3_stmt *s;
-	int64_t now = time(NULL), created, updated;
+	sqlite3_stmt *s = st->stmt[S_REPO_INSERT];
 	int rc;
 
-	if (st == NULL || r == NULL || (refs == NULL && nrefs > 0))
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
-	if (r->id == NULL || r->id[0] == '\0' || r->name == NULL || r->creator == NULL) {
-		set_err(st, "repository needs an id, a name and a creator");
-		return ME_EINVAL;
-	}
-	created = now_or(r->created_at);
-	updated = now_or(r->updated_at);
-	if ((rc = tx_begin(st)) < 0)
-		return rc;
-	s = st->stmt[S_REPO_INSERT];
 	if (bind_text(s, 1, r->id) != SQLITE_OK || bind_text(s, 2, r->name) != SQLITE_OK ||
 	    bind_text(s, 3, r->creator) != SQLITE_OK || bind_text(s, 4, r->description) != SQLITE_OK ||
-	    bind_text(s, 5, r->path) != SQLITE_OK ||
-	    sqlite3_bind_int(s, 6, r->is_external ? 1 : 0) != SQLITE_OK ||
+	    bind_text(s, 5, path) != SQLITE_OK ||
+	    sqlite3_bind_int(s, 6, is_external ? 1 : 0) != SQLITE_OK ||
 	    bind_text(s, 7, r->root_commit) != SQLITE_OK || bind_text(s, 8, r->head) != SQLITE_OK ||
 	    sqlite3_bind_int64(s, 9, created) != SQLITE_OK ||
-	    sqlite3_bind_int64(s, 10, updated) != SQLITE_OK) {
+	    sqlite3_bind_int64(s, 10, updated) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 11, r->ref_seq) != SQLITE_OK ||
+	    bind_sig(s, 12, r->has_ref_sig ? r->ref_sig : NULL) != SQLITE_OK) {
 		rc = db_fail(st, "insert repository");
 		stmt_done(s);
-		goto fail;
+		return rc;
 	}
 	if (sqlite3_step(s) != SQLITE_DONE) {
 		if (sqlite3_extended_errcode(st->db) == SQLITE_CONSTRAINT_PRIMARYKEY) {
@@ -630,9 +664,59 @@ int store_repo_add(struct store *st, const struct store_repo *r, const struct st
 			rc = db_fail(st, "insert repository");
 		}
 		stmt_done(s);
-		goto fail;
+		return rc;
 	}
 	stmt_done(s);
+	return 0;
+}
+
+/* Replaces a repository's refs inside the caller's transaction. */
+static int refs_replace(struct store *st, const char *repo_id, const struct store_ref *refs,
+			size_t n, int64_t now)
+{
+	sqlite3_stmt *s = st->stmt[S_REF_CLEAR];
+	int rc;
+
+	if (bind_text(s, 1, repo_id) != SQLITE_OK) {
+		rc = db_fail(st, "delete refs");
+		stmt_done(s);
+		return rc;
+	}
+	if ((rc = step_done(st, s, "delete refs")) < 0)
+		return rc;
+	return refs_insert(st, repo_id, refs, n, now);
+}
+
+static int repo_valid(struct store *st, const struct store_repo *r)
+{
+	if (r->id == NULL || r->id[0] == '\0' || r->name == NULL || r->creator == NULL) {
+		set_err(st, "repository needs an id, a name and a creator");
+		return ME_EINVAL;
+	}
+	if (r->ref_seq < 0) {
+		set_err(st, "repository %s: negative ref sequence number", r->id);
+		return ME_EINVAL;
+	}
+	return 0;
+}
+
+int store_repo_add(struct store *st, const struct store_repo *r, const struct store_ref *refs,
+		   size_t nrefs)
+{
+	int64_t now = time(NULL);
+	int rc;
+
+	if (st == NULL || r == NULL || (refs == NULL && nrefs > 0))
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if ((rc = repo_valid(st, r)) < 0)
+		return rc;
+	if ((rc = tx_begin(st)) < 0)
+		return rc;
+	if ((rc = repo_insert(st, r, r->is_external, r->path, now_or(r->created_at),
+			      now_or(r->updated_at))) < 0)
+		goto fail;
 	if ((rc = refs_insert(st, r->id, refs, nrefs, now)) < 0)
 		goto fail;
 	if ((rc = tx_commit(st)) < 0)
@@ -786,18 +870,150 @@ int store_refs_set(struct store *st, const char *repo_id, const struct store_ref
 		rc = ME_ENOTFOUND;
 		goto fail;
 	}
-	s = st->stmt[S_REF_CLEAR];
-	if (bind_text(s, 1, repo_id) != SQLITE_OK) {
-		rc = db_fail(st, "delete refs");
-		stmt_done(s);
-		goto fail;
-	}
-	if ((rc = step_done(st, s, "delete refs")) < 0)
-		goto fail;
-	if ((rc = refs_insert(st, repo_id, refs, n, now)) < 0)
+	if ((rc = refs_replace(st, repo_id, refs, n, now)) < 0)
 		goto fail;
 	if ((rc = tx_commit(st)) < 0)
 		goto fail;
+	return 0;
+fail:
+	tx_rollback(st);
+	return rc;
+}
+
+int store_repo_set_refstate(struct store *st, const char *id, int64_t seq, const char *head,
+			    const uint8_t sig[STORE_SIG_LEN], const struct store_ref *refs,
+			    size_t n)
+{
+	sqlite3_stmt *s;
+	int64_t now = time(NULL);
+	int rc;
+
+	if (st == NULL || id == NULL || (refs == NULL && n > 0))
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if (seq < 0) {
+		set_err(st, "repository %s: negative ref sequence number", id);
+		return ME_EINVAL;
+	}
+	if ((rc = tx_begin(st)) < 0)
+		return rc;
+	s = st->stmt[S_REPO_SET_REFSTATE];
+	if (bind_text(s, 1, id) != SQLITE_OK || bind_text(s, 2, head) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 3, seq) != SQLITE_OK || bind_sig(s, 4, sig) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 5, now) != SQLITE_OK) {
+		rc = db_fail(st, "update ref state");
+		stmt_done(s);
+		goto fail;
+	}
+	if ((rc = step_done(st, s, "update ref state")) < 0)
+		goto fail;
+	if (sqlite3_changes(st->db) == 0) {
+		set_err(st, "no repository %s", id);
+		rc = ME_ENOTFOUND;
+		goto fail;
+	}
+	if ((rc = refs_replace(st, id, refs, n, now)) < 0)
+		goto fail;
+	if ((rc = tx_commit(st)) < 0)
+		goto fail;
+	return 0;
+fail:
+	tx_rollback(st);
+	return rc;
+}
+
+/* What upsert_external needs to know of an existing row. *found is 0 when there is none. */
+struct ext_state {
+	int found, is_external;
+	int64_t ref_seq;
+	int same_origin; /* creator and root_commit agree with the candidate */
+};
+
+static int text_eq(sqlite3_stmt *s, int col, const char *v)
+{
+	const unsigned char *t = sqlite3_column_text(s, col);
+
+	return strcmp(t != NULL ? (const char *)t : "", v != NULL ? v : "") == 0;
+}
+
+static int ext_state_get(struct store *st, const struct store_repo *r, struct ext_state *es)
+{
+	sqlite3_stmt *s = st->stmt[S_REPO_EXT_STATE];
+	int rc = 0, step;
+
+	memset(es, 0, sizeof(*es));
+	if (bind_text(s, 1, r->id) != SQLITE_OK) {
+		rc = db_fail(st, "select repository");
+		stmt_done(s);
+		return rc;
+	}
+	step = sqlite3_step(s);
+	if (step == SQLITE_ROW) {
+		es->found = 1;
+		es->is_external = sqlite3_column_int64(s, 0) != 0;
+		es->ref_seq = sqlite3_column_int64(s, 1);
+		es->same_origin = text_eq(s, 2, r->creator) && text_eq(s, 3, r->root_commit);
+	} else if (step != SQLITE_DONE) {
+		rc = db_fail(st, "select repository");
+	}
+	stmt_done(s);
+	return rc;
+}
+
+int store_repo_upsert_external(struct store *st, const struct store_repo *r,
+			       const struct store_ref *refs, size_t n, int *changed)
+{
+	struct ext_state es;
+	sqlite3_stmt *s;
+	int64_t now = time(NULL), updated;
+	int rc;
+
+	if (changed != NULL)
+		*changed = 0;
+	if (st == NULL || r == NULL || (refs == NULL && n > 0))
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	if ((rc = repo_valid(st, r)) < 0)
+		return rc;
+	updated = now_or(r->updated_at);
+	if ((rc = tx_begin(st)) < 0)
+		return rc;
+	if ((rc = ext_state_get(st, r, &es)) < 0)
+		goto fail;
+	if (!es.found) {
+		if ((rc = repo_insert(st, r, 1, "", now_or(r->created_at), updated)) < 0)
+			goto fail;
+	} else if (!es.is_external || r->ref_seq <= es.ref_seq) {
+		tx_rollback(st); /* nothing to write */
+		return 0;
+	} else if (!es.same_origin) {
+		set_err(st, "repository %s: creator or root commit differs from the stored one",
+			r->id);
+		rc = ME_EINVAL;
+		goto fail;
+	} else {
+		s = st->stmt[S_REPO_EXT_UPDATE];
+		if (bind_text(s, 1, r->id) != SQLITE_OK || bind_text(s, 2, r->name) != SQLITE_OK ||
+		    bind_text(s, 3, r->description) != SQLITE_OK ||
+		    bind_text(s, 4, r->head) != SQLITE_OK ||
+		    sqlite3_bind_int64(s, 5, r->ref_seq) != SQLITE_OK ||
+		    bind_sig(s, 6, r->has_ref_sig ? r->ref_sig : NULL) != SQLITE_OK ||
+		    sqlite3_bind_int64(s, 7, updated) != SQLITE_OK) {
+			rc = db_fail(st, "update repository");
+			stmt_done(s);
+			goto fail;
+		}
+		if ((rc = step_done(st, s, "update repository")) < 0)
+			goto fail;
+	}
+	if ((rc = refs_replace(st, r->id, refs, n, now)) < 0)
+		goto fail;
+	if ((rc = tx_commit(st)) < 0)
+		goto fail;
+	if (changed != NULL)
+		*changed = 1;
 	return 0;
 fail:
 	tx_rollback(st);
@@ -898,12 +1114,67 @@ int store_node_upsert(struct store *st, const struct store_node *n)
 	    sqlite3_bind_int(s, 4, n->node_type) != SQLITE_OK ||
 	    bind_text(s, 5, n->version) != SQLITE_OK ||
 	    sqlite3_bind_int64(s, 6, now_or(n->created_at)) != SQLITE_OK ||
-	    sqlite3_bind_int64(s, 7, now_or(n->updated_at)) != SQLITE_OK) {
+	    sqlite3_bind_int64(s, 7, now_or(n->updated_at)) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 8, n->last_seen_ms > 0 ? n->last_seen_ms : 0) != SQLITE_OK) {
 		rc = db_fail(st, "upsert node");
 		stmt_done(s);
 		return rc;
 	}
 	return step_done(st, s, "upsert node");
+}
+
+int store_node_get(struct store *st, const char *id, struct store_node *out)
+{
+	sqlite3_stmt *s;
+	int rc, step;
+
+	if (out != NULL)
+		memset(out, 0, sizeof(*out));
+	if (st == NULL || id == NULL || out == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	s = st->stmt[S_NODE_GET];
+	if (bind_text(s, 1, id) != SQLITE_OK) {
+		rc = db_fail(st, "select node");
+		stmt_done(s);
+		return rc;
+	}
+	step = sqlite3_step(s);
+	if (step == SQLITE_ROW) {
+		rc = read_node(st, s, out);
+	} else if (step == SQLITE_DONE) {
+		set_err(st, "no node %s", id);
+		rc = ME_ENOTFOUND;
+	} else {
+		rc = db_fail(st, "select node");
+	}
+	stmt_done(s);
+	return rc;
+}
+
+int store_node_delete(struct store *st, const char *id)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if (st == NULL || id == NULL)
+		return ME_EINVAL;
+	if ((rc = store_ready(st)) < 0)
+		return rc;
+	s = st->stmt[S_NODE_DELETE];
+	if (bind_text(s, 1, id) != SQLITE_OK) {
+		rc = db_fail(st, "delete node");
+		stmt_done(s);
+		return rc;
+	}
+	if ((rc = step_done(st, s, "delete node")) < 0)
+		return rc;
+	if (sqlite3_changes(st->db) == 0) {
+		set_err(st, "no node %s", id);
+		return ME_ENOTFOUND;
+	}
+	return 0;
 }
 
 int store_node_list(struct store *st, struct store_node **out, size_t *n)

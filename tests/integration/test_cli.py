@@ -23,7 +23,7 @@ DID_REPO_RE = re.compile(r"did:repo:z[1-9A-HJ-NP-Za-km-z]+")
 KEY_HEADER = "megaengine-keypair-v1"
 
 MECTL_COMMANDS = ["auth init", "auth show", "node id", "node status", "repo add", "repo list",
-                  "repo show", "repo remove"]
+                  "repo show", "repo remove", "node list", "peer list"]
 MECTL_OPTIONS = ["--root", "--socket", "--json", "--timeout", "--help", "--version",
                  "--path", "--description", "--repo-id", "MEGAENGINE_ROOT", "MEGAENGINE_SOCKET"]
 DAEMON_OPTIONS = ["--root", "--alias", "--addr", "--bootstrap-node", "--cert-path", "--socket",
@@ -346,13 +346,13 @@ def test_repo_list(daemon, git_repo):
     idb = daemon.mectl("repo", "add", b, json=True).json["id"]
 
     lines = daemon.mectl("repo", "list").stdout.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "CREATOR", "STATE", "UPDATED"]
+    assert lines[0].split() == ["ID", "NAME", "CREATOR", "ALIAS", "STATE", "UPDATED"]
     assert len(lines) == 3
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {ida, idb}
-    assert rows[ida][1:4] == ["aaa", "you", "local"]
-    assert rows[idb][1:4] == ["bbb", "you", "local"]
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d", rows[ida][4]), lines
+    assert rows[ida][1:5] == ["aaa", "you", "-", "local"]
+    assert rows[idb][1:5] == ["bbb", "you", "-", "local"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", rows[ida][5]), lines
 
     j = daemon.mectl("repo", "list", json=True).json
     me = daemon.mectl("auth", "show").stdout.strip()
@@ -362,7 +362,7 @@ def test_repo_list(daemon, git_repo):
     assert repos[ida]["name"] == "aaa" and repos[ida]["path"] == str(a.resolve())
     assert repos[ida]["description"] == "first" and repos[idb]["description"] == ""
     for x in j["repos"]:
-        assert x["creator"] == me and x["mine"] is True
+        assert x["creator"] == me and x["mine"] is True and x["creator_alias"] == ""
         assert isinstance(x["updated_at"], int) and x["updated_at"] > 0
         assert "refs" not in x
 

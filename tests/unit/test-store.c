@@ -312,8 +312,8 @@ static void test_refs_set(void **state)
 static void test_nodes(void **state)
 {
 	struct fx *fx = *state;
-	struct store_node a = { "did:key:zB", "bob", "10.0.0.1:4433", 1, "0.1.0", 100, 200 };
-	struct store_node b = { "did:key:zA", "alice", "", 0, "0.1.0", 0, 0 };
+	struct store_node a = { "did:key:zB", "bob", "10.0.0.1:4433", 1, "0.1.0", 100, 200, 0 };
+	struct store_node b = { "did:key:zA", "alice", "", 0, "0.1.0", 0, 0, 0 };
 	struct store_node *list;
 	size_t n;
 	int64_t cnt;
@@ -325,7 +325,7 @@ static void test_nodes(void **state)
 	assert_int_equal(cnt, 2);
 
 	/* Update: created_at kept, the rest replaced, updated_at now. */
-	struct store_node a2 = { "did:key:zB", "bobby", "10.0.0.2:4433,[::1]:4433", 2, "0.2.0", 5, 0 };
+	struct store_node a2 = { "did:key:zB", "bobby", "10.0.0.2:4433,[::1]:4433", 2, "0.2.0", 5, 0, 0 };
 	int64_t t0 = time(NULL);
 	assert_int_equal(store_node_upsert(fx->st, &a2), 0);
 	assert_int_equal(store_node_count(fx->st, &cnt), 0);
@@ -346,8 +346,411 @@ static void test_nodes(void **state)
 	assert_true(list[1].updated_at >= t0 - 5 && list[1].updated_at <= t0 + 5);
 	store_node_list_free(list, n);
 
-	struct store_node noid = { NULL, "x", "", 0, "", 0, 0 };
+	struct store_node noid = { NULL, "x", "", 0, "", 0, 0, 0 };
 	assert_int_equal(store_node_upsert(fx->st, &noid), ME_EINVAL);
+}
+
+static void sig_fill(uint8_t sig[STORE_SIG_LEN], uint8_t v)
+{
+	for (int i = 0; i < STORE_SIG_LEN; i++)
+		sig[i] = (uint8_t)(v + i);
+}
+
+static void test_refstate(void **state)
+{
+	struct fx *fx = *state;
+	struct store_ref r1[] = { { "refs/heads/main", "1111111111111111111111111111111111111111" } };
+	struct store_ref r2[] = {
+		{ "refs/heads/main", "2222222222222222222222222222222222222222" },
+		{ "refs/heads/dev", "3333333333333333333333333333333333333333" },
+	};
+	struct store_repo a = mkrepo("did:repo:zA", "a", "/src/a"), got;
+	struct store_ref *gr;
+	uint8_t sig[STORE_SIG_LEN];
+	size_t n;
+	char v[160];
+
+	open_store(fx);
+	a.created_at = 1000;
+	a.updated_at = 1000;
+	assert_int_equal(store_repo_add(fx->st, &a, r1, 1), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zA", &got), 0);
+	assert_int_equal(got.ref_seq, 0);
+	assert_int_equal(got.has_ref_sig, 0);
+	store_repo_clear(&got);
+	raw_query(fx->dbpath, "SELECT typeof(ref_sig) FROM repos", v, sizeof(v));
+	assert_string_equal(v, "null");
+
+	sig_fill(sig, 7);
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zA", 1700000000123LL,
+						 "refs/heads/dev", sig, r2, 2), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zA", &got), 0);
+	assert_int_equal(got.ref_seq, 1700000000123LL);
+	assert_int_equal(got.has_ref_sig, 1);
+	assert_memory_equal(got.ref_sig, sig, STORE_SIG_LEN);
+	assert_string_equal(got.head, "refs/heads/dev");
+	assert_int_equal(got.created_at, 1000);
+	assert_true(got.updated_at > 1000);
+	assert_string_equal(got.path, "/src/a");
+	store_repo_clear(&got);
+	assert_int_equal(store_refs_get(fx->st, "did:repo:zA", &gr, &n), 0);
+	assert_int_equal(n, 2);
+	assert_string_equal(gr[0].name, "refs/heads/dev");
+	assert_string_equal(gr[1].oid, "2222222222222222222222222222222222222222");
+	store_refs_free(gr, n);
+	raw_query(fx->dbpath, "SELECT length(ref_sig) || ':' || hex(substr(ref_sig, 1, 2)) FROM repos",
+		  v, sizeof(v));
+	assert_string_equal(v, "64:0708");
+
+	/* A failing ref list rolls the whole state back. */
+	struct store_ref bad[] = { r1[0], r1[0] };
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zA", 1800000000000LL, "x", NULL,
+						 bad, 2), ME_EINVAL);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zA", &got), 0);
+	assert_int_equal(got.ref_seq, 1700000000123LL);
+	assert_int_equal(got.has_ref_sig, 1);
+	assert_string_equal(got.head, "refs/heads/dev");
+	store_repo_clear(&got);
+	assert_int_equal(store_refs_get(fx->st, "did:repo:zA", &gr, &n), 0);
+	assert_int_equal(n, 2);
+	store_refs_free(gr, n);
+
+	/* No signature, no head, no refs. */
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zA", 5, NULL, NULL, NULL, 0), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zA", &got), 0);
+	assert_int_equal(got.ref_seq, 5);
+	assert_int_equal(got.has_ref_sig, 0);
+	assert_string_equal(got.head, "");
+	store_repo_clear(&got);
+	assert_int_equal(store_refs_get(fx->st, "did:repo:zA", &gr, &n), 0);
+	assert_int_equal(n, 0);
+
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zNope", 9, "h", sig, r1, 1),
+			 ME_ENOTFOUND);
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zA", -1, "h", sig, r1, 1),
+			 ME_EINVAL);
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zA", 9, "h", sig, NULL, 1),
+			 ME_EINVAL);
+	assert_int_equal(store_repo_set_refstate(NULL, "did:repo:zA", 9, "h", sig, r1, 1), ME_EINVAL);
+
+	/* store_repo_add stores a signed state too; a stored blob of the wrong size is no
+	 * signature. */
+	struct store_repo b = mkrepo("did:repo:zB", "b", "/src/b");
+	b.ref_seq = 42;
+	b.has_ref_sig = 1;
+	sig_fill(b.ref_sig, 100);
+	assert_int_equal(store_repo_add(fx->st, &b, NULL, 0), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zB", &got), 0);
+	assert_int_equal(got.ref_seq, 42);
+	assert_int_equal(got.has_ref_sig, 1);
+	assert_memory_equal(got.ref_sig, b.ref_sig, STORE_SIG_LEN);
+	store_repo_clear(&got);
+	raw_exec(fx->dbpath, "UPDATE repos SET ref_sig = x'0102' WHERE id = 'did:repo:zB'");
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zB", &got), 0);
+	assert_int_equal(got.has_ref_sig, 0);
+	store_repo_clear(&got);
+	b.id = "did:repo:zNeg";
+	b.ref_seq = -5;
+	assert_int_equal(store_repo_add(fx->st, &b, NULL, 0), ME_EINVAL);
+}
+
+static void test_upsert_external(void **state)
+{
+	struct fx *fx = *state;
+	struct store_ref r1[] = { { "refs/heads/main", "1111111111111111111111111111111111111111" } };
+	struct store_ref r2[] = {
+		{ "refs/heads/main", "2222222222222222222222222222222222222222" },
+		{ "refs/tags/v1", "3333333333333333333333333333333333333333" },
+	};
+	struct store_repo x = mkrepo("did:repo:zX", "ext", "/should/be/ignored"), got;
+	struct store_ref *gr;
+	size_t n;
+	int changed = -1;
+
+	open_store(fx);
+	x.ref_seq = 100;
+	x.has_ref_sig = 1;
+	sig_fill(x.ref_sig, 1);
+	x.created_at = 500;
+	x.updated_at = 500;
+	assert_int_equal(store_repo_upsert_external(fx->st, &x, r1, 1, &changed), 0);
+	assert_int_equal(changed, 1);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_int_equal(got.is_external, 1);
+	assert_string_equal(got.path, "");
+	assert_string_equal(got.name, "ext");
+	assert_int_equal(got.ref_seq, 100);
+	assert_int_equal(got.has_ref_sig, 1);
+	assert_memory_equal(got.ref_sig, x.ref_sig, STORE_SIG_LEN);
+	assert_int_equal(got.created_at, 500);
+	store_repo_clear(&got);
+
+	/* The same or an older state changes nothing. */
+	struct store_repo old = x;
+	old.name = "renamed";
+	assert_int_equal(store_repo_upsert_external(fx->st, &old, r2, 2, &changed), 0);
+	assert_int_equal(changed, 0);
+	old.ref_seq = 99;
+	assert_int_equal(store_repo_upsert_external(fx->st, &old, r2, 2, &changed), 0);
+	assert_int_equal(changed, 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_string_equal(got.name, "ext");
+	assert_int_equal(got.ref_seq, 100);
+	store_repo_clear(&got);
+
+	/* A newer state replaces name, description, head, refs, seq and signature. */
+	struct store_repo nw = x;
+	nw.name = "ext2";
+	nw.description = "new words";
+	nw.head = "refs/heads/other";
+	nw.ref_seq = 200;
+	nw.created_at = 0;
+	nw.updated_at = 0;
+	sig_fill(nw.ref_sig, 9);
+	assert_int_equal(store_repo_upsert_external(fx->st, &nw, r2, 2, &changed), 0);
+	assert_int_equal(changed, 1);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_string_equal(got.name, "ext2");
+	assert_string_equal(got.description, "new words");
+	assert_string_equal(got.head, "refs/heads/other");
+	assert_int_equal(got.ref_seq, 200);
+	assert_memory_equal(got.ref_sig, nw.ref_sig, STORE_SIG_LEN);
+	assert_int_equal(got.created_at, 500);
+	assert_true(got.updated_at > 500);
+	assert_int_equal(got.is_external, 1);
+	store_repo_clear(&got);
+	assert_int_equal(store_refs_get(fx->st, "did:repo:zX", &gr, &n), 0);
+	assert_int_equal(n, 2);
+	assert_string_equal(gr[1].name, "refs/tags/v1");
+	store_refs_free(gr, n);
+
+	/* A newer state from another creator (or root commit) is refused, nothing changes. */
+	struct store_repo forged = nw;
+	forged.ref_seq = 300;
+	forged.creator = "did:key:zMallory";
+	forged.name = "pwned";
+	assert_int_equal(store_repo_upsert_external(fx->st, &forged, r1, 1, &changed), ME_EINVAL);
+	assert_int_equal(changed, 0);
+	forged.creator = nw.creator;
+	forged.root_commit = "ffffffffffffffffffffffffffffffffffffffff";
+	assert_int_equal(store_repo_upsert_external(fx->st, &forged, r1, 1, &changed), ME_EINVAL);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_string_equal(got.name, "ext2");
+	assert_int_equal(got.ref_seq, 200);
+	store_repo_clear(&got);
+	/* A failing ref list rolls a newer state back. */
+	struct store_ref bad[] = { r1[0], r1[0] };
+	forged = nw;
+	forged.ref_seq = 400;
+	assert_int_equal(store_repo_upsert_external(fx->st, &forged, bad, 2, &changed), ME_EINVAL);
+	assert_int_equal(changed, 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_int_equal(got.ref_seq, 200);
+	store_repo_clear(&got);
+
+	/* A local repository with the same id is never touched. */
+	struct store_repo loc = mkrepo("did:repo:zL", "local", "/src/l");
+	loc.ref_seq = 10;
+	assert_int_equal(store_repo_add(fx->st, &loc, r1, 1), 0);
+	struct store_repo ext = mkrepo("did:repo:zL", "hijack", "");
+	ext.ref_seq = 1000000;
+	ext.creator = "did:key:zOther";
+	assert_int_equal(store_repo_upsert_external(fx->st, &ext, r2, 2, &changed), 0);
+	assert_int_equal(changed, 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zL", &got), 0);
+	assert_string_equal(got.name, "local");
+	assert_string_equal(got.path, "/src/l");
+	assert_int_equal(got.is_external, 0);
+	assert_int_equal(got.ref_seq, 10);
+	store_repo_clear(&got);
+	assert_int_equal(store_refs_get(fx->st, "did:repo:zL", &gr, &n), 0);
+	assert_int_equal(n, 1);
+	store_refs_free(gr, n);
+
+	/* changed may be NULL; bad arguments. */
+	struct store_repo y = mkrepo("did:repo:zY", "y", "");
+	assert_int_equal(store_repo_upsert_external(fx->st, &y, NULL, 0, NULL), 0);
+	y.id = NULL;
+	assert_int_equal(store_repo_upsert_external(fx->st, &y, NULL, 0, &changed), ME_EINVAL);
+	y.id = "did:repo:zZ";
+	y.ref_seq = -1;
+	assert_int_equal(store_repo_upsert_external(fx->st, &y, NULL, 0, &changed), ME_EINVAL);
+	y.ref_seq = 0;
+	assert_int_equal(store_repo_upsert_external(fx->st, &y, NULL, 1, &changed), ME_EINVAL);
+	assert_int_equal(store_repo_upsert_external(NULL, &y, NULL, 0, &changed), ME_EINVAL);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zZ", &got), ME_ENOTFOUND);
+}
+
+static void test_nodes_seen(void **state)
+{
+	struct fx *fx = *state;
+	struct store_node a = { "did:key:zA", "alice", "1.1.1.1:9000", 0, "0.1.0", 0, 0, 3000 };
+	struct store_node b = { "did:key:zB", "bob", "", 0, "0.1.0", 0, 0, 5000 };
+	struct store_node c = { "did:key:zC", "carol", "", 0, "0.1.0", 0, 0, 0 };
+	struct store_node d = { "did:key:zD", "dave", "", 0, "0.1.0", 0, 0, 3000 };
+	struct store_node got, *list;
+	size_t n;
+	int64_t cnt;
+
+	open_store(fx);
+	assert_int_equal(store_node_upsert(fx->st, &c), 0);
+	assert_int_equal(store_node_upsert(fx->st, &d), 0);
+	assert_int_equal(store_node_upsert(fx->st, &a), 0);
+	assert_int_equal(store_node_upsert(fx->st, &b), 0);
+
+	/* Most recently seen first, ties by id; never seen last. */
+	assert_int_equal(store_node_list(fx->st, &list, &n), 0);
+	assert_int_equal(n, 4);
+	assert_string_equal(list[0].id, "did:key:zB");
+	assert_int_equal(list[0].last_seen_ms, 5000);
+	assert_string_equal(list[1].id, "did:key:zA");
+	assert_string_equal(list[2].id, "did:key:zD");
+	assert_string_equal(list[3].id, "did:key:zC");
+	assert_int_equal(list[3].last_seen_ms, 0);
+	store_node_list_free(list, n);
+
+	/* last_seen never goes back; 0 keeps it; the other fields are replaced. */
+	struct store_node a2 = { "did:key:zA", "alice2", "2.2.2.2:9000", 1, "0.2.0", 0, 0, 1000 };
+	assert_int_equal(store_node_upsert(fx->st, &a2), 0);
+	assert_int_equal(store_node_get(fx->st, "did:key:zA", &got), 0);
+	assert_string_equal(got.alias, "alice2");
+	assert_string_equal(got.addresses, "2.2.2.2:9000");
+	assert_int_equal(got.node_type, 1);
+	assert_string_equal(got.version, "0.2.0");
+	assert_int_equal(got.last_seen_ms, 3000);
+	store_node_clear(&got);
+	a2.last_seen_ms = 0;
+	assert_int_equal(store_node_upsert(fx->st, &a2), 0);
+	assert_int_equal(store_node_get(fx->st, "did:key:zA", &got), 0);
+	assert_int_equal(got.last_seen_ms, 3000);
+	store_node_clear(&got);
+	a2.last_seen_ms = 9000;
+	assert_int_equal(store_node_upsert(fx->st, &a2), 0);
+	assert_int_equal(store_node_get(fx->st, "did:key:zA", &got), 0);
+	assert_int_equal(got.last_seen_ms, 9000);
+	assert_true(got.created_at > 0 && got.updated_at >= got.created_at);
+	store_node_clear(&got);
+	assert_int_equal(store_node_list(fx->st, &list, &n), 0);
+	assert_string_equal(list[0].id, "did:key:zA");
+	store_node_list_free(list, n);
+
+	assert_int_equal(store_node_get(fx->st, "did:key:zNope", &got), ME_ENOTFOUND);
+	assert_null(got.id);
+	store_node_clear(&got);
+	store_node_clear(NULL);
+
+	assert_int_equal(store_node_delete(fx->st, "did:key:zB"), 0);
+	assert_int_equal(store_node_delete(fx->st, "did:key:zB"), ME_ENOTFOUND);
+	assert_int_equal(store_node_get(fx->st, "did:key:zB", &got), ME_ENOTFOUND);
+	assert_int_equal(store_node_delete(fx->st, "%"), ME_ENOTFOUND);
+	assert_int_equal(store_node_count(fx->st, &cnt), 0);
+	assert_int_equal(cnt, 3);
+	assert_int_equal(store_node_get(NULL, "x", &got), ME_EINVAL);
+	assert_int_equal(store_node_get(fx->st, NULL, &got), ME_EINVAL);
+	assert_int_equal(store_node_delete(fx->st, NULL), ME_EINVAL);
+}
+
+/* The schema exactly as version 1 created it. */
+static const char v1_schema[] =
+	"CREATE TABLE repos ("
+	" id TEXT PRIMARY KEY,"
+	" name TEXT NOT NULL,"
+	" creator TEXT NOT NULL,"
+	" description TEXT NOT NULL DEFAULT '',"
+	" path TEXT NOT NULL DEFAULT '',"
+	" is_external INTEGER NOT NULL DEFAULT 0,"
+	" root_commit TEXT NOT NULL DEFAULT '',"
+	" head TEXT NOT NULL DEFAULT '',"
+	" created_at INTEGER NOT NULL,"
+	" updated_at INTEGER NOT NULL);"
+	"CREATE TABLE refs ("
+	" repo_id TEXT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,"
+	" ref_name TEXT NOT NULL,"
+	" oid TEXT NOT NULL,"
+	" updated_at INTEGER NOT NULL,"
+	" PRIMARY KEY (repo_id, ref_name));"
+	"CREATE TABLE nodes ("
+	" id TEXT PRIMARY KEY,"
+	" alias TEXT NOT NULL DEFAULT '',"
+	" addresses TEXT NOT NULL DEFAULT '',"
+	" node_type INTEGER NOT NULL DEFAULT 0,"
+	" version TEXT NOT NULL DEFAULT '',"
+	" created_at INTEGER NOT NULL,"
+	" updated_at INTEGER NOT NULL);"
+	"CREATE INDEX repos_path ON repos(path);"
+	"PRAGMA user_version = 1;";
+
+static void test_migrate_v1(void **state)
+{
+	struct fx *fx = *state;
+	struct store_repo got;
+	struct store_node *list;
+	struct store_ref *gr;
+	size_t n;
+	char v[64];
+
+	raw_exec(fx->dbpath, "PRAGMA journal_mode = WAL;");
+	raw_exec(fx->dbpath, v1_schema);
+	raw_exec(fx->dbpath,
+		 "INSERT INTO repos VALUES ('did:repo:zOld', 'old', 'did:key:zC', 'kept', '/src/old',"
+		 " 0, '0123456789abcdef0123456789abcdef01234567', 'refs/heads/main', 11, 22);"
+		 "INSERT INTO repos VALUES ('did:repo:zExt', 'ext', 'did:key:zP', '', '', 1, '', '',"
+		 " 33, 44);"
+		 "INSERT INTO refs VALUES ('did:repo:zOld', 'refs/heads/main',"
+		 " '1111111111111111111111111111111111111111', 22);"
+		 "INSERT INTO nodes VALUES ('did:key:zP', 'peer', '10.0.0.1:9000', 0, '0.1.0', 5, 6);"
+		 "INSERT INTO nodes VALUES ('did:key:zA', 'first', '', 0, '0.1.0', 7, 8);");
+	raw_query(fx->dbpath, "PRAGMA user_version", v, sizeof(v));
+	assert_string_equal(v, "1");
+
+	open_store(fx);
+	assert_int_equal(store_schema_version(fx->st), 2);
+	raw_query(fx->dbpath, "PRAGMA user_version", v, sizeof(v));
+	assert_string_equal(v, "2");
+	raw_query(fx->dbpath, "SELECT count(*) FROM pragma_table_info('repos')"
+			      " WHERE name IN ('ref_seq', 'ref_sig')", v, sizeof(v));
+	assert_string_equal(v, "2");
+	raw_query(fx->dbpath, "SELECT \"notnull\" || dflt_value FROM pragma_table_info('nodes')"
+			      " WHERE name = 'last_seen'", v, sizeof(v));
+	assert_string_equal(v, "10");
+
+	/* Old rows are kept, with the new columns at their defaults. */
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zOld", &got), 0);
+	assert_string_equal(got.name, "old");
+	assert_string_equal(got.description, "kept");
+	assert_string_equal(got.path, "/src/old");
+	assert_int_equal(got.created_at, 11);
+	assert_int_equal(got.updated_at, 22);
+	assert_int_equal(got.ref_seq, 0);
+	assert_int_equal(got.has_ref_sig, 0);
+	store_repo_clear(&got);
+	assert_int_equal(store_refs_get(fx->st, "did:repo:zOld", &gr, &n), 0);
+	assert_int_equal(n, 1);
+	store_refs_free(gr, n);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zExt", &got), 0);
+	assert_int_equal(got.is_external, 1);
+	store_repo_clear(&got);
+	assert_int_equal(store_node_list(fx->st, &list, &n), 0);
+	assert_int_equal(n, 2);
+	assert_string_equal(list[0].id, "did:key:zA");
+	assert_int_equal(list[0].last_seen_ms, 0);
+	assert_int_equal(list[0].created_at, 7);
+	assert_string_equal(list[1].alias, "peer");
+	store_node_list_free(list, n);
+
+	/* The migrated database takes the new state, and reopening does not migrate again. */
+	uint8_t sig[STORE_SIG_LEN];
+	sig_fill(sig, 3);
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zOld", 77, "refs/heads/main", sig,
+						 NULL, 0), 0);
+	store_free(fx->st);
+	fx->st = NULL;
+	open_store(fx);
+	assert_int_equal(store_schema_version(fx->st), 2);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zOld", &got), 0);
+	assert_int_equal(got.ref_seq, 77);
+	assert_int_equal(got.has_ref_sig, 1);
+	store_repo_clear(&got);
 }
 
 static void test_newer_schema_refused(void **state)
@@ -421,7 +824,7 @@ static void test_strings_roundtrip(void **state)
 	assert_int_equal(store_repo_get(fx->st, "%", &got), ME_ENOTFOUND);
 	assert_int_equal(store_repo_remove(fx->st, "did:repo:z'\"' OR 1=1 --"), ME_ENOTFOUND);
 
-	struct store_node nd = { "did:key:z\xe2\x82\xac'", "\xf0\x9f\x9a\x80 o'neil", "", 0, "", 0, 0 };
+	struct store_node nd = { "did:key:z\xe2\x82\xac'", "\xf0\x9f\x9a\x80 o'neil", "", 0, "", 0, 0, 0 };
 	struct store_node *list;
 	assert_int_equal(store_node_upsert(fx->st, &nd), 0);
 	assert_int_equal(store_node_list(fx->st, &list, &n), 0);
@@ -456,6 +859,10 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_repo_crud, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_refs_set, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_nodes, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_refstate, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_upsert_external, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_nodes_seen, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_newer_schema_refused, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_not_a_database, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_symlink_refused, setup, teardown),

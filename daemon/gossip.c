@@ -1,0 +1,730 @@
+#include "daemon/gossip.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sodium.h>
+
+#include "common/err.h"
+#include "common/frame.h"
+#include "common/gossip_msg.h"
+#include "common/log.h"
+#include "common/util.h"
+
+#define DEDUP_MIN_CAP 1024
+#define DEDUP_MAX_CAP (1u << 20)
+#define ORIGINS_MAX 4096
+#define REJECT_LOG_EVERY_MS 10000
+#define NODE_TYPE_FULL 1
+
+struct dedup_ent {
+	uint8_t id[GMSG_ID_LEN];
+	int64_t expires;
+};
+
+struct origin {
+	uint8_t pk[ME_PK_LEN];
+	uint64_t newest[3]; /* by type: newest ts_ms accepted */
+	int64_t touched;
+};
+
+struct gossip {
+	uv_loop_t *loop;
+	struct node *node;
+	struct net *net;
+	uv_timer_t timer;
+	int timer_open;
+	struct dedup_ent *dedup;
+	size_t dedup_cap, dedup_len;
+	struct origin *origins;
+	size_t norigins;
+	uint8_t wanted[ME_MAX_OUTBOUND * 8][ME_PK_LEN]; /* nodes we dial, learnt by gossip */
+	size_t nwanted;
+	msgpack_sbuffer last_node, last_repo; /* our latest framed announcements */
+	struct gossip_stats stats;
+	int64_t reject_logged_at[GR__COUNT];
+	uint64_t reject_suppressed[GR__COUNT];
+};
+
+static const char *const reject_names[GR__COUNT] = {
+	[GR_MALFORMED] = "malformed",
+	[GR_SIGNATURE] = "bad signature",
+	[GR_TTL] = "ttl above 16",
+	[GR_FUTURE] = "timestamp in the future",
+	[GR_STALE] = "timestamp too old",
+	[GR_REPLAY] = "older than the newest from that origin",
+	[GR_FORGED_NODE] = "node announcement from another origin",
+	[GR_REFSTATE] = "ref state not signed by the creator",
+};
+
+const char *gossip_reject_name(int reason)
+{
+	return reason >= 0 && reason < GR__COUNT ? reject_names[reason] : "unknown";
+}
+
+/* ---- dedup: open addressing on the message id, expired entries dropped on rebuild ---- */
+
+static size_t dedup_slot(const struct gossip *g, const uint8_t *id)
+{
+	uint64_t h;
+	memcpy(&h, id, sizeof(h));
+	return (size_t)h & (g->dedup_cap - 1);
+}
+
+static int dedup_rebuild(struct gossip *g, size_t cap, int64_t now)
+{
+	struct dedup_ent *old = g->dedup;
+	size_t oldcap = g->dedup_cap;
+	struct dedup_ent *nt = calloc(cap, sizeof(*nt));
+	if (nt == NULL)
+		return ME_ENOMEM;
+	g->dedup = nt;
+	g->dedup_cap = cap;
+	g->dedup_len = 0;
+	for (size_t i = 0; i < oldcap; i++) {
+		if (old[i].expires <= now)
+			continue;
+		size_t s = dedup_slot(g, old[i].id);
+		while (nt[s].expires != 0)
+			s = (s + 1) & (cap - 1);
+		nt[s] = old[i];
+		g->dedup_len++;
+	}
+	free(old);
+	return 0;
+}
+
+/* Returns 1 when id was seen within the window, else records it and returns 0. */
+static int dedup_check(struct gossip *g, const uint8_t *id, int64_t now)
+{
+	size_t s = dedup_slot(g, id);
+	while (g->dedup[s].expires != 0) {
+		if (memcmp(g->dedup[s].id, id, GMSG_ID_LEN) == 0) {
+			if (g->dedup[s].expires > now)
+				return 1;
+			g->dedup[s].expires = now + GOSSIP_DEDUP_MS;
+			return 0;
+		}
+		s = (s + 1) & (g->dedup_cap - 1);
+	}
+	if ((g->dedup_len + 1) * 2 > g->dedup_cap) {
+		size_t cap = g->dedup_cap;
+		if (dedup_rebuild(g, cap, now) == 0 && (g->dedup_len + 1) * 2 > cap &&
+		    cap < DEDUP_MAX_CAP)
+			dedup_rebuild(g, cap * 2, now);
+		if ((g->dedup_len + 1) * 2 > g->dedup_cap)
+			return 0; /* full of live entries: accept without recording */
+		s = dedup_slot(g, id);
+		while (g->dedup[s].expires != 0)
+			s = (s + 1) & (g->dedup_cap - 1);
+	}
+	memcpy(g->dedup[s].id, id, GMSG_ID_LEN);
+	g->dedup[s].expires = now + GOSSIP_DEDUP_MS;
+	g->dedup_len++;
+	return 0;
+}
+
+/* ---- newest announcement per origin ---- */
+
+static struct origin *origin_get(struct gossip *g, const uint8_t *pk, int64_t now)
+{
+	struct origin *lru = NULL;
+	for (size_t i = 0; i < g->norigins; i++) {
+		if (memcmp(g->origins[i].pk, pk, ME_PK_LEN) == 0)
+			return &g->origins[i];
+		if (lru == NULL || g->origins[i].touched < lru->touched)
+			lru = &g->origins[i];
+	}
+	struct origin *o;
+	if (g->norigins < ORIGINS_MAX) {
+		o = &g->origins[g->norigins++];
+	} else {
+		/* Forgetting the least recently heard origin only loosens replay protection for
+		 * it back to the dedup window and the age limit. */
+		o = lru;
+	}
+	memset(o, 0, sizeof(*o));
+	memcpy(o->pk, pk, ME_PK_LEN);
+	o->touched = now;
+	return o;
+}
+
+/* ---- rejections: counted always, logged at most once per reason per 10 s ---- */
+
+static void reject(struct gossip *g, int reason, const struct peer *from, const char *detail)
+{
+	int64_t now = me_mono_ms();
+	g->stats.rejected[reason]++;
+	if (g->reject_logged_at[reason] != 0 &&
+	    now - g->reject_logged_at[reason] < REJECT_LOG_EVERY_MS) {
+		g->reject_suppressed[reason]++;
+		return;
+	}
+	char fb[ME_DID_KEY_SIZE + 16];
+	snprintf(fb, sizeof(fb), "PEER_DID=%s", net_peer_did(from));
+	const char *f[] = { fb, "MESSAGE_ID=3c1b6c3f0a4e4d2b9e6f7a8b9c0d1e2f", NULL };
+	me_log_fields(LOG_WARNING, f, "announcement rejected from %s: %s%s%s (%llu similar suppressed)",
+		      net_peer_did(from), reject_names[reason], detail ? ": " : "",
+		      detail ? detail : "", (unsigned long long)g->reject_suppressed[reason]);
+	g->reject_logged_at[reason] = now;
+	g->reject_suppressed[reason] = 0;
+}
+
+/* ---- sending ---- */
+
+static void send_frame(struct gossip *g, const uint8_t *frame, size_t len, const struct peer *skip)
+{
+	if (g->net == NULL)
+		return;
+	for (struct peer *p = net_peer_first(g->net); p; p = net_peer_next(p)) {
+		if (p == skip)
+			continue;
+		if (net_send(p, frame, len) == 0)
+			g->stats.sent++;
+	}
+}
+
+static int frame_envelope(struct gossip *g, unsigned type, const msgpack_sbuffer *payload,
+			  msgpack_sbuffer *out)
+{
+	msgpack_sbuffer_clear(out);
+	me_frame_begin(out);
+	int rc = gmsg_envelope_encode(&g->node->kp, (uint64_t)me_now_ms(), GMSG_MAX_TTL, type,
+				      payload->data, payload->size, out);
+	if (rc < 0)
+		return rc;
+	return me_frame_end(out, 0, NET_MAX_FRAME);
+}
+
+/* Our announced addresses: --announce-addr, else the listen addresses with wildcards replaced
+ * by this host's interface addresses (loopback only when there is nothing else). */
+static size_t our_addresses(struct gossip *g, char out[][GMSG_MAX_ADDR_LEN + 1], size_t max)
+{
+	const struct me_config *cfg = g->node->cfg;
+	size_t n = 0;
+
+	if (cfg->nannounce > 0) {
+		for (size_t i = 0; i < cfg->nannounce && n < max; i++)
+			snprintf(out[n++], GMSG_MAX_ADDR_LEN + 1, "%.64s", cfg->announce[i].text);
+		return n;
+	}
+	for (size_t i = 0; i < cfg->naddrs && n < max; i++) {
+		const struct me_sockaddr *a = &cfg->addrs[i];
+		if (gmsg_addr_parse(a->text, strlen(a->text), NULL, NULL) == 0) {
+			snprintf(out[n++], GMSG_MAX_ADDR_LEN + 1, "%.64s", a->text);
+			continue;
+		}
+		/* Wildcard: list interface addresses of the same family with our port. */
+		uv_interface_address_t *ifs;
+		int nifs;
+		if (uv_interface_addresses(&ifs, &nifs) != 0)
+			continue;
+		int port = a->ss.ss_family == AF_INET6
+			? ntohs(((const struct sockaddr_in6 *)&a->ss)->sin6_port)
+			: ntohs(((const struct sockaddr_in *)&a->ss)->sin_port);
+		for (int pass = 0; pass < 2; pass++) {
+			size_t before = n;
+			for (int k = 0; k < nifs && n < max; k++) {
+				char ip[INET6_ADDRSTRLEN], txt[GMSG_MAX_ADDR_LEN + 1];
+				if (ifs[k].is_internal != pass ||
+				    ifs[k].address.address4.sin_family != a->ss.ss_family)
+					continue;
+				if (a->ss.ss_family == AF_INET) {
+					uv_ip4_name(&ifs[k].address.address4, ip, sizeof(ip));
+					snprintf(txt, sizeof(txt), "%s:%d", ip, port);
+				} else {
+					uv_ip6_name(&ifs[k].address.address6, ip, sizeof(ip));
+					snprintf(txt, sizeof(txt), "[%s]:%d", ip, port);
+				}
+				if (gmsg_addr_parse(txt, strlen(txt), NULL, NULL) == 0)
+					snprintf(out[n++], GMSG_MAX_ADDR_LEN + 1, "%s", txt);
+			}
+			if (n > before)
+				break;
+		}
+		uv_free_interface_addresses(ifs, nifs);
+	}
+	return n;
+}
+
+static int build_node_ann(struct gossip *g)
+{
+	char addrs[GMSG_MAX_ADDRS][GMSG_MAX_ADDR_LEN + 1];
+	struct gmsg_node_ann a;
+	msgpack_sbuffer pl;
+	int rc;
+
+	memset(&a, 0, sizeof(a));
+	memcpy(a.pk, g->node->kp.pk, ME_PK_LEN);
+	a.alias = gmsg_str(g->node->cfg->alias);
+	a.naddrs = our_addresses(g, addrs, GMSG_MAX_ADDRS);
+	for (size_t i = 0; i < a.naddrs; i++)
+		a.addrs[i] = gmsg_str(addrs[i]);
+	a.node_type = NODE_TYPE_FULL;
+	a.version = gmsg_str(ME_VERSION);
+	msgpack_sbuffer_init(&pl);
+	rc = gmsg_node_ann_encode(&a, &pl);
+	if (rc == 0)
+		rc = frame_envelope(g, GMSG_NODE_ANN, &pl, &g->last_node);
+	msgpack_sbuffer_destroy(&pl);
+	return rc;
+}
+
+static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
+{
+	size_t bin_len;
+	if (strlen(hex) != 2 * ME_OID_LEN ||
+	    sodium_hex2bin(out, ME_OID_LEN, hex, 2 * ME_OID_LEN, NULL, &bin_len, NULL) != 0 ||
+	    bin_len != ME_OID_LEN)
+		return ME_EINVAL;
+	return 0;
+}
+
+/* Signs the current refs of one of our repositories when they have no signed state yet. */
+static int ensure_refstate(struct gossip *g, struct store_repo *r)
+{
+	struct store_ref *refs;
+	size_t n;
+	int rc;
+
+	if (r->has_ref_sig)
+		return 0;
+	if ((rc = store_refs_get(g->node->store, r->id, &refs, &n)) < 0)
+		return rc;
+	struct gmsg_refstate rs = { .repo_id = gmsg_str(r->id), .seq = (uint64_t)me_now_ms(),
+				    .head = gmsg_str(r->head), .nrefs = n };
+	rs.refs = calloc(n ? n : 1, sizeof(*rs.refs));
+	if (rs.refs == NULL) {
+		store_refs_free(refs, n);
+		return ME_ENOMEM;
+	}
+	for (size_t i = 0; i < n; i++) {
+		rs.refs[i].name = gmsg_str(refs[i].name);
+		if (hex20(refs[i].oid, rs.refs[i].oid) < 0)
+			rc = ME_EINVAL;
+	}
+	qsort(rs.refs, n, sizeof(*rs.refs), gmsg_ref_cmp);
+	if (rc == 0)
+		rc = gmsg_refstate_sign(&g->node->kp, &rs);
+	if (rc == 0)
+		rc = store_repo_set_refstate(g->node->store, r->id, (int64_t)rs.seq, r->head, rs.sig,
+					     refs, n);
+	if (rc == 0) {
+		r->ref_seq = (int64_t)rs.seq;
+		memcpy(r->ref_sig, rs.sig, ME_SIG_LEN);
+		r->has_ref_sig = 1;
+	}
+	free(rs.refs);
+	store_refs_free(refs, n);
+	return rc;
+}
+
+static int build_repo_ann(struct gossip *g)
+{
+	struct store_repo *repos;
+	size_t nrepos, k = 0;
+	struct store_ref **refs = NULL;
+	size_t *nrefs = NULL;
+	struct gmsg_repo_ann ann = { 0 };
+	msgpack_sbuffer pl;
+	int rc;
+
+	if ((rc = store_repo_list(g->node->store, &repos, &nrepos)) < 0)
+		return rc;
+	refs = calloc(nrepos + 1, sizeof(*refs));
+	nrefs = calloc(nrepos + 1, sizeof(*nrefs));
+	ann.repos = calloc(nrepos + 1, sizeof(*ann.repos));
+	msgpack_sbuffer_init(&pl);
+	if (refs == NULL || nrefs == NULL || ann.repos == NULL) {
+		rc = ME_ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < nrepos && k < GMSG_MAX_REPOS; i++) {
+		struct store_repo *r = &repos[i];
+		if (r->is_external || ensure_refstate(g, r) < 0)
+			continue;
+		if (store_refs_get(g->node->store, r->id, &refs[k], &nrefs[k]) < 0)
+			continue;
+		struct gmsg_repo *gr = &ann.repos[k];
+		gr->id = gmsg_str(r->id);
+		gr->name = gmsg_str(r->name);
+		gr->description = gmsg_str(r->description);
+		me_did_key_parse(r->creator, gr->creator_pk);
+		gr->refstate.repo_id = gmsg_str(r->id);
+		gr->refstate.seq = (uint64_t)r->ref_seq;
+		gr->refstate.head = gmsg_str(r->head);
+		gr->refstate.nrefs = nrefs[k];
+		gr->refstate.refs = calloc(nrefs[k] ? nrefs[k] : 1, sizeof(struct gmsg_ref));
+		if (gr->refstate.refs == NULL) {
+			store_refs_free(refs[k], nrefs[k]);
+			continue;
+		}
+		for (size_t j = 0; j < nrefs[k]; j++) {
+			gr->refstate.refs[j].name = gmsg_str(refs[k][j].name);
+			hex20(refs[k][j].oid, gr->refstate.refs[j].oid);
+		}
+		qsort(gr->refstate.refs, nrefs[k], sizeof(struct gmsg_ref), gmsg_ref_cmp);
+		memcpy(gr->refstate.sig, r->ref_sig, ME_SIG_LEN);
+		k++;
+	}
+	ann.nrepos = k;
+	qsort(ann.repos, k, sizeof(*ann.repos), gmsg_repo_cmp);
+	rc = gmsg_repo_ann_encode(&ann, &pl);
+	if (rc == 0)
+		rc = frame_envelope(g, GMSG_REPO_ANN, &pl, &g->last_repo);
+out:
+	for (size_t i = 0; ann.repos && i < k; i++)
+		free(ann.repos[i].refstate.refs);
+	for (size_t i = 0; refs && i < k; i++)
+		store_refs_free(refs[i], nrefs[i]);
+	free(ann.repos);
+	free(refs);
+	free(nrefs);
+	msgpack_sbuffer_destroy(&pl);
+	store_repo_list_free(repos, nrepos);
+	return rc;
+}
+
+static void announce(struct gossip *g)
+{
+	if (!g->node->has_key || g->net == NULL)
+		return;
+	if (build_node_ann(g) == 0)
+		send_frame(g, (const uint8_t *)g->last_node.data, g->last_node.size, NULL);
+	else
+		log_warn("gossip: cannot build the node announcement");
+	if (build_repo_ann(g) == 0)
+		send_frame(g, (const uint8_t *)g->last_repo.data, g->last_repo.size, NULL);
+	else
+		log_warn("gossip: cannot build the repository announcement");
+}
+
+static void on_timer(uv_timer_t *t)
+{
+	announce(t->data);
+}
+
+void gossip_changed(struct gossip *g)
+{
+	if (g != NULL)
+		announce(g);
+}
+
+/* ---- receiving ---- */
+
+static void maybe_dial(struct gossip *g, const struct gmsg_node_ann *a)
+{
+	struct me_sockaddr sa;
+
+	if (g->net == NULL || net_peer_find(g->net, a->pk) != NULL)
+		return;
+	for (size_t i = 0; i < g->nwanted; i++)
+		if (memcmp(g->wanted[i], a->pk, ME_PK_LEN) == 0)
+			goto update;
+	if (g->nwanted >= g->node->cfg->max_outbound)
+		return;
+	memcpy(g->wanted[g->nwanted++], a->pk, ME_PK_LEN);
+update:
+	for (size_t i = 0; i < a->naddrs; i++) {
+		char txt[GMSG_MAX_ADDR_LEN + 1];
+		memcpy(txt, a->addrs[i].ptr, a->addrs[i].len);
+		txt[a->addrs[i].len] = '\0';
+		if (me_sockaddr_parse(txt, &sa) == 0 && net_want(g->net, a->pk, &sa) == 0)
+			return;
+	}
+}
+
+static int apply_node_ann(struct gossip *g, const struct gmsg_envelope *e, const struct peer *from)
+{
+	struct gmsg_node_ann a;
+	char alias[GMSG_MAX_ALIAS + 1], version[GMSG_MAX_VERSION + 1];
+	char addrs[GMSG_MAX_ADDRS * (GMSG_MAX_ADDR_LEN + 1) + 1] = "";
+	int rc = gmsg_node_ann_from_envelope(e, &a);
+
+	if (rc == ME_EPERM) {
+		reject(g, GR_FORGED_NODE, from, e->origin_did);
+		return rc;
+	}
+	if (rc < 0) {
+		reject(g, GR_MALFORMED, from, "node announcement payload");
+		return rc;
+	}
+	if (memcmp(a.pk, g->node->kp.pk, ME_PK_LEN) == 0)
+		return 0; /* our own, echoed back */
+	snprintf(alias, sizeof(alias), "%.*s", (int)a.alias.len, a.alias.ptr ? a.alias.ptr : "");
+	snprintf(version, sizeof(version), "%.*s", (int)a.version.len,
+		 a.version.ptr ? a.version.ptr : "");
+	size_t off = 0;
+	for (size_t i = 0; i < a.naddrs; i++)
+		off += (size_t)snprintf(addrs + off, sizeof(addrs) - off, "%s%.*s", i ? "," : "",
+					(int)a.addrs[i].len, a.addrs[i].ptr);
+	struct store_node sn = { .id = a.did, .alias = alias, .addresses = addrs,
+				 .node_type = (int)a.node_type, .version = version,
+				 .last_seen_ms = me_now_ms() };
+	if (store_node_upsert(g->node->store, &sn) < 0)
+		log_warn("gossip: cannot store node %s: %s", a.did, store_errmsg(g->node->store));
+	maybe_dial(g, &a);
+	return 0;
+}
+
+static int apply_repo_ann(struct gossip *g, const struct gmsg_envelope *e, const struct peer *from)
+{
+	struct gmsg_repo_ann ann;
+	int rc = gmsg_repo_ann_decode(e->payload, e->payload_len, &ann);
+
+	if (rc < 0) {
+		reject(g, GR_MALFORMED, from, "repository announcement payload");
+		return rc;
+	}
+	for (size_t i = 0; i < ann.nrepos; i++) {
+		struct gmsg_repo *gr = &ann.repos[i];
+		char id[ME_DID_REPO_SIZE], creator[ME_DID_KEY_SIZE];
+		char name[GMSG_MAX_NAME + 1], desc[GMSG_MAX_DESC + 1], head[GMSG_MAX_REFNAME + 1];
+
+		if (gmsg_refstate_verify(&gr->refstate, gr->creator_pk) < 0) {
+			reject(g, GR_REFSTATE, from, NULL);
+			continue;
+		}
+		if (gr->id.len >= sizeof(id))
+			continue;
+		snprintf(id, sizeof(id), "%.*s", (int)gr->id.len, gr->id.ptr);
+		snprintf(name, sizeof(name), "%.*s", (int)gr->name.len, gr->name.ptr);
+		snprintf(desc, sizeof(desc), "%.*s", (int)gr->description.len,
+			 gr->description.ptr ? gr->description.ptr : "");
+		snprintf(head, sizeof(head), "%.*s", (int)gr->refstate.head.len,
+			 gr->refstate.head.ptr ? gr->refstate.head.ptr : "");
+		me_did_key_from_pk(gr->creator_pk, creator, sizeof(creator));
+
+		size_t n = gr->refstate.nrefs;
+		struct store_ref *refs = calloc(n ? n : 1, sizeof(*refs));
+		char *names = calloc(n ? n : 1, GMSG_MAX_REFNAME + 1);
+		char *oids = calloc(n ? n : 1, 2 * ME_OID_LEN + 1);
+		if (refs == NULL || names == NULL || oids == NULL) {
+			free(refs);
+			free(names);
+			free(oids);
+			continue;
+		}
+		for (size_t j = 0; j < n; j++) {
+			char *nm = names + j * (GMSG_MAX_REFNAME + 1);
+			char *ox = oids + j * (2 * ME_OID_LEN + 1);
+			snprintf(nm, GMSG_MAX_REFNAME + 1, "%.*s", (int)gr->refstate.refs[j].name.len,
+				 gr->refstate.refs[j].name.ptr);
+			sodium_bin2hex(ox, 2 * ME_OID_LEN + 1, gr->refstate.refs[j].oid, ME_OID_LEN);
+			refs[j].name = nm;
+			refs[j].oid = ox;
+		}
+		struct store_repo r = { .id = id, .name = name, .creator = creator,
+					.description = desc, .path = "", .is_external = 1,
+					.root_commit = "", .head = head,
+					.ref_seq = (int64_t)gr->refstate.seq, .has_ref_sig = 1 };
+		memcpy(r.ref_sig, gr->refstate.sig, ME_SIG_LEN);
+		int changed = 0;
+		if (store_repo_upsert_external(g->node->store, &r, refs, n, &changed) < 0) {
+			log_warn("gossip: cannot store repository %s: %s", id,
+				 store_errmsg(g->node->store));
+		} else if (changed) {
+			char fb[ME_DID_REPO_SIZE + 16];
+			snprintf(fb, sizeof(fb), "REPO_ID=%s", id);
+			const char *f[] = { fb, NULL };
+			me_log_fields(LOG_INFO, f, "repository announced: %s by %s (%zu refs)", name,
+				      creator, n);
+		}
+		free(refs);
+		free(names);
+		free(oids);
+	}
+	gmsg_repo_ann_free(&ann);
+	return 0;
+}
+
+static int on_frame(void *ud, struct peer *from, const uint8_t *body, size_t len)
+{
+	struct gossip *g = ud;
+	struct gmsg_envelope e;
+	int64_t now = me_now_ms();
+	const char *why = NULL;
+
+	g->stats.received++;
+	int rc = gmsg_envelope_decode(body, len, &e);
+	if (rc == ME_EPERM) {
+		reject(g, GR_SIGNATURE, from, NULL);
+		return 0;
+	}
+	if (rc < 0) {
+		reject(g, GR_MALFORMED, from, NULL);
+		return -1; /* a malformed frame ends the stream */
+	}
+	if (e.ttl > GMSG_MAX_TTL) {
+		reject(g, GR_TTL, from, NULL);
+		return 0;
+	}
+	if (gmsg_check_time(e.ts_ms, now, &why) < 0) {
+		reject(g, e.ts_ms > (uint64_t)now ? GR_FUTURE : GR_STALE, from, why);
+		return 0;
+	}
+	if (dedup_check(g, e.id, now)) {
+		g->stats.duplicates++;
+		return 0;
+	}
+	if (memcmp(e.origin_pk, g->node->kp.pk, ME_PK_LEN) == 0)
+		return 0; /* ours, back again */
+	if (e.type != GMSG_NODE_ANN && e.type != GMSG_REPO_ANN)
+		goto relay; /* unknown types travel on, for newer nodes */
+	struct origin *o = origin_get(g, e.origin_pk, now);
+	if (e.ts_ms <= o->newest[e.type]) {
+		reject(g, GR_REPLAY, from, e.origin_did);
+		return 0;
+	}
+	rc = e.type == GMSG_NODE_ANN ? apply_node_ann(g, &e, from) : apply_repo_ann(g, &e, from);
+	if (rc < 0)
+		return 0;
+	o->newest[e.type] = e.ts_ms;
+	o->touched = now;
+	g->stats.accepted++;
+relay:
+	if (e.ttl > 1) {
+		uint8_t *fr = malloc(ME_FRAME_HDR + len);
+		if (fr == NULL)
+			return 0;
+		fr[0] = (uint8_t)(len >> 24);
+		fr[1] = (uint8_t)(len >> 16);
+		fr[2] = (uint8_t)(len >> 8);
+		fr[3] = (uint8_t)len;
+		memcpy(fr + ME_FRAME_HDR, body, len);
+		if (gmsg_envelope_set_ttl(fr + ME_FRAME_HDR, len, e.ttl - 1) == 0) {
+			uint64_t before = g->stats.sent;
+			send_frame(g, fr, ME_FRAME_HDR + len, from);
+			g->stats.relayed += g->stats.sent - before;
+		}
+		free(fr);
+	}
+	return 0;
+}
+
+static void on_peer_up(void *ud, struct peer *p)
+{
+	struct gossip *g = ud;
+	/* Bring the newcomer up to date with our latest announcements. */
+	if (g->last_node.size == 0)
+		announce(g);
+	else {
+		net_send(p, g->last_node.data, g->last_node.size);
+		if (g->last_repo.size > 0)
+			net_send(p, g->last_repo.data, g->last_repo.size);
+	}
+	struct store_node sn;
+	if (store_node_get(g->node->store, net_peer_did(p), &sn) == 0) {
+		sn.last_seen_ms = me_now_ms();
+		store_node_upsert(g->node->store, &sn);
+		store_node_clear(&sn);
+	}
+}
+
+static void on_peer_down(void *ud, struct peer *p, const char *why)
+{
+	(void)ud;
+	(void)p;
+	(void)why;
+}
+
+struct net_callbacks gossip_net_callbacks(struct gossip *g)
+{
+	struct net_callbacks cb = { .peer_up = on_peer_up, .peer_down = on_peer_down,
+				    .frame = on_frame, .ud = g };
+	return cb;
+}
+
+int gossip_init(struct gossip **out, uv_loop_t *loop, struct node *node, char *err,
+		size_t errsz)
+{
+	*out = NULL;
+	struct gossip *g = calloc(1, sizeof(*g));
+	if (g == NULL)
+		goto nomem;
+	g->loop = loop;
+	g->node = node;
+	g->dedup_cap = DEDUP_MIN_CAP;
+	g->dedup = calloc(g->dedup_cap, sizeof(*g->dedup));
+	g->origins = calloc(ORIGINS_MAX, sizeof(*g->origins));
+	if (g->dedup == NULL || g->origins == NULL)
+		goto nomem;
+	msgpack_sbuffer_init(&g->last_node);
+	msgpack_sbuffer_init(&g->last_repo);
+	*out = g;
+	return 0;
+nomem:
+	if (g) {
+		free(g->dedup);
+		free(g->origins);
+		free(g);
+	}
+	snprintf(err, errsz, "out of memory");
+	return ME_ENOMEM;
+}
+
+void gossip_start(struct gossip *g, struct net *net)
+{
+	const struct me_config *cfg = g->node->cfg;
+	struct store_node *nodes;
+	size_t nnodes;
+
+	g->net = net;
+	for (size_t i = 0; i < cfg->nboots; i++) {
+		uint8_t pk[ME_PK_LEN];
+		if (me_did_key_parse(cfg->boots[i].did, pk) == 0)
+			net_want(net, pk, &cfg->boots[i].addr);
+	}
+	/* Re-dial the nodes we knew, most recently seen first. */
+	if (store_node_list(g->node->store, &nodes, &nnodes) == 0) {
+		for (size_t i = 0; i < nnodes && g->nwanted < cfg->max_outbound; i++) {
+			uint8_t pk[ME_PK_LEN];
+			struct me_sockaddr sa;
+			char *addr = nodes[i].addresses, *comma;
+			if (me_did_key_parse(nodes[i].id, pk) < 0 || addr == NULL || *addr == '\0')
+				continue;
+			if ((comma = strchr(addr, ',')) != NULL)
+				*comma = '\0';
+			if (me_sockaddr_parse(addr, &sa) < 0 || net_want(net, pk, &sa) < 0)
+				continue;
+			memcpy(g->wanted[g->nwanted++], pk, ME_PK_LEN);
+		}
+		store_node_list_free(nodes, nnodes);
+	}
+	uv_timer_init(g->loop, &g->timer);
+	g->timer.data = g;
+	g->timer_open = 1;
+	uv_timer_start(&g->timer, on_timer, 0, cfg->gossip_interval_ms);
+}
+
+static void timer_on_close(uv_handle_t *h)
+{
+	struct gossip *g = h->data;
+	msgpack_sbuffer_destroy(&g->last_node);
+	msgpack_sbuffer_destroy(&g->last_repo);
+	free(g->dedup);
+	free(g->origins);
+	free(g);
+}
+
+void gossip_free(struct gossip *g)
+{
+	if (g == NULL)
+		return;
+	if (g->timer_open) {
+		uv_timer_stop(&g->timer);
+		uv_close((uv_handle_t *)&g->timer, timer_on_close);
+	} else {
+		g->timer.data = g;
+		timer_on_close((uv_handle_t *)&g->timer);
+	}
+}
+
+void gossip_get_stats(const struct gossip *g, struct gossip_stats *out)
+{
+	if (g == NULL)
+		memset(out, 0, sizeof(*out));
+	else
+		*out = g->stats;
+}
