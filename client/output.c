@@ -66,7 +66,9 @@ json_t *out_from_msgpack(const msgpack_object *o)
 
 void out_json(json_t *v)
 {
-	char *s = json_dumps(v, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY);
+	/* 15 significant digits: 3.07, not 3.0699999999999998. */
+	char *s = json_dumps(v, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY |
+				JSON_REAL_PRECISION(15));
 	if (s != NULL) {
 		puts(s);
 		free(s);
@@ -161,6 +163,19 @@ void out_node_status(json_t *r)
 	printf("Repositories: %lld\n", num(r, "repos"));
 	printf("Known nodes:  %lld\n", num(r, "nodes"));
 	printf("Peers:        %lld\n", num(r, "peers"));
+	json_t *g = json_object_get(r, "gossip");
+	if (json_is_object(g)) {
+		long long rej = 0;
+		const char *k;
+		json_t *v;
+		json_object_foreach(json_object_get(g, "rejected"), k, v)
+			rej += (long long)json_integer_value(v);
+		printf("Gossip:       %lld received, %lld accepted, %lld duplicates, %lld rejected\n",
+		       num(g, "received"), num(g, "accepted"), num(g, "duplicates"), rej);
+		json_object_foreach(json_object_get(g, "rejected"), k, v)
+			if (json_integer_value(v) > 0)
+				printf("  rejected:   %lld %s\n", (long long)json_integer_value(v), k);
+	}
 }
 
 void out_repo_add(json_t *r)

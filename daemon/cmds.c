@@ -9,6 +9,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "daemon/gitrepo.h"
+#include "daemon/gossip.h"
 #include "daemon/net.h"
 
 #define ERR(ctx, code, ...) (snprintf((ctx)->err, (ctx)->errsz, __VA_ARGS__), (code))
@@ -89,7 +90,7 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 
 	if (store_repo_count(n->store, &nrepos) < 0 || store_node_count(n->store, &nnodes) < 0)
 		return ERR(ctx, ME_EDB, "database: %s", store_errmsg(n->store));
-	msgpack_pack_map(out, 10);
+	msgpack_pack_map(out, 12);
 	me_mp_pack_str(out, "did");
 	if (n->has_key)
 		me_mp_pack_str(out, n->kp.did);
@@ -107,6 +108,30 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	me_mp_pack_kv_int(out, "nodes", nnodes);
 	me_mp_pack_kv_int(out, "peers", n->net != NULL ? (int64_t)net_npeers(n->net) : 0);
 	me_mp_pack_kv_int(out, "control_connections", (int64_t)ctx->nconns);
+
+	struct gossip_stats gs;
+	gossip_get_stats(n->gossip, &gs);
+	me_mp_pack_str(out, "gossip");
+	msgpack_pack_map(out, 6);
+	me_mp_pack_kv_int(out, "received", (int64_t)gs.received);
+	me_mp_pack_kv_int(out, "accepted", (int64_t)gs.accepted);
+	me_mp_pack_kv_int(out, "duplicates", (int64_t)gs.duplicates);
+	me_mp_pack_kv_int(out, "sent", (int64_t)gs.sent);
+	me_mp_pack_kv_int(out, "relayed", (int64_t)gs.relayed);
+	me_mp_pack_str(out, "rejected");
+	msgpack_pack_map(out, GR__COUNT);
+	for (int i = 0; i < GR__COUNT; i++)
+		me_mp_pack_kv_int(out, gossip_reject_name(i), (int64_t)gs.rejected[i]);
+
+	struct net_stats ns = { 0 };
+	if (n->net != NULL)
+		net_get_stats(n->net, &ns);
+	me_mp_pack_str(out, "transport");
+	msgpack_pack_map(out, 4);
+	me_mp_pack_kv_int(out, "handshakes_failed", (int64_t)ns.handshakes_failed);
+	me_mp_pack_kv_int(out, "frames_rejected", (int64_t)ns.frames_rejected);
+	me_mp_pack_kv_int(out, "packets_in", (int64_t)ns.pkts_in);
+	me_mp_pack_kv_int(out, "packets_out", (int64_t)ns.pkts_out);
 	return 0;
 }
 
@@ -164,6 +189,7 @@ static int cmd_repo_add(struct cmd_ctx *ctx, const msgpack_object *args, msgpack
 		char f1[ME_DID_REPO_SIZE + 16];
 		snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
 		const char *fields[] = { f1, NULL };
+		gossip_changed(n->gossip);
 		me_log_fields(LOG_INFO, fields, "repository added: %s (%s, %zu refs)", gi.name,
 			      gi.path, gi.nrefs);
 	}
@@ -244,6 +270,7 @@ static int cmd_repo_remove(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
 	const char *fields[] = { f1, NULL };
 	me_log_fields(LOG_INFO, fields, "repository removed");
+	gossip_changed(ctx->node->gossip);
 	msgpack_pack_map(out, 1);
 	me_mp_pack_kv_str(out, "removed", id);
 	return 0;

@@ -422,8 +422,19 @@ static void maybe_dial(struct gossip *g, const struct gmsg_node_ann *a)
 	for (size_t i = 0; i < g->nwanted; i++)
 		if (memcmp(g->wanted[i], a->pk, ME_PK_LEN) == 0)
 			goto update;
-	if (g->nwanted >= g->node->cfg->max_outbound)
-		return;
+	if (g->nwanted >= g->node->cfg->max_outbound) {
+		/* Full: give the slot of one we cannot reach to the newcomer, so that nodes that
+		 * came and went can never lock us out of the rest of the network. */
+		size_t i;
+		for (i = 0; i < g->nwanted; i++)
+			if (net_peer_find(g->net, g->wanted[i]) == NULL)
+				break;
+		if (i == g->nwanted)
+			return;
+		net_unwant(g->net, g->wanted[i]);
+		memcpy(g->wanted[i], a->pk, ME_PK_LEN);
+		goto update;
+	}
 	memcpy(g->wanted[g->nwanted++], a->pk, ME_PK_LEN);
 update:
 	for (size_t i = 0; i < a->naddrs; i++) {
@@ -477,15 +488,20 @@ static int apply_repo_ann(struct gossip *g, const struct gmsg_envelope *e, const
 		reject(g, GR_MALFORMED, from, "repository announcement payload");
 		return rc;
 	}
+	/* Every ref state must be its creator's: one that is not makes the whole announcement
+	 * (signed by its origin) a forgery, and nothing of it is stored or relayed. */
+	for (size_t i = 0; i < ann.nrepos; i++) {
+		if (gmsg_refstate_verify(&ann.repos[i].refstate, ann.repos[i].creator_pk) < 0) {
+			reject(g, GR_REFSTATE, from, e->origin_did);
+			gmsg_repo_ann_free(&ann);
+			return ME_EPERM;
+		}
+	}
 	for (size_t i = 0; i < ann.nrepos; i++) {
 		struct gmsg_repo *gr = &ann.repos[i];
 		char id[ME_DID_REPO_SIZE], creator[ME_DID_KEY_SIZE];
 		char name[GMSG_MAX_NAME + 1], desc[GMSG_MAX_DESC + 1], head[GMSG_MAX_REFNAME + 1];
 
-		if (gmsg_refstate_verify(&gr->refstate, gr->creator_pk) < 0) {
-			reject(g, GR_REFSTATE, from, NULL);
-			continue;
-		}
 		if (gr->id.len >= sizeof(id))
 			continue;
 		snprintf(id, sizeof(id), "%.*s", (int)gr->id.len, gr->id.ptr);

@@ -94,16 +94,17 @@ int main(int argc, char **argv)
 		return EXIT_FAILURE;
 	}
 	uv_loop_init(&loop);
+	/* Signals first: a SIGTERM that arrives while we start up is a clean stop too. */
+	uv_signal_init(&loop, &sigint);
+	uv_signal_init(&loop, &sigterm);
+	uv_signal_start(&sigint, on_signal, SIGINT);
+	uv_signal_start(&sigterm, on_signal, SIGTERM);
 	if (control_init(&ctl, &loop, &node, sdglue_control_fd(), err, sizeof(err)) < 0) {
 		log_err("%s", err);
 		goto out;
 	}
 	node.identity_ready = network_start;
 	network_start(&node);
-	uv_signal_init(&loop, &sigint);
-	uv_signal_init(&loop, &sigterm);
-	uv_signal_start(&sigint, on_signal, SIGINT);
-	uv_signal_start(&sigterm, on_signal, SIGTERM);
 
 	if (node.has_key)
 		log_notice("megaengined %s started: %s (%s), root %s, control socket %s", ME_VERSION,
@@ -116,9 +117,9 @@ int main(int argc, char **argv)
 	sdglue_stopping();
 	status = fatal ? EXIT_FAILURE : EXIT_SUCCESS;
 
+out:
 	uv_close((uv_handle_t *)&sigint, NULL);
 	uv_close((uv_handle_t *)&sigterm, NULL);
-out:
 	control_free(ctl);
 	net_free(node.net);
 	gossip_free(node.gossip);

@@ -79,6 +79,10 @@ struct peer {
 	struct sendq sq;
 	struct instream ins[MAX_IN_STREAMS];
 	int in_callback;
+	int probing; /* keep-alive shortened to check the connection is still alive */
+	uint64_t last_rx_ns;
+	struct peer *awaiting; /* a connection to the same node that must prove it is alive */
+	uint64_t probe_start_ns;
 	struct peer *prev, *next;
 };
 
@@ -110,6 +114,7 @@ struct net {
 };
 
 static void conn_write(struct peer *c);
+static void on_timer(uv_timer_t *t);
 static void conn_close(struct peer *c, uint64_t app_error, const char *why);
 
 static uint64_t now_ns(void)
@@ -365,8 +370,15 @@ static int stream_close_cb(ngtcp2_conn *q, uint32_t flags, int64_t sid, uint64_t
 	struct instream *s = instream_get(c, sid, 0);
 	if (s)
 		instream_drop(s);
-	if (sid == c->sq.sid)
+	if (sid == c->sq.sid) {
+		/* The peer stopped our message stream: everything we would send is lost, so
+		 * start over with a fresh connection (the dialer reconnects). */
 		c->sq.sid = -1;
+		if (!c->pending_close) {
+			c->pending_close = NET_ERR_POLICY;
+			c->pending_why = "the peer closed our message stream";
+		}
+	}
 	return 0;
 }
 
@@ -435,8 +447,14 @@ static int handshake_completed_cb(ngtcp2_conn *q, void *ud)
 	if (old != NULL) {
 		int cmp = memcmp(initiator(c), initiator(old), ME_PK_LEN);
 		if (cmp > 0) {
-			c->pending_close = NET_ERR_DUPLICATE;
-			c->pending_why = "duplicate connection";
+			/* By the rule the old connection stays. But the peer dialed again although
+			 * we hold one: it may have restarted, leaving ours dead. Probe the old one
+			 * and decide in the dial tick: an answer keeps it, silence replaces it. */
+			c->awaiting = old;
+			c->probe_start_ns = now_ns();
+			old->probing = 1;
+			ngtcp2_conn_set_keep_alive_timeout(old->q, NGTCP2_MILLISECONDS);
+			uv_timer_start(&old->timer, on_timer, 1, 0);
 			return 0;
 		}
 		conn_close(old, NET_ERR_DUPLICATE, "replaced by a newer connection");
@@ -510,6 +528,13 @@ static void conn_release(struct peer *c, const char *why)
 	if (c->next)
 		c->next->prev = c->prev;
 	n->nconns--;
+	for (struct peer *o = n->peers; o; o = o->next) {
+		if (o->awaiting == c) {
+			o->awaiting = NULL;
+			if (!o->released && !o->up && !o->pending_close)
+				peer_mark_up(o);
+		}
+	}
 	if (c->up) {
 		c->up = 0;
 		char fb[ME_DID_KEY_SIZE + 16];
@@ -517,7 +542,10 @@ static void conn_release(struct peer *c, const char *why)
 		const char *f[] = { fb, NULL };
 		me_log_fields(LOG_INFO, f, "peer lost: %s (%s)", c->did, why);
 		n->cb.peer_down(n->cb.ud, c, why);
-	} else if (!c->has_pk) {
+	} else if (c->has_pk) {
+		log_debug("connection %s %s (%s) closed: %s", c->outbound ? "to" : "from",
+			  c->remote_text, c->did, why);
+	} else {
 		n->stats.handshakes_failed++;
 		const char *tw = c->tls ? tls_session_error(c->tls) : "";
 		log_info("connection %s %s failed: %s%s%s", c->outbound ? "to" : "from",
@@ -835,7 +863,8 @@ static void send_stateless_reset(struct endpoint *ep, const struct sockaddr *sa,
 	uint8_t token[NGTCP2_STATELESS_RESET_TOKENLEN], rnd[64], buf[128];
 	ngtcp2_cid cid;
 
-	if (vc->dcidlen != CID_LEN || pktlen < 43)
+	if (vc->dcidlen != CID_LEN || pktlen < 1 + NGTCP2_MIN_STATELESS_RESET_RANDLEN +
+						       NGTCP2_STATELESS_RESET_TOKENLEN + 1)
 		return;
 	size_t randlen = pktlen - 1 - NGTCP2_STATELESS_RESET_TOKENLEN - 1;
 	if (randlen > sizeof(rnd))
@@ -906,15 +935,48 @@ static void on_recv(uv_udp_t *u, ssize_t nread, const uv_buf_t *buf, const struc
 		conn_fail(c, rv);
 		return;
 	}
+	c->last_rx_ns = now_ns();
+	if (c->probing && c->up) {
+		c->probing = 0;
+		ngtcp2_conn_set_keep_alive_timeout(c->q, (ngtcp2_duration)NET_KEEPALIVE_MS *
+							     NGTCP2_MILLISECONDS);
+	}
 	conn_write(c);
 }
 
 /* ---- dialer ---- */
 
+#define PROBE_WAIT_NS (1500 * NGTCP2_MILLISECONDS)
+
+/* Settles duplicate connections that wait for the old one to prove it is alive. */
+static void settle_duplicates(struct net *n)
+{
+	uint64_t now = now_ns();
+	struct peer *c = n->peers;
+	while (c) {
+		struct peer *next = c->next;
+		struct peer *old = c->awaiting;
+		if (old != NULL) {
+			if (old->last_rx_ns > c->probe_start_ns) {
+				c->awaiting = NULL;
+				conn_close(c, NET_ERR_DUPLICATE, "duplicate connection");
+				next = n->peers; /* the list may have changed: start over */
+			} else if (now - c->probe_start_ns >= PROBE_WAIT_NS) {
+				/* Releasing the silent one promotes c. */
+				conn_close(old, NET_ERR_DUPLICATE, "stale: the peer reconnected");
+				next = n->peers;
+			}
+		}
+		c = next;
+	}
+}
+
 static void on_dial_tick(uv_timer_t *t)
 {
 	struct net *n = t->data;
 	int64_t now = me_mono_ms();
+
+	settle_duplicates(n);
 
 	for (struct target *tg = n->targets; tg; tg = tg->next) {
 		int busy = 0;

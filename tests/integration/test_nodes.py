@@ -263,3 +263,51 @@ def test_v1_database_is_migrated(daemon_factory):
         assert con.execute("SELECT ref_seq, ref_sig FROM repos").fetchall() == [(0, None)]
     finally:
         con.close()
+
+
+# ---- two connected daemons -------------------------------------------------------------------
+
+def wait_for(what, fn, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_two_connected_nodes(daemon_factory):
+    a = daemon_factory.start(extra_args=["--alias", "alpha"])
+    did_a = a.mectl("auth", "init", json=True).json["did"]
+    root_b = daemon_factory.new_root()
+    did_b = daemon_factory.mectl("--root", root_b, "auth", "init", json=True).json["did"]
+    b = daemon_factory.start(root_b, extra_args=[
+        "--alias", "beta", "--bootstrap-node", f"{did_a}@127.0.0.1:{a.port}"])
+
+    t0 = now_ms()
+    pa = wait_for("a peer on a", lambda: a.mectl("peer", "list", json=True).json["peers"])
+    pb = wait_for("a peer on b", lambda: b.mectl("peer", "list", json=True).json["peers"])
+    assert len(pa) == 1 and len(pb) == 1
+    for p in pa + pb:
+        assert set(p) == PEER_KEYS, p
+        assert isinstance(p["rtt_ms"], (int, float)) and p["rtt_ms"] >= 0
+        assert isinstance(p["since"], int) and t0 - 60_000 < p["since"] <= now_ms()
+    assert pa[0]["did"] == did_b and pa[0]["direction"] == "inbound"
+    assert pb[0]["did"] == did_a and pb[0]["direction"] == "outbound"
+    assert pb[0]["address"] == f"127.0.0.1:{a.port}"
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", pa[0]["address"]), pa[0]
+    assert b.mectl("node", "status", json=True).json["peers"] == 1
+
+    rows = parse_table(b.mectl("peer", "list").stdout,
+                       ["DID", "ADDRESS", "DIRECTION", "RTT", "SINCE"])
+    assert rows[0]["DID"] == did_a and rows[0]["DIRECTION"] == "outbound"
+    assert re.fullmatch(r"\d+\.\dms", rows[0]["RTT"]), rows[0]
+    assert re.fullmatch(r"\d+[smhd] ago", rows[0]["SINCE"]), rows[0]
+
+    # b knows a (from the bootstrap list or its announcement) and sees it connected.
+    na = wait_for("a in b's node list", lambda: [
+        n for n in b.mectl("node", "list", json=True).json["nodes"] if n["id"] == did_a])
+    assert na[0]["connected"] is True
+    b.stop()
+    a.stop()
