@@ -3,7 +3,7 @@
 # Measures the time until every node lists it, the gossip messages it cost per node and each
 # daemon's idle RSS, and prints a Markdown report. Builds build/release first.
 #
-#   bench/gossip.sh [-n N] [--seed S] [--keep] [other options of bench/gossip_bench.py]
+#   bench/gossip.sh [-n N] [--seed S] [--keep] [--no-build] [options of bench/gossip_bench.py]
 #
 # Only 127.0.0.1 is used. Every daemon started is stopped on exit, however the run ends.
 set -euo pipefail
@@ -16,7 +16,16 @@ case "${1:-}" in
 	;;
 esac
 
-bash scripts/build.sh
+build=1
+args=()
+for a in "$@"; do
+	case "$a" in
+	--no-build) build=0 ;;
+	*) args+=("$a") ;;
+	esac
+done
+set -- "${args[@]+"${args[@]}"}"
+[ "$build" = 0 ] || bash scripts/build.sh
 
 workdir=$(mktemp -d /tmp/me-bench-XXXXXX)
 pypid=

@@ -411,7 +411,7 @@ static void peer_mark_up(struct peer *c)
 	struct target *t = target_find(n, c->pk);
 	if (t)
 		t->backoff_ms = NET_BACKOFF_MIN_MS;
-	const char *f[] = { NULL, NULL };
+	const char *f[] = { NULL, ME_MSGID_PEER_CONNECTED, NULL };
 	char fb[ME_DID_KEY_SIZE + 16];
 	snprintf(fb, sizeof(fb), "PEER_DID=%s", c->did);
 	f[0] = fb;
@@ -539,7 +539,7 @@ static void conn_release(struct peer *c, const char *why)
 		c->up = 0;
 		char fb[ME_DID_KEY_SIZE + 16];
 		snprintf(fb, sizeof(fb), "PEER_DID=%s", c->did);
-		const char *f[] = { fb, NULL };
+		const char *f[] = { fb, ME_MSGID_PEER_LOST, NULL };
 		me_log_fields(LOG_INFO, f, "peer lost: %s (%s)", c->did, why);
 		n->cb.peer_down(n->cb.ud, c, why);
 	} else if (c->has_pk) {
@@ -912,6 +912,27 @@ static void on_recv(uv_udp_t *u, ssize_t nread, const uv_buf_t *buf, const struc
 	if (c == NULL) {
 		ngtcp2_pkt_hd hd;
 		if (!(data[0] & 0x80)) {
+			/* A stateless reset carries a random DCID, so it cannot be routed by CID:
+			 * let each connection to that address check its token. */
+			for (struct peer *o = n->peers; o; o = o->next) {
+				if (o->released || o->ep != ep || o->remote_len != slen ||
+				    memcmp(&o->remote, sa, slen) != 0)
+					continue;
+				ngtcp2_path op = {
+					.local = { .addr = (struct sockaddr *)&ep->local,
+						   .addrlen = ep->local_len },
+					.remote = { .addr = (struct sockaddr *)sa, .addrlen = slen },
+				};
+				ngtcp2_pkt_info opi = { 0 };
+				o->in_callback = 1;
+				int orv = ngtcp2_conn_read_pkt(o->q, &op, &opi, data, (size_t)nread,
+							       now_ns());
+				o->in_callback = 0;
+				if (orv == NGTCP2_ERR_DRAINING) {
+					conn_release(o, "reset by the peer (it restarted)");
+					return;
+				}
+			}
 			send_stateless_reset(ep, sa, &vc, (size_t)nread);
 			return;
 		}
@@ -971,6 +992,22 @@ static void settle_duplicates(struct net *n)
 	}
 }
 
+/* A connection to pk exists or is being made. */
+static int target_busy(const struct net *n, const uint8_t pk[ME_PK_LEN])
+{
+	for (const struct peer *c = n->peers; c; c = c->next)
+		if ((c->has_pk && memcmp(c->pk, pk, ME_PK_LEN) == 0) ||
+		    (c->outbound && !c->has_pk && memcmp(c->expected, pk, ME_PK_LEN) == 0))
+			return 1;
+	return 0;
+}
+
+int net_target_unreachable(const struct net *n, const uint8_t pk[ME_PK_LEN])
+{
+	const struct target *t = target_find((struct net *)n, pk);
+	return t != NULL && t->backoff_ms > NET_BACKOFF_MIN_MS && !target_busy(n, pk);
+}
+
 static void on_dial_tick(uv_timer_t *t)
 {
 	struct net *n = t->data;
@@ -979,12 +1016,7 @@ static void on_dial_tick(uv_timer_t *t)
 	settle_duplicates(n);
 
 	for (struct target *tg = n->targets; tg; tg = tg->next) {
-		int busy = 0;
-		for (struct peer *c = n->peers; c && !busy; c = c->next)
-			busy = (c->has_pk && memcmp(c->pk, tg->pk, ME_PK_LEN) == 0) ||
-			       (c->outbound && !c->has_pk &&
-				memcmp(c->expected, tg->pk, ME_PK_LEN) == 0);
-		if (busy || now < tg->next_try_ms)
+		if (target_busy(n, tg->pk) || now < tg->next_try_ms)
 			continue;
 		/* Next attempt after the backoff, with +-25 % jitter; doubled each time. */
 		uint32_t b = tg->backoff_ms;

@@ -63,6 +63,9 @@ int net_want(struct net *n, const uint8_t pk[ME_PK_LEN], const struct me_sockadd
 /* Stops keeping a connection (an existing one stays up). */
 void net_unwant(struct net *n, const uint8_t pk[ME_PK_LEN]);
 size_t net_nwanted(const struct net *n);
+/* True when we keep a connection to pk but none is up or being made and the last attempt
+ * failed (it waits in backoff). */
+int net_target_unreachable(const struct net *n, const uint8_t pk[ME_PK_LEN]);
 
 /* Queues one frame (header included) to a peer. ME_EBUSY when the peer's queue is full. */
 int net_send(struct peer *p, const void *frame, size_t len);

@@ -2,7 +2,9 @@
 # The main job, end to end: installs what is missing, builds megaengine, then walks through a
 # first session with the freshly built binaries (build/release) in a throw-away directory:
 #   a small generated git repository -> `mectl auth init` (before any daemon: the seed order)
-#   -> megaengined in the background -> repo add / list / show, node status -> clean stop.
+#   -> megaengined in the background -> repo add / list / show, node status -> a second node
+#   that joins through the first (QUIC on loopback) and learns its repository by gossip
+#   -> clean stop of both.
 # Every step is echoed as "$ command" before its output. Exits non-zero on any failure; the
 # daemon is stopped and the directory removed on any exit (ME_DEMO_KEEP=1 keeps the directory).
 set -euo pipefail
@@ -46,23 +48,33 @@ ROOT="$WORK/root"
 REPO="$WORK/hello-world"
 LOG="$WORK/megaengined.log"
 DAEMON_PID=""
+DAEMON2_PID=""
+ROOT2="$WORK/root2"
+LOG2="$WORK/megaengined2.log"
 STATUS=1
+
+stop_pid() {
+	local pid=$1
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+	kill -TERM "$pid" 2>/dev/null || true
+	for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+	kill -KILL "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+}
 
 cleanup() {
 	local rc=$?
-	if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
-		kill -TERM "$DAEMON_PID" 2>/dev/null || true
-		for _ in $(seq 50); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
-		kill -KILL "$DAEMON_PID" 2>/dev/null || true
-		wait "$DAEMON_PID" 2>/dev/null || true
-	fi
+	stop_pid "$DAEMON2_PID"
+	stop_pid "$DAEMON_PID"
 	if [ "$STATUS" -ne 0 ] || [ "$rc" -ne 0 ]; then
 		echo >&2
 		echo "demo: FAILED (exit $rc)" >&2
-		if [ -s "$LOG" ]; then
-			echo "demo: megaengined's log ($LOG):" >&2
-			sed 's/^/    /' "$LOG" >&2
-		fi
+		for l in "$LOG" "$LOG2"; do
+			if [ -s "$l" ]; then
+				echo "demo: megaengined's log ($l):" >&2
+				sed 's/^/    /' "$l" >&2
+			fi
+		done
 		[ "$rc" -ne 0 ] || rc=1
 	fi
 	if [ "${ME_DEMO_KEEP:-0}" = 1 ]; then
@@ -76,8 +88,13 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# A free local UDP port (QUIC) for the daemon to announce.
-PORT="$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+# Free local UDP ports (QUIC) for the two daemons.
+free_port() {
+	python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+PORT="$(free_port)"
+PORT2="$(free_port)"
+while [ "$PORT2" = "$PORT" ]; do PORT2="$(free_port)"; done
 
 say "1. A small git repository to publish"
 export GIT_AUTHOR_NAME="Demo User" GIT_AUTHOR_EMAIL=demo@example.invalid
@@ -134,15 +151,44 @@ run mectl --root "$ROOT" repo list
 run mectl --root "$ROOT" repo show "$REPO_ID"
 run mectl --root "$ROOT" node status
 
-say "6. Stop the daemon"
-show "kill -TERM $DAEMON_PID"
-kill -TERM "$DAEMON_PID"
-rc=0
-wait "$DAEMON_PID" || rc=$?
+say "6. A second node joins through the first (QUIC on loopback)"
+NODE1_DID="$(mectl --root "$ROOT" auth show)"
+run mectl --root "$ROOT2" auth init
+show "megaengined --root $ROOT2 --alias second --addr 127.0.0.1:$PORT2 --bootstrap-node $NODE1_DID@127.0.0.1:$PORT >$LOG2 2>&1 &"
+megaengined --root "$ROOT2" --alias second --addr "127.0.0.1:$PORT2" \
+	--bootstrap-node "$NODE1_DID@127.0.0.1:$PORT" >"$LOG2" 2>&1 &
+DAEMON2_PID=$!
+echo "waiting for the second node to learn the repository by gossip..."
+learnt=0
+start_ms=$(date +%s%3N)
+for _ in $(seq 200); do
+	kill -0 "$DAEMON2_PID" 2>/dev/null || { echo "demo: the second megaengined exited" >&2; exit 1; }
+	if mectl --root "$ROOT2" --timeout 2 repo list --json 2>/dev/null | grep -q "$REPO_ID"; then
+		learnt=1
+		break
+	fi
+	sleep 0.1
+done
+[ "$learnt" = 1 ] || { echo "demo: the second node did not learn $REPO_ID within 20 s" >&2; exit 1; }
+echo "learnt after $(( $(date +%s%3N) - start_ms )) ms"
+run mectl --root "$ROOT2" peer list
+run mectl --root "$ROOT2" node list
+run mectl --root "$ROOT2" repo list
+
+say "7. Stop both daemons"
+for pair in "$DAEMON2_PID:$ROOT2" "$DAEMON_PID:$ROOT"; do
+	pid=${pair%%:*}
+	root=${pair#*:}
+	show "kill -TERM $pid"
+	kill -TERM "$pid"
+	rc=0
+	wait "$pid" || rc=$?
+	[ "$rc" -eq 0 ] || { echo "demo: megaengined ($root) exited with $rc" >&2; exit 1; }
+	[ ! -e "$root/megaengined.sock" ] || { echo "demo: $root/megaengined.sock was left behind" >&2; exit 1; }
+done
 DAEMON_PID=""
-[ "$rc" -eq 0 ] || { echo "demo: megaengined exited with $rc" >&2; exit 1; }
-[ ! -e "$ROOT/megaengined.sock" ] || { echo "demo: the control socket was left behind" >&2; exit 1; }
-echo "megaengined stopped cleanly (exit 0, control socket removed)"
+DAEMON2_PID=""
+echo "both daemons stopped cleanly (exit 0, control sockets removed)"
 show "cat $LOG"
 sed 's/^/    /' "$LOG"
 
@@ -156,6 +202,7 @@ cat <<EOF
     database       $ROOT/megaengine.db (SQLite: repos, refs, nodes)
     control socket $ROOT/megaengined.sock (only while the daemon runs)
   daemon log       $LOG
+  second node      $ROOT2 (log $LOG2)
   repository id    $REPO_ID
 EOF
 if [ "${ME_DEMO_KEEP:-0}" != 1 ]; then

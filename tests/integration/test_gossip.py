@@ -35,7 +35,8 @@ def pk_of(did):
 
 
 def free_udp_port(ip):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
         s.bind((ip, 0))
         return s.getsockname()[1]
 
@@ -48,7 +49,7 @@ class Node:
         self.alias = alias
         self.ip = ip
         self.port = port or free_udp_port(ip)
-        self.addr = f"{ip}:{self.port}"
+        self.addr = f"[{ip}]:{self.port}" if ":" in ip else f"{ip}:{self.port}"
         self.root = factory.new_root()
         self.d = None
         self.new_identity()
@@ -404,3 +405,18 @@ def test_max_outbound_caps_dials(daemon_factory):
         assert len(out) <= cap, (f"{n.alias} opened {len(out)} connections, more than "
                                  f"--max-outbound 2 + bootstrap: {out}")
     assert_no_duplicate_peers(*every)
+
+
+# ---- IPv6 ----------------------------------------------------------------------------------
+
+def test_ipv6_peers(daemon_factory, git_repo):
+    """QUIC over [::1]: a node listening on IPv6 and IPv4 is joined over IPv6, and gossip
+    carries its repository and its IPv6 address."""
+    a = Node(daemon_factory, "six-a", "::1")
+    a.start(extra=["--addr", f"127.0.0.71:{free_udp_port('127.0.0.71')}"])
+    b = Node(daemon_factory, "six-b", "::1").start(boots=[a])
+    rid = a.j("repo", "add", git_repo(name="ipv6"))["id"]
+    wait_for(lambda: (rid in b.repos(), None), "A's repository on B over IPv6", [a, b])
+    peer = {p["did"]: p for p in b.peers()}[a.did]
+    assert peer["address"] == a.addr and peer["direction"] == "outbound", peer
+    assert a.addr in b.nodes()[a.did]["addresses"], b.nodes()[a.did]
