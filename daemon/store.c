@@ -101,8 +101,10 @@ static const char *const stmt_sql[S__COUNT] = {
 				" updated_at = ?5 WHERE id = ?1",
 	[S_REPO_EXT_STATE] = "SELECT is_external, ref_seq, creator, root_commit FROM repos"
 			     " WHERE id = ?1",
-	[S_REPO_EXT_UPDATE] = "UPDATE repos SET name = ?2, description = ?3, head = ?4, ref_seq = ?5,"
-			      " ref_sig = ?6, updated_at = ?7 WHERE id = ?1 AND is_external = 1",
+	/* The parameter numbers of S_REPO_INSERT (see bind_repo); some are left unused. */
+	[S_REPO_EXT_UPDATE] = "UPDATE repos SET name = ?2, description = ?4, head = ?8,"
+			      " updated_at = ?10, ref_seq = ?11, ref_sig = ?12"
+			      " WHERE id = ?1 AND is_external = 1",
 	[S_REF_INSERT] = "INSERT INTO refs (repo_id, ref_name, oid, updated_at) VALUES (?1, ?2, ?3, ?4)",
 	[S_REF_CLEAR] = "DELETE FROM refs WHERE repo_id = ?1",
 	[S_REF_LIST] = "SELECT ref_name, oid FROM refs WHERE repo_id = ?1 ORDER BY ref_name",
@@ -142,6 +144,12 @@ static int db_fail(struct store *st, const char *what)
 	return ec == SQLITE_NOMEM ? ME_ENOMEM : ME_EDB;
 }
 
+static int no_memory(struct store *st)
+{
+	set_err(st, "out of memory");
+	return ME_ENOMEM;
+}
+
 static void stmt_done(sqlite3_stmt *s)
 {
 	sqlite3_reset(s);
@@ -162,6 +170,23 @@ static int bind_sig(sqlite3_stmt *s, int i, const uint8_t *sig)
 	return sqlite3_bind_blob(s, i, sig, STORE_SIG_LEN, SQLITE_STATIC);
 }
 
+/* Records a failure to bind the parameters of s as what, then resets s. */
+static int bind_fail(struct store *st, sqlite3_stmt *s, const char *what)
+{
+	int rc = db_fail(st, what);
+
+	stmt_done(s);
+	return rc;
+}
+
+/* Binds key to ?1 of s. */
+static int bind_key(struct store *st, sqlite3_stmt *s, const char *key, const char *what)
+{
+	if (bind_text(s, 1, key) != SQLITE_OK)
+		return bind_fail(st, s, what);
+	return 0;
+}
+
 static int64_t now_or(int64_t t)
 {
 	return t != 0 ? t : (int64_t)time(NULL);
@@ -176,6 +201,38 @@ static int step_done(struct store *st, sqlite3_stmt *s, const char *what)
 		rc = db_fail(st, what);
 	stmt_done(s);
 	return rc;
+}
+
+/* Steps an INSERT, then resets it. ME_EEXIST when the primary key is taken: the message is then
+ * the caller's to set. */
+static int step_insert(struct store *st, sqlite3_stmt *s, const char *what)
+{
+	int rc = 0;
+
+	if (sqlite3_step(s) != SQLITE_DONE) {
+		if (sqlite3_extended_errcode(st->db) == SQLITE_CONSTRAINT_PRIMARYKEY)
+			rc = ME_EEXIST;
+		else
+			rc = db_fail(st, what);
+	}
+	stmt_done(s);
+	return rc;
+}
+
+/* Steps s, a bound statement that writes the row of key, then resets it. ME_ENOTFOUND
+ * ("no <noun> <key>") when there is no such row. */
+static int step_changed(struct store *st, sqlite3_stmt *s, const char *what, const char *noun,
+			const char *key)
+{
+	int rc;
+
+	if ((rc = step_done(st, s, what)) < 0)
+		return rc;
+	if (sqlite3_changes(st->db) == 0) {
+		set_err(st, "no %s %s", noun, key);
+		return ME_ENOTFOUND;
+	}
+	return 0;
 }
 
 static int tx_begin(struct store *st)
@@ -195,6 +252,17 @@ static void tx_rollback(struct store *st)
 		return;
 	sqlite3_step(st->stmt[S_ROLLBACK]);
 	stmt_done(st->stmt[S_ROLLBACK]);
+}
+
+/* Ends the transaction that tx_begin started: commits it when rc (the outcome of its work) is 0,
+ * rolls it back when that or the commit failed. Returns rc or the commit's failure. */
+static int tx_end(struct store *st, int rc)
+{
+	if (rc == 0)
+		rc = tx_commit(st);
+	if (rc < 0)
+		tx_rollback(st);
+	return rc;
 }
 
 static char *col_dup(sqlite3_stmt *s, int i)
@@ -231,14 +299,19 @@ void store_repo_list_free(struct store_repo *r, size_t n)
 	free(r);
 }
 
+static void ref_clear(struct store_ref *r)
+{
+	free(r->name);
+	free(r->oid);
+	memset(r, 0, sizeof(*r));
+}
+
 void store_refs_free(struct store_ref *r, size_t n)
 {
 	if (r == NULL)
 		return;
-	for (size_t i = 0; i < n; i++) {
-		free(r[i].name);
-		free(r[i].oid);
-	}
+	for (size_t i = 0; i < n; i++)
+		ref_clear(&r[i]);
 	free(r);
 }
 
@@ -262,9 +335,17 @@ void store_node_list_free(struct store_node *n, size_t cnt)
 	free(n);
 }
 
-/* Reads a row selected with REPO_COLS. */
-static int read_repo(struct store *st, sqlite3_stmt *s, struct store_repo *r)
+/* --- reading rows ------------------------------------------------------------------------- */
+
+/* Reads the current row of s into *row. On failure *row holds nothing to free. */
+typedef int (*read_row_fn)(struct store *st, sqlite3_stmt *s, void *row);
+/* Frees an array of n rows that a read_row_fn filled. */
+typedef void (*free_rows_fn)(void *rows, size_t n);
+
+/* Reads a row selected with REPO_COLS into a struct store_repo. */
+static int read_repo(struct store *st, sqlite3_stmt *s, void *row)
 {
+	struct store_repo *r = row;
 	int oom = 0;
 
 	memset(r, 0, sizeof(*r));
@@ -293,15 +374,16 @@ static int read_repo(struct store *st, sqlite3_stmt *s, struct store_repo *r)
 	if (oom || !r->id || !r->name || !r->creator || !r->description || !r->path ||
 	    !r->root_commit || !r->head) {
 		store_repo_clear(r);
-		set_err(st, "out of memory");
-		return ME_ENOMEM;
+		return no_memory(st);
 	}
 	return 0;
 }
 
-/* Reads a row selected with NODE_COLS. */
-static int read_node(struct store *st, sqlite3_stmt *s, struct store_node *n)
+/* Reads a row selected with NODE_COLS into a struct store_node. */
+static int read_node(struct store *st, sqlite3_stmt *s, void *row)
 {
+	struct store_node *n = row;
+
 	memset(n, 0, sizeof(*n));
 	n->id = col_dup(s, 0);
 	n->alias = col_dup(s, 1);
@@ -313,10 +395,38 @@ static int read_node(struct store *st, sqlite3_stmt *s, struct store_node *n)
 	n->last_seen_ms = sqlite3_column_int64(s, 7);
 	if (!n->id || !n->alias || !n->addresses || !n->version) {
 		store_node_clear(n);
-		set_err(st, "out of memory");
-		return ME_ENOMEM;
+		return no_memory(st);
 	}
 	return 0;
+}
+
+/* Reads a row of S_REF_LIST (ref_name, oid) into a struct store_ref. */
+static int read_ref(struct store *st, sqlite3_stmt *s, void *row)
+{
+	struct store_ref *ref = row;
+
+	ref->name = col_dup(s, 0);
+	ref->oid = col_dup(s, 1);
+	if (ref->name == NULL || ref->oid == NULL) {
+		ref_clear(ref);
+		return no_memory(st);
+	}
+	return 0;
+}
+
+static void free_repo_rows(void *rows, size_t n)
+{
+	store_repo_list_free(rows, n);
+}
+
+static void free_node_rows(void *rows, size_t n)
+{
+	store_node_list_free(rows, n);
+}
+
+static void free_ref_rows(void *rows, size_t n)
+{
+	store_refs_free(rows, n);
 }
 
 /* Returns arr (of elements of size elsz) grown so that element n fits, or NULL (arr is then
@@ -330,7 +440,7 @@ static void *grow(struct store *st, void *arr, size_t *cap, size_t n, size_t els
 		return arr;
 	ncap = *cap ? *cap * 2 : 16;
 	if (ncap < *cap || ncap > SIZE_MAX / elsz || (p = realloc(arr, ncap * elsz)) == NULL) {
-		set_err(st, "out of memory");
+		no_memory(st);
 		return NULL;
 	}
 	*cap = ncap;
@@ -346,22 +456,32 @@ static int exec_sql(struct store *st, const char *sql, const char *what)
 	return 0;
 }
 
+/* Prepares a constant query and steps it to its first row. The caller finalizes *s, whatever
+ * this returns. */
+static int query_row(struct store *st, const char *sql, const char *what, sqlite3_stmt **s)
+{
+	*s = NULL;
+	if (sqlite3_prepare_v2(st->db, sql, -1, s, NULL) != SQLITE_OK)
+		return db_fail(st, what);
+	if (sqlite3_step(*s) != SQLITE_ROW)
+		return db_fail(st, what);
+	return 0;
+}
+
 /* Runs a constant single-column query and returns its first row's value as text. */
 static int query_text(struct store *st, const char *sql, const char *what, char *out, size_t outsz)
 {
-	sqlite3_stmt *s = NULL;
+	sqlite3_stmt *s;
 	const unsigned char *t;
-	int rc = 0;
+	int rc;
 
-	if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK)
-		return db_fail(st, what);
-	if (sqlite3_step(s) != SQLITE_ROW) {
-		rc = db_fail(st, what);
-	} else if ((t = sqlite3_column_text(s, 0)) == NULL) {
-		set_err(st, "%s: no value", what);
-		rc = ME_EDB;
-	} else {
-		snprintf(out, outsz, "%s", (const char *)t);
+	if ((rc = query_row(st, sql, what, &s)) == 0) {
+		if ((t = sqlite3_column_text(s, 0)) != NULL) {
+			snprintf(out, outsz, "%s", (const char *)t);
+		} else {
+			set_err(st, "%s: no value", what);
+			rc = ME_EDB;
+		}
 	}
 	sqlite3_finalize(s);
 	return rc;
@@ -369,14 +489,10 @@ static int query_text(struct store *st, const char *sql, const char *what, char 
 
 static int query_int(struct store *st, const char *sql, const char *what, int64_t *out)
 {
-	sqlite3_stmt *s = NULL;
-	int rc = 0;
+	sqlite3_stmt *s;
+	int rc;
 
-	if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK)
-		return db_fail(st, what);
-	if (sqlite3_step(s) != SQLITE_ROW)
-		rc = db_fail(st, what);
-	else
+	if ((rc = query_row(st, sql, what, &s)) == 0)
 		*out = sqlite3_column_int64(s, 0);
 	sqlite3_finalize(s);
 	return rc;
@@ -384,7 +500,7 @@ static int query_int(struct store *st, const char *sql, const char *what, int64_
 
 static int schema_version(struct store *st, int *v)
 {
-	int64_t x;
+	int64_t x = 0;
 	int rc;
 
 	if ((rc = query_int(st, "PRAGMA user_version", "read schema version", &x)) < 0)
@@ -573,8 +689,12 @@ const char *store_errmsg(const struct store *st)
 	return st->err[0] ? st->err : "no error";
 }
 
-static int store_ready(struct store *st)
+/* Checks a public call's arguments: ME_EINVAL (with no message: there may be no handle) when st
+ * is NULL or args_ok is 0, ME_EDB when the database is not open. */
+static int store_usable(struct store *st, int args_ok)
 {
+	if (st == NULL || !args_ok)
+		return ME_EINVAL;
 	if (st->db == NULL) {
 		set_err(st, "database is not open");
 		return ME_EDB;
@@ -584,12 +704,10 @@ static int store_ready(struct store *st)
 
 int store_schema_version(struct store *st)
 {
-	int64_t v;
+	int64_t v = 0;
 	int rc;
 
-	if (st == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, 1)) < 0)
 		return rc;
 	if ((rc = query_int(st, "PRAGMA user_version", "read schema version", &v)) < 0)
 		return rc;
@@ -598,6 +716,107 @@ int store_schema_version(struct store *st)
 		return ME_EDB;
 	}
 	return (int)v;
+}
+
+/* --- queries shared by repositories, refs and nodes --------------------------------------- */
+
+/* Runs statement sid bound to key and reads its one row into out. ME_ENOTFOUND
+ * ("no <noun> <key>") when there is none. */
+static int get_row(struct store *st, enum stmt_id sid, const char *key, read_row_fn read_row,
+		   void *out, const char *what, const char *noun)
+{
+	sqlite3_stmt *s = st->stmt[sid];
+	int rc, step;
+
+	if ((rc = bind_key(st, s, key, what)) < 0)
+		return rc;
+	step = sqlite3_step(s);
+	if (step == SQLITE_ROW) {
+		rc = read_row(st, s, out);
+	} else if (step == SQLITE_DONE) {
+		set_err(st, "no %s %s", noun, key);
+		rc = ME_ENOTFOUND;
+	} else {
+		rc = db_fail(st, what);
+	}
+	stmt_done(s);
+	return rc;
+}
+
+/* Reads every row of statement sid (with key bound to ?1 unless key is NULL) into a new array
+ * of elements of size elsz, which free_rows frees: *rows and *n, NULL and 0 on failure.
+ * ME_EINVAL when n is NULL or args_ok is 0 (see store_usable). */
+static int list_rows(struct store *st, int args_ok, enum stmt_id sid, const char *key,
+		     size_t elsz, read_row_fn read_row, free_rows_fn free_rows, const char *what,
+		     void **rows, size_t *n)
+{
+	sqlite3_stmt *s;
+	char *arr = NULL;
+	size_t cnt = 0, cap = 0;
+	void *p;
+	int rc, step;
+
+	*rows = NULL;
+	if (n != NULL)
+		*n = 0;
+	if ((rc = store_usable(st, args_ok && n != NULL)) < 0)
+		return rc;
+	s = st->stmt[sid];
+	if (key != NULL && (rc = bind_key(st, s, key, what)) < 0)
+		return rc;
+	while ((step = sqlite3_step(s)) == SQLITE_ROW) {
+		if ((p = grow(st, arr, &cap, cnt, elsz)) == NULL) {
+			rc = ME_ENOMEM;
+			break;
+		}
+		arr = p;
+		if ((rc = read_row(st, s, arr + cnt * elsz)) < 0)
+			break;
+		cnt++;
+	}
+	if (rc == 0 && step != SQLITE_DONE)
+		rc = db_fail(st, what);
+	stmt_done(s);
+	if (rc < 0) {
+		free_rows(arr, cnt);
+		return rc;
+	}
+	*rows = arr;
+	*n = cnt;
+	return 0;
+}
+
+/* Deletes the row of statement sid bound to key, checking the arguments first (see
+ * store_usable). ME_ENOTFOUND ("no <noun> <key>") when there is none. */
+static int delete_row(struct store *st, enum stmt_id sid, const char *key, const char *what,
+		      const char *noun)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if ((rc = store_usable(st, key != NULL)) < 0)
+		return rc;
+	s = st->stmt[sid];
+	if ((rc = bind_key(st, s, key, what)) < 0)
+		return rc;
+	return step_changed(st, s, what, noun, key);
+}
+
+/* Runs the count query sid into *n, checking the arguments first (see store_usable). */
+static int count_rows(struct store *st, enum stmt_id sid, const char *what, int64_t *n)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if ((rc = store_usable(st, n != NULL)) < 0)
+		return rc;
+	s = st->stmt[sid];
+	if (sqlite3_step(s) == SQLITE_ROW)
+		*n = sqlite3_column_int64(s, 0);
+	else
+		rc = db_fail(st, what);
+	stmt_done(s);
+	return rc;
 }
 
 /* --- repositories and refs ---------------------------------------------------------------- */
@@ -616,23 +835,34 @@ static int refs_insert(struct store *st, const char *repo_id, const struct store
 		}
 		if (bind_text(s, 1, repo_id) != SQLITE_OK || bind_text(s, 2, refs[i].name) != SQLITE_OK ||
 		    bind_text(s, 3, refs[i].oid) != SQLITE_OK ||
-		    sqlite3_bind_int64(s, 4, now) != SQLITE_OK) {
-			rc = db_fail(st, "insert ref");
-			stmt_done(s);
-			return rc;
+		    sqlite3_bind_int64(s, 4, now) != SQLITE_OK)
+			return bind_fail(st, s, "insert ref");
+		if ((rc = step_insert(st, s, "insert ref")) == ME_EEXIST) {
+			set_err(st, "duplicate ref %s", refs[i].name);
+			return ME_EINVAL;
 		}
-		if (sqlite3_step(s) != SQLITE_DONE) {
-			if (sqlite3_extended_errcode(st->db) == SQLITE_CONSTRAINT_PRIMARYKEY) {
-				set_err(st, "duplicate ref %s", refs[i].name);
-				rc = ME_EINVAL;
-			} else {
-				rc = db_fail(st, "insert ref");
-			}
-			stmt_done(s);
+		if (rc < 0)
 			return rc;
-		}
-		stmt_done(s);
 	}
+	return 0;
+}
+
+/* Binds repository r to s in the parameter numbers of S_REPO_INSERT (the order of REPO_COLS),
+ * with is_external, path and the times given apart. */
+static int bind_repo(struct store *st, sqlite3_stmt *s, const char *what,
+		     const struct store_repo *r, int is_external, const char *path, int64_t created,
+		     int64_t updated)
+{
+	if (bind_text(s, 1, r->id) != SQLITE_OK || bind_text(s, 2, r->name) != SQLITE_OK ||
+	    bind_text(s, 3, r->creator) != SQLITE_OK || bind_text(s, 4, r->description) != SQLITE_OK ||
+	    bind_text(s, 5, path) != SQLITE_OK ||
+	    sqlite3_bind_int(s, 6, is_external ? 1 : 0) != SQLITE_OK ||
+	    bind_text(s, 7, r->root_commit) != SQLITE_OK || bind_text(s, 8, r->head) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 9, created) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 10, updated) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 11, r->ref_seq) != SQLITE_OK ||
+	    bind_sig(s, 12, r->has_ref_sig ? r->ref_sig : NULL) != SQLITE_OK)
+		return bind_fail(st, s, what);
 	return 0;
 }
 
@@ -643,31 +873,11 @@ static int repo_insert(struct store *st, const struct store_repo *r, int is_exte
 	sqlite3_stmt *s = st->stmt[S_REPO_INSERT];
 	int rc;
 
-	if (bind_text(s, 1, r->id) != SQLITE_OK || bind_text(s, 2, r->name) != SQLITE_OK ||
-	    bind_text(s, 3, r->creator) != SQLITE_OK || bind_text(s, 4, r->description) != SQLITE_OK ||
-	    bind_text(s, 5, path) != SQLITE_OK ||
-	    sqlite3_bind_int(s, 6, is_external ? 1 : 0) != SQLITE_OK ||
-	    bind_text(s, 7, r->root_commit) != SQLITE_OK || bind_text(s, 8, r->head) != SQLITE_OK ||
-	    sqlite3_bind_int64(s, 9, created) != SQLITE_OK ||
-	    sqlite3_bind_int64(s, 10, updated) != SQLITE_OK ||
-	    sqlite3_bind_int64(s, 11, r->ref_seq) != SQLITE_OK ||
-	    bind_sig(s, 12, r->has_ref_sig ? r->ref_sig : NULL) != SQLITE_OK) {
-		rc = db_fail(st, "insert repository");
-		stmt_done(s);
+	if ((rc = bind_repo(st, s, "insert repository", r, is_external, path, created, updated)) < 0)
 		return rc;
-	}
-	if (sqlite3_step(s) != SQLITE_DONE) {
-		if (sqlite3_extended_errcode(st->db) == SQLITE_CONSTRAINT_PRIMARYKEY) {
-			set_err(st, "repository %s already exists", r->id);
-			rc = ME_EEXIST;
-		} else {
-			rc = db_fail(st, "insert repository");
-		}
-		stmt_done(s);
-		return rc;
-	}
-	stmt_done(s);
-	return 0;
+	if ((rc = step_insert(st, s, "insert repository")) == ME_EEXIST)
+		set_err(st, "repository %s already exists", r->id);
+	return rc;
 }
 
 /* Replaces a repository's refs inside the caller's transaction. */
@@ -677,14 +887,23 @@ static int refs_replace(struct store *st, const char *repo_id, const struct stor
 	sqlite3_stmt *s = st->stmt[S_REF_CLEAR];
 	int rc;
 
-	if (bind_text(s, 1, repo_id) != SQLITE_OK) {
-		rc = db_fail(st, "delete refs");
-		stmt_done(s);
+	if ((rc = bind_key(st, s, repo_id, "delete refs")) < 0)
 		return rc;
-	}
 	if ((rc = step_done(st, s, "delete refs")) < 0)
 		return rc;
 	return refs_insert(st, repo_id, refs, n, now);
+}
+
+/* Inside the caller's transaction: steps s, a bound UPDATE of repository id, then replaces its
+ * refs. ME_ENOTFOUND when there is no such repository. */
+static int repo_update_refs(struct store *st, sqlite3_stmt *s, const char *what, const char *id,
+			    const struct store_ref *refs, size_t n, int64_t now)
+{
+	int rc;
+
+	if ((rc = step_changed(st, s, what, "repository", id)) < 0)
+		return rc;
+	return refs_replace(st, id, refs, n, now);
 }
 
 static int repo_valid(struct store *st, const struct store_repo *r)
@@ -706,49 +925,17 @@ int store_repo_add(struct store *st, const struct store_repo *r, const struct st
 	int64_t now = time(NULL);
 	int rc;
 
-	if (st == NULL || r == NULL || (refs == NULL && nrefs > 0))
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, r != NULL && (refs != NULL || nrefs == 0))) < 0)
 		return rc;
 	if ((rc = repo_valid(st, r)) < 0)
 		return rc;
 	if ((rc = tx_begin(st)) < 0)
 		return rc;
-	if ((rc = repo_insert(st, r, r->is_external, r->path, now_or(r->created_at),
-			      now_or(r->updated_at))) < 0)
-		goto fail;
-	if ((rc = refs_insert(st, r->id, refs, nrefs, now)) < 0)
-		goto fail;
-	if ((rc = tx_commit(st)) < 0)
-		goto fail;
-	return 0;
-fail:
-	tx_rollback(st);
-	return rc;
-}
-
-/* Runs a one-row repository query bound to key. */
-static int repo_get_one(struct store *st, enum stmt_id id, const char *key, struct store_repo *out)
-{
-	sqlite3_stmt *s = st->stmt[id];
-	int rc, step;
-
-	if (bind_text(s, 1, key) != SQLITE_OK) {
-		rc = db_fail(st, "select repository");
-		stmt_done(s);
-		return rc;
-	}
-	step = sqlite3_step(s);
-	if (step == SQLITE_ROW) {
-		rc = read_repo(st, s, out);
-	} else if (step == SQLITE_DONE) {
-		set_err(st, "no repository %s", key);
-		rc = ME_ENOTFOUND;
-	} else {
-		rc = db_fail(st, "select repository");
-	}
-	stmt_done(s);
-	return rc;
+	rc = repo_insert(st, r, r->is_external, r->path, now_or(r->created_at),
+			 now_or(r->updated_at));
+	if (rc == 0)
+		rc = refs_insert(st, r->id, refs, nrefs, now);
+	return tx_end(st, rc);
 }
 
 int store_repo_get(struct store *st, const char *id, struct store_repo *out)
@@ -757,11 +944,9 @@ int store_repo_get(struct store *st, const char *id, struct store_repo *out)
 
 	if (out != NULL)
 		memset(out, 0, sizeof(*out));
-	if (st == NULL || id == NULL || out == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, id != NULL && out != NULL)) < 0)
 		return rc;
-	return repo_get_one(st, S_REPO_GET, id, out);
+	return get_row(st, S_REPO_GET, id, read_repo, out, "select repository", "repository");
 }
 
 int store_repo_find_path(struct store *st, const char *path, struct store_repo *out)
@@ -770,79 +955,32 @@ int store_repo_find_path(struct store *st, const char *path, struct store_repo *
 
 	if (out != NULL)
 		memset(out, 0, sizeof(*out));
-	if (st == NULL || path == NULL || out == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, path != NULL && out != NULL)) < 0)
 		return rc;
 	if (path[0] == '\0') {
 		set_err(st, "no repository with an empty path");
 		return ME_ENOTFOUND;
 	}
-	return repo_get_one(st, S_REPO_FIND_PATH, path, out);
+	return get_row(st, S_REPO_FIND_PATH, path, read_repo, out, "select repository",
+		       "repository");
 }
 
 int store_repo_list(struct store *st, struct store_repo **out, size_t *n)
 {
-	sqlite3_stmt *s;
-	struct store_repo *arr = NULL;
-	size_t cnt = 0, cap = 0;
-	void *p;
-	int rc = 0, step;
+	void *rows;
+	int rc;
 
+	rc = list_rows(st, out != NULL, S_REPO_LIST, NULL, sizeof(struct store_repo), read_repo,
+		       free_repo_rows, "list repositories", &rows, n);
 	if (out != NULL)
-		*out = NULL;
-	if (n != NULL)
-		*n = 0;
-	if (st == NULL || out == NULL || n == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
-	s = st->stmt[S_REPO_LIST];
-	while ((step = sqlite3_step(s)) == SQLITE_ROW) {
-		if ((p = grow(st, arr, &cap, cnt, sizeof(*arr))) == NULL) {
-			rc = ME_ENOMEM;
-			break;
-		}
-		arr = p;
-		if ((rc = read_repo(st, s, &arr[cnt])) < 0)
-			break;
-		cnt++;
-	}
-	if (rc == 0 && step != SQLITE_DONE)
-		rc = db_fail(st, "list repositories");
-	stmt_done(s);
-	if (rc < 0) {
-		store_repo_list_free(arr, cnt);
-		return rc;
-	}
-	*out = arr;
-	*n = cnt;
-	return 0;
+		*out = rows;
+	return rc;
 }
 
 int store_repo_remove(struct store *st, const char *id)
 {
-	sqlite3_stmt *s;
-	int rc;
-
-	if (st == NULL || id == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
-	s = st->stmt[S_REPO_DELETE];
-	if (bind_text(s, 1, id) != SQLITE_OK) {
-		rc = db_fail(st, "delete repository");
-		stmt_done(s);
-		return rc;
-	}
 	/* One statement: the refs go with it (ON DELETE CASCADE) atomically. */
-	if ((rc = step_done(st, s, "delete repository")) < 0)
-		return rc;
-	if (sqlite3_changes(st->db) == 0) {
-		set_err(st, "no repository %s", id);
-		return ME_ENOTFOUND;
-	}
-	return 0;
+	return delete_row(st, S_REPO_DELETE, id, "delete repository", "repository");
 }
 
 int store_refs_set(struct store *st, const char *repo_id, const struct store_ref *refs, size_t n)
@@ -851,33 +989,16 @@ int store_refs_set(struct store *st, const char *repo_id, const struct store_ref
 	int64_t now = time(NULL);
 	int rc;
 
-	if (st == NULL || repo_id == NULL || (refs == NULL && n > 0))
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, repo_id != NULL && (refs != NULL || n == 0))) < 0)
 		return rc;
 	if ((rc = tx_begin(st)) < 0)
 		return rc;
 	s = st->stmt[S_REPO_TOUCH];
-	if (bind_text(s, 1, repo_id) != SQLITE_OK || sqlite3_bind_int64(s, 2, now) != SQLITE_OK) {
-		rc = db_fail(st, "update repository");
-		stmt_done(s);
-		goto fail;
-	}
-	if ((rc = step_done(st, s, "update repository")) < 0)
-		goto fail;
-	if (sqlite3_changes(st->db) == 0) {
-		set_err(st, "no repository %s", repo_id);
-		rc = ME_ENOTFOUND;
-		goto fail;
-	}
-	if ((rc = refs_replace(st, repo_id, refs, n, now)) < 0)
-		goto fail;
-	if ((rc = tx_commit(st)) < 0)
-		goto fail;
-	return 0;
-fail:
-	tx_rollback(st);
-	return rc;
+	if (bind_text(s, 1, repo_id) != SQLITE_OK || sqlite3_bind_int64(s, 2, now) != SQLITE_OK)
+		rc = bind_fail(st, s, "update repository");
+	else
+		rc = repo_update_refs(st, s, "update repository", repo_id, refs, n, now);
+	return tx_end(st, rc);
 }
 
 int store_repo_set_refstate(struct store *st, const char *id, int64_t seq, const char *head,
@@ -888,9 +1009,7 @@ int store_repo_set_refstate(struct store *st, const char *id, int64_t seq, const
 	int64_t now = time(NULL);
 	int rc;
 
-	if (st == NULL || id == NULL || (refs == NULL && n > 0))
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, id != NULL && (refs != NULL || n == 0))) < 0)
 		return rc;
 	if (seq < 0) {
 		set_err(st, "repository %s: negative ref sequence number", id);
@@ -901,26 +1020,11 @@ int store_repo_set_refstate(struct store *st, const char *id, int64_t seq, const
 	s = st->stmt[S_REPO_SET_REFSTATE];
 	if (bind_text(s, 1, id) != SQLITE_OK || bind_text(s, 2, head) != SQLITE_OK ||
 	    sqlite3_bind_int64(s, 3, seq) != SQLITE_OK || bind_sig(s, 4, sig) != SQLITE_OK ||
-	    sqlite3_bind_int64(s, 5, now) != SQLITE_OK) {
-		rc = db_fail(st, "update ref state");
-		stmt_done(s);
-		goto fail;
-	}
-	if ((rc = step_done(st, s, "update ref state")) < 0)
-		goto fail;
-	if (sqlite3_changes(st->db) == 0) {
-		set_err(st, "no repository %s", id);
-		rc = ME_ENOTFOUND;
-		goto fail;
-	}
-	if ((rc = refs_replace(st, id, refs, n, now)) < 0)
-		goto fail;
-	if ((rc = tx_commit(st)) < 0)
-		goto fail;
-	return 0;
-fail:
-	tx_rollback(st);
-	return rc;
+	    sqlite3_bind_int64(s, 5, now) != SQLITE_OK)
+		rc = bind_fail(st, s, "update ref state");
+	else
+		rc = repo_update_refs(st, s, "update ref state", id, refs, n, now);
+	return tx_end(st, rc);
 }
 
 /* What upsert_external needs to know of an existing row. *found is 0 when there is none. */
@@ -940,14 +1044,11 @@ static int text_eq(sqlite3_stmt *s, int col, const char *v)
 static int ext_state_get(struct store *st, const struct store_repo *r, struct ext_state *es)
 {
 	sqlite3_stmt *s = st->stmt[S_REPO_EXT_STATE];
-	int rc = 0, step;
+	int rc, step;
 
 	memset(es, 0, sizeof(*es));
-	if (bind_text(s, 1, r->id) != SQLITE_OK) {
-		rc = db_fail(st, "select repository");
-		stmt_done(s);
+	if ((rc = bind_key(st, s, r->id, "select repository")) < 0)
 		return rc;
-	}
 	step = sqlite3_step(s);
 	if (step == SQLITE_ROW) {
 		es->found = 1;
@@ -966,25 +1067,23 @@ int store_repo_upsert_external(struct store *st, const struct store_repo *r,
 {
 	struct ext_state es;
 	sqlite3_stmt *s;
-	int64_t now = time(NULL), updated;
+	int64_t now = time(NULL), created, updated;
 	int rc;
 
 	if (changed != NULL)
 		*changed = 0;
-	if (st == NULL || r == NULL || (refs == NULL && n > 0))
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, r != NULL && (refs != NULL || n == 0))) < 0)
 		return rc;
 	if ((rc = repo_valid(st, r)) < 0)
 		return rc;
+	created = now_or(r->created_at);
 	updated = now_or(r->updated_at);
 	if ((rc = tx_begin(st)) < 0)
 		return rc;
 	if ((rc = ext_state_get(st, r, &es)) < 0)
-		goto fail;
+		return tx_end(st, rc);
 	if (!es.found) {
-		if ((rc = repo_insert(st, r, 1, "", now_or(r->created_at), updated)) < 0)
-			goto fail;
+		rc = repo_insert(st, r, 1, "", created, updated);
 	} else if (!es.is_external || r->ref_seq <= es.ref_seq) {
 		tx_rollback(st); /* nothing to write */
 		return 0;
@@ -992,104 +1091,34 @@ int store_repo_upsert_external(struct store *st, const struct store_repo *r,
 		set_err(st, "repository %s: creator or root commit differs from the stored one",
 			r->id);
 		rc = ME_EINVAL;
-		goto fail;
 	} else {
+		/* S_REPO_EXT_UPDATE uses only some of the parameters bound here. */
 		s = st->stmt[S_REPO_EXT_UPDATE];
-		if (bind_text(s, 1, r->id) != SQLITE_OK || bind_text(s, 2, r->name) != SQLITE_OK ||
-		    bind_text(s, 3, r->description) != SQLITE_OK ||
-		    bind_text(s, 4, r->head) != SQLITE_OK ||
-		    sqlite3_bind_int64(s, 5, r->ref_seq) != SQLITE_OK ||
-		    bind_sig(s, 6, r->has_ref_sig ? r->ref_sig : NULL) != SQLITE_OK ||
-		    sqlite3_bind_int64(s, 7, updated) != SQLITE_OK) {
-			rc = db_fail(st, "update repository");
-			stmt_done(s);
-			goto fail;
-		}
-		if ((rc = step_done(st, s, "update repository")) < 0)
-			goto fail;
+		rc = bind_repo(st, s, "update repository", r, 1, "", created, updated);
+		if (rc == 0)
+			rc = step_done(st, s, "update repository");
 	}
-	if ((rc = refs_replace(st, r->id, refs, n, now)) < 0)
-		goto fail;
-	if ((rc = tx_commit(st)) < 0)
-		goto fail;
-	if (changed != NULL)
+	if (rc == 0)
+		rc = refs_replace(st, r->id, refs, n, now);
+	if ((rc = tx_end(st, rc)) == 0 && changed != NULL)
 		*changed = 1;
-	return 0;
-fail:
-	tx_rollback(st);
 	return rc;
 }
 
 int store_refs_get(struct store *st, const char *repo_id, struct store_ref **out, size_t *n)
 {
-	sqlite3_stmt *s;
-	struct store_ref *arr = NULL;
-	size_t cnt = 0, cap = 0;
-	void *p;
-	int rc = 0, step;
+	void *rows;
+	int rc;
 
+	rc = list_rows(st, repo_id != NULL && out != NULL, S_REF_LIST, repo_id,
+		       sizeof(struct store_ref), read_ref, free_ref_rows, "list refs", &rows, n);
 	if (out != NULL)
-		*out = NULL;
-	if (n != NULL)
-		*n = 0;
-	if (st == NULL || repo_id == NULL || out == NULL || n == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
-	s = st->stmt[S_REF_LIST];
-	if (bind_text(s, 1, repo_id) != SQLITE_OK) {
-		rc = db_fail(st, "list refs");
-		stmt_done(s);
-		return rc;
-	}
-	while ((step = sqlite3_step(s)) == SQLITE_ROW) {
-		if ((p = grow(st, arr, &cap, cnt, sizeof(*arr))) == NULL) {
-			rc = ME_ENOMEM;
-			break;
-		}
-		arr = p;
-		arr[cnt].name = col_dup(s, 0);
-		arr[cnt].oid = col_dup(s, 1);
-		cnt++;
-		if (arr[cnt - 1].name == NULL || arr[cnt - 1].oid == NULL) {
-			set_err(st, "out of memory");
-			rc = ME_ENOMEM;
-			break;
-		}
-	}
-	if (rc == 0 && step != SQLITE_DONE)
-		rc = db_fail(st, "list refs");
-	stmt_done(s);
-	if (rc < 0) {
-		store_refs_free(arr, cnt);
-		return rc;
-	}
-	*out = arr;
-	*n = cnt;
-	return 0;
-}
-
-static int count_rows(struct store *st, enum stmt_id id, const char *what, int64_t *n)
-{
-	sqlite3_stmt *s = st->stmt[id];
-	int rc = 0;
-
-	if (sqlite3_step(s) == SQLITE_ROW)
-		*n = sqlite3_column_int64(s, 0);
-	else
-		rc = db_fail(st, what);
-	stmt_done(s);
+		*out = rows;
 	return rc;
 }
 
 int store_repo_count(struct store *st, int64_t *n)
 {
-	int rc;
-
-	if (st == NULL || n == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
 	return count_rows(st, S_REPO_COUNT, "count repositories", n);
 }
 
@@ -1100,9 +1129,7 @@ int store_node_upsert(struct store *st, const struct store_node *n)
 	sqlite3_stmt *s;
 	int rc;
 
-	if (st == NULL || n == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, n != NULL)) < 0)
 		return rc;
 	if (n->id == NULL || n->id[0] == '\0') {
 		set_err(st, "node needs an id");
@@ -1115,114 +1142,40 @@ int store_node_upsert(struct store *st, const struct store_node *n)
 	    bind_text(s, 5, n->version) != SQLITE_OK ||
 	    sqlite3_bind_int64(s, 6, now_or(n->created_at)) != SQLITE_OK ||
 	    sqlite3_bind_int64(s, 7, now_or(n->updated_at)) != SQLITE_OK ||
-	    sqlite3_bind_int64(s, 8, n->last_seen_ms > 0 ? n->last_seen_ms : 0) != SQLITE_OK) {
-		rc = db_fail(st, "upsert node");
-		stmt_done(s);
-		return rc;
-	}
+	    sqlite3_bind_int64(s, 8, n->last_seen_ms > 0 ? n->last_seen_ms : 0) != SQLITE_OK)
+		return bind_fail(st, s, "upsert node");
 	return step_done(st, s, "upsert node");
 }
 
 int store_node_get(struct store *st, const char *id, struct store_node *out)
 {
-	sqlite3_stmt *s;
-	int rc, step;
+	int rc;
 
 	if (out != NULL)
 		memset(out, 0, sizeof(*out));
-	if (st == NULL || id == NULL || out == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
+	if ((rc = store_usable(st, id != NULL && out != NULL)) < 0)
 		return rc;
-	s = st->stmt[S_NODE_GET];
-	if (bind_text(s, 1, id) != SQLITE_OK) {
-		rc = db_fail(st, "select node");
-		stmt_done(s);
-		return rc;
-	}
-	step = sqlite3_step(s);
-	if (step == SQLITE_ROW) {
-		rc = read_node(st, s, out);
-	} else if (step == SQLITE_DONE) {
-		set_err(st, "no node %s", id);
-		rc = ME_ENOTFOUND;
-	} else {
-		rc = db_fail(st, "select node");
-	}
-	stmt_done(s);
-	return rc;
+	return get_row(st, S_NODE_GET, id, read_node, out, "select node", "node");
 }
 
 int store_node_delete(struct store *st, const char *id)
 {
-	sqlite3_stmt *s;
-	int rc;
-
-	if (st == NULL || id == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
-	s = st->stmt[S_NODE_DELETE];
-	if (bind_text(s, 1, id) != SQLITE_OK) {
-		rc = db_fail(st, "delete node");
-		stmt_done(s);
-		return rc;
-	}
-	if ((rc = step_done(st, s, "delete node")) < 0)
-		return rc;
-	if (sqlite3_changes(st->db) == 0) {
-		set_err(st, "no node %s", id);
-		return ME_ENOTFOUND;
-	}
-	return 0;
+	return delete_row(st, S_NODE_DELETE, id, "delete node", "node");
 }
 
 int store_node_list(struct store *st, struct store_node **out, size_t *n)
 {
-	sqlite3_stmt *s;
-	struct store_node *arr = NULL;
-	size_t cnt = 0, cap = 0;
-	void *p;
-	int rc = 0, step;
+	void *rows;
+	int rc;
 
+	rc = list_rows(st, out != NULL, S_NODE_LIST, NULL, sizeof(struct store_node), read_node,
+		       free_node_rows, "list nodes", &rows, n);
 	if (out != NULL)
-		*out = NULL;
-	if (n != NULL)
-		*n = 0;
-	if (st == NULL || out == NULL || n == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
-	s = st->stmt[S_NODE_LIST];
-	while ((step = sqlite3_step(s)) == SQLITE_ROW) {
-		if ((p = grow(st, arr, &cap, cnt, sizeof(*arr))) == NULL) {
-			rc = ME_ENOMEM;
-			break;
-		}
-		arr = p;
-		if ((rc = read_node(st, s, &arr[cnt])) < 0)
-			break;
-		cnt++;
-	}
-	if (rc == 0 && step != SQLITE_DONE)
-		rc = db_fail(st, "list nodes");
-	stmt_done(s);
-	if (rc < 0) {
-		store_node_list_free(arr, cnt);
-		return rc;
-	}
-	*out = arr;
-	*n = cnt;
-	return 0;
+		*out = rows;
+	return rc;
 }
 
 int store_node_count(struct store *st, int64_t *n)
 {
-	int rc;
-
-	if (st == NULL || n == NULL)
-		return ME_EINVAL;
-	if ((rc = store_ready(st)) < 0)
-		return rc;
 	return count_rows(st, S_NODE_COUNT, "count nodes", n);
 }
