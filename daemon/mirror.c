@@ -1,0 +1,1908 @@
+#include "daemon/mirror.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <git2.h>
+#include <git2/sys/odb_backend.h>
+#include <sodium.h>
+
+#include "common/err.h"
+#include "common/ids.h"
+
+_Static_assert(GIT_OID_RAWSZ == ME_OID_LEN, "oid size");
+
+#define BUNDLE_SIG "# v2 git bundle"
+#define BUNDLE_SIG_V3 "# v3 git bundle"
+#define DID_REPO_PREFIX "did:repo:"
+#define INCOMING_PREFIX "me-incoming-"
+#define PACK_HDR_LEN 12
+#define PACK_TRAILER_LEN 20
+/* Smallest possible pack entry: a one-byte header and an empty zlib stream (8 bytes). Bounds
+ * the object count a pack header may announce (libgit2 allocates arrays from it). */
+#define PACK_MIN_ENTRY 9
+#define REFLOG_MSG "megaengine: sync"
+
+/* ---- errors ---- */
+
+__attribute__((format(printf, 3, 4)))
+static void set_err(char *err, size_t errsz, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err == NULL || errsz == 0)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errsz, fmt, ap);
+	va_end(ap);
+}
+
+static void clear_err(char *err, size_t errsz)
+{
+	if (err != NULL && errsz > 0)
+		err[0] = '\0';
+}
+
+/* Reports a libgit2 failure as "<what>: <libgit2 message>"; returns code, or ME_ENOMEM / ME_EIO
+ * when libgit2 says it ran out of memory or hit an OS error. */
+static int git_fail(char *err, size_t errsz, int code, const char *what)
+{
+	const git_error *e = git_error_last();
+
+	set_err(err, errsz, "%s: %s", what,
+		e != NULL && e->message != NULL ? e->message : "unknown libgit2 error");
+	if (e != NULL && e->klass == GIT_ERROR_NOMEMORY)
+		return ME_ENOMEM;
+	if (e != NULL && e->klass == GIT_ERROR_OS)
+		return ME_EIO;
+	return code;
+}
+
+static int nomem(char *err, size_t errsz)
+{
+	set_err(err, errsz, "out of memory");
+	return ME_ENOMEM;
+}
+
+/* ---- small helpers ---- */
+
+static int write_all(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+
+	while (len > 0) {
+		ssize_t n = write(fd, p, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static ssize_t read_some(int fd, void *buf, size_t len)
+{
+	ssize_t n;
+
+	do
+		n = read(fd, buf, len);
+	while (n < 0 && errno == EINTR);
+	return n;
+}
+
+static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw)
+{
+	(void)sb;
+	(void)type;
+	(void)ftw;
+	if (remove(p) < 0 && errno != ENOENT)
+		return -1;
+	return 0;
+}
+
+/* Removes a directory tree without following symbolic links. */
+static int rm_tree(const char *path)
+{
+	if (nftw(path, rm_cb, 8, FTW_DEPTH | FTW_PHYS) < 0 && errno != ENOENT)
+		return -1;
+	return 0;
+}
+
+static int hexval(unsigned char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return -1;
+}
+
+/* The GIT_OID_HEXSZ lowercase hex digits starting s[0..len) (the caller checks what follows). */
+static bool parse_hex_oid(const char *s, size_t len, git_oid *out)
+{
+	if (len < GIT_OID_HEXSZ)
+		return false;
+	for (size_t i = 0; i < GIT_OID_RAWSZ; i++) {
+		int hi = hexval((unsigned char)s[2 * i]), lo = hexval((unsigned char)s[2 * i + 1]);
+		if (hi < 0 || lo < 0)
+			return false;
+		out->id[i] = (unsigned char)(hi << 4 | lo);
+	}
+	return true;
+}
+
+static bool gstr_eq_cstr(struct gmsg_str a, const char *b)
+{
+	return gmsg_str_eq(a, gmsg_str(b));
+}
+
+/* ---- oid set: open addressing, keyed hash (SipHash) so that an attacker choosing objects
+ * cannot make the probes collide ---- */
+
+struct oidset_slot {
+	git_oid oid;
+	uint8_t used;
+	uint8_t val;
+};
+
+struct oidset {
+	struct oidset_slot *slots;
+	size_t cap, n; /* cap: a power of two, or 0 */
+	unsigned char key[crypto_shorthash_KEYBYTES];
+};
+
+static int oidset_init(struct oidset *s)
+{
+	memset(s, 0, sizeof(*s));
+	if (sodium_init() < 0)
+		return ME_EINTERNAL;
+	randombytes_buf(s->key, sizeof(s->key));
+	return 0;
+}
+
+static void oidset_free(struct oidset *s)
+{
+	free(s->slots);
+	memset(s, 0, sizeof(*s));
+}
+
+static size_t oidset_idx(const struct oidset *s, const git_oid *oid)
+{
+	unsigned char h[crypto_shorthash_BYTES];
+	uint64_t v;
+
+	crypto_shorthash(h, oid->id, GIT_OID_RAWSZ, s->key);
+	memcpy(&v, h, sizeof(v));
+	return (size_t)v & (s->cap - 1);
+}
+
+static struct oidset_slot *oidset_find(const struct oidset *s, const git_oid *oid)
+{
+	if (s->cap == 0)
+		return NULL;
+	for (size_t i = oidset_idx(s, oid);; i = (i + 1) & (s->cap - 1)) {
+		if (!s->slots[i].used)
+			return NULL;
+		if (memcmp(s->slots[i].oid.id, oid->id, GIT_OID_RAWSZ) == 0)
+			return &s->slots[i];
+	}
+}
+
+static bool oidset_has(const struct oidset *s, const git_oid *oid)
+{
+	return oidset_find(s, oid) != NULL;
+}
+
+static void oidset_place(struct oidset *s, const git_oid *oid, uint8_t val)
+{
+	size_t i = oidset_idx(s, oid);
+
+	while (s->slots[i].used)
+		i = (i + 1) & (s->cap - 1);
+	git_oid_cpy(&s->slots[i].oid, oid);
+	s->slots[i].used = 1;
+	s->slots[i].val = val;
+	s->n++;
+}
+
+/* Adds oid (keeping the old value when present). 1 added, 0 present, ME_ENOMEM. */
+static int oidset_put(struct oidset *s, const git_oid *oid, uint8_t val)
+{
+	if (oidset_find(s, oid) != NULL)
+		return 0;
+	if (s->n + 1 > s->cap / 2) {
+		size_t ncap = s->cap ? s->cap * 2 : 64;
+		struct oidset_slot *old = s->slots;
+		size_t ocap = s->cap;
+
+		if (ncap < s->cap || ncap > SIZE_MAX / sizeof(*old))
+			return ME_ENOMEM;
+		if ((s->slots = calloc(ncap, sizeof(*old))) == NULL) {
+			s->slots = old;
+			return ME_ENOMEM;
+		}
+		s->cap = ncap;
+		s->n = 0;
+		for (size_t i = 0; i < ocap; i++)
+			if (old[i].used)
+				oidset_place(s, &old[i].oid, old[i].val);
+		free(old);
+	}
+	oidset_place(s, oid, val);
+	return 1;
+}
+
+/* ---- oid vector ---- */
+
+struct oidvec {
+	git_oid *v;
+	size_t n, cap;
+};
+
+static int oidvec_push(struct oidvec *a, const git_oid *oid)
+{
+	if (a->n == a->cap) {
+		size_t ncap = a->cap ? a->cap * 2 : 64;
+		git_oid *p;
+		if (ncap < a->cap || ncap > SIZE_MAX / sizeof(*p) ||
+		    (p = realloc(a->v, ncap * sizeof(*p))) == NULL)
+			return ME_ENOMEM;
+		a->v = p;
+		a->cap = ncap;
+	}
+	git_oid_cpy(&a->v[a->n++], oid);
+	return 0;
+}
+
+static int oid_cmp(const void *a, const void *b)
+{
+	return git_oid_cmp(a, b);
+}
+
+/* ---- mirrors ---- */
+
+int mirror_path(const char *root, const char *repo_id, char *buf, size_t sz)
+{
+	int n;
+
+	if (root == NULL || root[0] == '\0' || repo_id == NULL || buf == NULL || sz == 0)
+		return ME_EINVAL;
+	if (strncmp(repo_id, DID_REPO_PREFIX, strlen(DID_REPO_PREFIX)) != 0 ||
+	    !me_did_repo_valid(repo_id))
+		return ME_EBADID;
+	n = snprintf(buf, sz, "%s/repos/%s.git", root, repo_id + strlen(DID_REPO_PREFIX));
+	if (n < 0 || (size_t)n >= sz)
+		return ME_ETOOBIG;
+	return 0;
+}
+
+static int mirror_init(const char *path, git_repository **out, char *err, size_t errsz)
+{
+	git_repository_init_options opts;
+
+	git_repository_init_options_init(&opts, GIT_REPOSITORY_INIT_OPTIONS_VERSION);
+	opts.flags = GIT_REPOSITORY_INIT_BARE | GIT_REPOSITORY_INIT_NO_REINIT;
+	if (git_repository_init_ext(out, path, &opts) < 0) {
+		int rc = git_fail(err, errsz, ME_EGIT, "cannot create the mirror");
+		rm_tree(path);
+		return rc;
+	}
+	return 0;
+}
+
+int mirror_open(const char *root, const char *repo_id, bool create, git_repository **out,
+		char *err, size_t errsz)
+{
+	char path[PATH_MAX], dir[PATH_MAX];
+	struct stat sb;
+	int rc, n;
+
+	clear_err(err, errsz);
+	if (out == NULL)
+		return ME_EINVAL;
+	*out = NULL;
+	if ((rc = mirror_path(root, repo_id, path, sizeof(path))) < 0) {
+		set_err(err, errsz, rc == ME_EBADID ? "invalid repository id" : "invalid mirror path");
+		return rc;
+	}
+	if (create) {
+		n = snprintf(dir, sizeof(dir), "%s/repos", root);
+		if (n < 0 || (size_t)n >= sizeof(dir))
+			return ME_ETOOBIG;
+		if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
+			set_err(err, errsz, "cannot create %s: %s", dir, strerror(errno));
+			return ME_EIO;
+		}
+		if (lstat(dir, &sb) < 0 || !S_ISDIR(sb.st_mode)) {
+			set_err(err, errsz, "%s is not a directory", dir);
+			return ME_EIO;
+		}
+		if (mkdir(path, 0700) == 0)
+			return mirror_init(path, out, err, errsz);
+		if (errno != EEXIST) {
+			set_err(err, errsz, "cannot create %s: %s", path, strerror(errno));
+			return ME_EIO;
+		}
+		/* An empty directory is what a crash between mkdir and init leaves: start over.
+		 * (rmdir fails on anything else, which is opened below.) */
+		if (rmdir(path) == 0) {
+			if (mkdir(path, 0700) == 0)
+				return mirror_init(path, out, err, errsz);
+			set_err(err, errsz, "cannot create %s: %s", path, strerror(errno));
+			return ME_EIO;
+		}
+	}
+	if (lstat(path, &sb) < 0) {
+		if (errno == ENOENT) {
+			set_err(err, errsz, "no mirror of %s", repo_id);
+			return ME_ENOTFOUND;
+		}
+		set_err(err, errsz, "%s: %s", path, strerror(errno));
+		return ME_EIO;
+	}
+	if (!S_ISDIR(sb.st_mode) ||
+	    git_repository_open_ext(out, path, GIT_REPOSITORY_OPEN_NO_SEARCH |
+				    GIT_REPOSITORY_OPEN_BARE, NULL) < 0) {
+		*out = NULL;
+		set_err(err, errsz, "%s is not a git repository", path);
+		return ME_ENOTREPO;
+	}
+	return 0;
+}
+
+static int rm_lock_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw)
+{
+	size_t l = strlen(p);
+
+	(void)ftw;
+	if (type == FTW_F && S_ISREG(sb->st_mode) && l > 5 && strcmp(p + l - 5, ".lock") == 0 &&
+	    unlink(p) < 0 && errno != ENOENT)
+		return -1;
+	return 0;
+}
+
+int mirror_cleanup(git_repository *r, char *err, size_t errsz)
+{
+	static const char *const locks[] = { "HEAD.lock", "packed-refs.lock" };
+	char p[PATH_MAX];
+	const char *gitdir;
+	struct dirent *de;
+	DIR *d;
+	int rc = 0, n;
+
+	clear_err(err, errsz);
+	if (r == NULL || (gitdir = git_repository_path(r)) == NULL)
+		return ME_EINVAL;
+	if ((d = opendir(gitdir)) == NULL) {
+		set_err(err, errsz, "%s: %s", gitdir, strerror(errno));
+		return ME_EIO;
+	}
+	while ((de = readdir(d)) != NULL) {
+		if (strncmp(de->d_name, INCOMING_PREFIX, strlen(INCOMING_PREFIX)) != 0)
+			continue;
+		n = snprintf(p, sizeof(p), "%s%s", gitdir, de->d_name);
+		if (n < 0 || (size_t)n >= sizeof(p) || rm_tree(p) < 0) {
+			set_err(err, errsz, "cannot remove %s%s", gitdir, de->d_name);
+			rc = ME_EIO;
+		}
+	}
+	closedir(d);
+	for (size_t i = 0; i < sizeof(locks) / sizeof(locks[0]); i++) {
+		n = snprintf(p, sizeof(p), "%s%s", gitdir, locks[i]);
+		if (n > 0 && (size_t)n < sizeof(p) && unlink(p) < 0 && errno != ENOENT) {
+			set_err(err, errsz, "cannot remove %s: %s", p, strerror(errno));
+			rc = ME_EIO;
+		}
+	}
+	n = snprintf(p, sizeof(p), "%srefs", gitdir);
+	if (n < 0 || (size_t)n >= sizeof(p) ||
+	    (nftw(p, rm_lock_cb, 8, FTW_PHYS) != 0 && errno != ENOENT)) {
+		set_err(err, errsz, "cannot remove stale ref locks in %s", p);
+		rc = ME_EIO;
+	}
+	return rc;
+}
+
+/* ---- mirror state ---- */
+
+void mirror_state_free(struct mirror_state *s)
+{
+	if (s == NULL)
+		return;
+	for (size_t i = 0; i < s->nrefs; i++)
+		free((char *)s->refs[i].name.ptr);
+	free(s->refs);
+	free(s->head);
+	memset(s, 0, sizeof(*s));
+}
+
+static int state_push(struct mirror_state *s, size_t *cap, const char *name, const git_oid *oid)
+{
+	char *dup;
+
+	if (s->nrefs == *cap) {
+		size_t ncap = *cap ? *cap * 2 : 16;
+		struct gmsg_ref *p;
+		if (ncap < *cap || ncap > SIZE_MAX / sizeof(*p) ||
+		    (p = realloc(s->refs, ncap * sizeof(*p))) == NULL)
+			return ME_ENOMEM;
+		s->refs = p;
+		*cap = ncap;
+	}
+	if ((dup = strdup(name)) == NULL)
+		return ME_ENOMEM;
+	s->refs[s->nrefs].name = gmsg_str(dup);
+	memcpy(s->refs[s->nrefs].oid, oid->id, ME_OID_LEN);
+	s->nrefs++;
+	return 0;
+}
+
+static int state_collect(git_repository *r, const char *glob, struct mirror_state *s,
+			 size_t *cap, char *err, size_t errsz)
+{
+	git_reference_iterator *it = NULL;
+	git_reference *ref = NULL, *res = NULL;
+	int rc = 0, grc;
+
+	if (git_reference_iterator_glob_new(&it, r, glob) < 0)
+		return git_fail(err, errsz, ME_EGIT, "cannot list refs");
+	while ((grc = git_reference_next(&ref, it)) == 0) {
+		const git_oid *oid = NULL;
+
+		if (git_reference_type(ref) == GIT_REFERENCE_SYMBOLIC) {
+			if (git_reference_resolve(&res, ref) == 0)
+				oid = git_reference_target(res);
+		} else {
+			oid = git_reference_target(ref);
+		}
+		if (oid != NULL && (rc = state_push(s, cap, git_reference_name(ref), oid)) < 0)
+			nomem(err, errsz);
+		git_reference_free(res);
+		git_reference_free(ref);
+		res = ref = NULL;
+		if (rc < 0)
+			break;
+	}
+	if (rc == 0 && grc != GIT_ITEROVER)
+		rc = git_fail(err, errsz, ME_EGIT, "cannot list refs");
+	git_reference_iterator_free(it);
+	return rc;
+}
+
+int mirror_state_read(git_repository *r, struct mirror_state *out, char *err, size_t errsz)
+{
+	git_reference *head = NULL;
+	const char *t = "";
+	size_t cap = 0;
+	int rc;
+
+	clear_err(err, errsz);
+	if (out == NULL)
+		return ME_EINVAL;
+	memset(out, 0, sizeof(*out));
+	if (r == NULL)
+		return ME_EINVAL;
+	if ((rc = state_collect(r, "refs/heads/*", out, &cap, err, errsz)) < 0 ||
+	    (rc = state_collect(r, "refs/tags/*", out, &cap, err, errsz)) < 0)
+		goto fail;
+	if (out->nrefs > 1)
+		qsort(out->refs, out->nrefs, sizeof(*out->refs), gmsg_ref_cmp);
+	if (git_reference_lookup(&head, r, "HEAD") < 0) {
+		rc = git_fail(err, errsz, ME_EGIT, "cannot read HEAD");
+		goto fail;
+	}
+	if (git_reference_type(head) == GIT_REFERENCE_SYMBOLIC &&
+	    git_reference_symbolic_target(head) != NULL)
+		t = git_reference_symbolic_target(head);
+	out->head = strdup(t);
+	git_reference_free(head);
+	if (out->head == NULL) {
+		rc = nomem(err, errsz);
+		goto fail;
+	}
+	return 0;
+fail:
+	mirror_state_free(out);
+	return rc;
+}
+
+bool mirror_state_matches(const struct mirror_state *s, const struct gmsg_refstate *rs)
+{
+	if (s == NULL || rs == NULL || s->nrefs != rs->nrefs)
+		return false;
+	for (size_t i = 0; i < s->nrefs; i++)
+		if (!gmsg_str_eq(s->refs[i].name, rs->refs[i].name) ||
+		    memcmp(s->refs[i].oid, rs->refs[i].oid, ME_OID_LEN) != 0)
+			return false;
+	return rs->head.len == 0 || (s->head != NULL && gstr_eq_cstr(rs->head, s->head));
+}
+
+int mirror_haves(git_repository *r, git_oid *out, size_t max, size_t *n, char *err,
+		 size_t errsz)
+{
+	struct mirror_state s;
+	struct oidset seen;
+	int rc;
+
+	if (n != NULL)
+		*n = 0;
+	if (r == NULL || n == NULL || (out == NULL && max > 0))
+		return ME_EINVAL;
+	if ((rc = mirror_state_read(r, &s, err, errsz)) < 0)
+		return rc;
+	if ((rc = oidset_init(&seen)) < 0) {
+		mirror_state_free(&s);
+		return rc;
+	}
+	for (size_t i = 0; i < s.nrefs && *n < max; i++) {
+		git_oid oid;
+
+		git_oid_fromraw(&oid, s.refs[i].oid);
+		if ((rc = oidset_put(&seen, &oid, 0)) < 0) {
+			nomem(err, errsz);
+			break;
+		}
+		if (rc == 1)
+			git_oid_cpy(&out[(*n)++], &oid);
+		rc = 0;
+	}
+	oidset_free(&seen);
+	mirror_state_free(&s);
+	return rc;
+}
+
+/* ---- bundle header ---- */
+
+/* Incremental scan for the end of a header: lines, their lengths and the total are bounded
+ * before anything is kept. */
+struct hscan {
+	size_t pos; /* bytes scanned */
+	size_t line_start;
+	size_t nlines;
+};
+
+/* Scans buf[sc->pos..len) (buf holds everything seen so far). 1: the header ends at sc->pos;
+ * 0: more data needed; < 0: error. */
+static int hscan_run(struct hscan *sc, const char *buf, size_t len, char *err, size_t errsz)
+{
+	while (sc->pos < len) {
+		const char *nl = memchr(buf + sc->pos, '\n', len - sc->pos);
+		size_t end = nl != NULL ? (size_t)(nl - buf) : len;
+
+		if (end - sc->line_start > BUNDLE_MAX_LINE) {
+			set_err(err, errsz, "bundle header line longer than %u bytes",
+				BUNDLE_MAX_LINE);
+			return ME_ETOOBIG;
+		}
+		if (nl == NULL) {
+			sc->pos = len;
+			break;
+		}
+		sc->pos = end + 1;
+		if (sc->pos > BUNDLE_MAX_HEADER) {
+			set_err(err, errsz, "bundle header larger than %u bytes", BUNDLE_MAX_HEADER);
+			return ME_ETOOBIG;
+		}
+		if (end == sc->line_start) {
+			if (sc->nlines == 0) {
+				set_err(err, errsz, "not a v2 git bundle");
+				return ME_EPROTO;
+			}
+			return 1;
+		}
+		if (++sc->nlines > BUNDLE_MAX_LINES) {
+			set_err(err, errsz, "bundle header has more than %u lines",
+				BUNDLE_MAX_LINES);
+			return ME_ETOOBIG;
+		}
+		if (sc->nlines == 1) {
+			size_t l = end - sc->line_start;
+			const char *s = buf + sc->line_start;
+
+			if (l == strlen(BUNDLE_SIG_V3) && memcmp(s, BUNDLE_SIG_V3, l) == 0) {
+				set_err(err, errsz, "v3 git bundles are not supported");
+				return ME_EVERSION;
+			}
+			if (l != strlen(BUNDLE_SIG) || memcmp(s, BUNDLE_SIG, l) != 0) {
+				set_err(err, errsz, "not a v2 git bundle");
+				return ME_EPROTO;
+			}
+		}
+		sc->line_start = sc->pos;
+	}
+	if (sc->pos >= BUNDLE_MAX_HEADER) {
+		set_err(err, errsz, "bundle header larger than %u bytes", BUNDLE_MAX_HEADER);
+		return ME_ETOOBIG;
+	}
+	return 0;
+}
+
+void bundle_header_free(struct bundle_header *h)
+{
+	if (h == NULL)
+		return;
+	free(h->buf);
+	free(h->prereqs);
+	free(h->refs);
+	memset(h, 0, sizeof(*h));
+}
+
+static int bref_cmp(const void *a, const void *b)
+{
+	return strcmp(((const struct bundle_ref *)a)->name, ((const struct bundle_ref *)b)->name);
+}
+
+/* Parses a complete header of hlen bytes (hscan_run accepted it: it ends with a blank line and
+ * satisfies the size limits). */
+static int header_parse(const char *src, size_t hlen, struct bundle_header *out, char *err,
+			size_t errsz)
+{
+	size_t npre = 0, nref = 0, pos, lineno = 1;
+	char *b;
+	int rc = ME_EPROTO;
+
+	memset(out, 0, sizeof(*out));
+	if ((out->buf = malloc(hlen + 1)) == NULL)
+		return nomem(err, errsz);
+	b = out->buf;
+	memcpy(b, src, hlen);
+	b[hlen] = '\0';
+	out->len = hlen;
+
+	/* First pass: count, to allocate exactly. */
+	pos = strlen(BUNDLE_SIG) + 1;
+	for (size_t p = pos; p < hlen && b[p] != '\n';) {
+		char *nl = memchr(b + p, '\n', hlen - p);
+		if (nl == NULL)
+			break;
+		if (b[p] == '-')
+			npre++;
+		else
+			nref++;
+		p = (size_t)(nl - b) + 1;
+	}
+	if (nref > GMSG_MAX_REFS) {
+		set_err(err, errsz, "bundle has more than %u refs", GMSG_MAX_REFS);
+		rc = ME_ETOOBIG;
+		goto fail;
+	}
+	if ((npre > 0 && (out->prereqs = calloc(npre, sizeof(*out->prereqs))) == NULL) ||
+	    (nref > 0 && (out->refs = calloc(nref, sizeof(*out->refs))) == NULL)) {
+		rc = nomem(err, errsz);
+		goto fail;
+	}
+
+	while (pos < hlen && b[pos] != '\n') {
+		char *line = b + pos, *nl = memchr(line, '\n', hlen - pos);
+		size_t l;
+
+		if (nl == NULL)
+			break; /* cannot happen: the header ends with "\n\n" */
+		l = (size_t)(nl - line);
+		*nl = '\0';
+		pos += l + 1;
+		lineno++;
+		if (memchr(line, '\0', l) != NULL) {
+			set_err(err, errsz, "bundle header line %zu: NUL byte", lineno);
+			goto fail;
+		}
+		if (line[0] == '@') {
+			set_err(err, errsz, "bundle capabilities are not supported");
+			rc = ME_EVERSION;
+			goto fail;
+		}
+		if (line[0] == '-') {
+			git_oid *o = &out->prereqs[out->nprereqs];
+			if (!parse_hex_oid(line + 1, l - 1, o) ||
+			    (l > 1 + GIT_OID_HEXSZ && line[1 + GIT_OID_HEXSZ] != ' ')) {
+				set_err(err, errsz, "bundle header line %zu: bad prerequisite",
+					lineno);
+				goto fail;
+			}
+			out->nprereqs++;
+			continue;
+		}
+		struct bundle_ref *r = &out->refs[out->nrefs];
+		if (l < GIT_OID_HEXSZ + 2 || !parse_hex_oid(line, l, &r->oid) ||
+		    line[GIT_OID_HEXSZ] != ' ') {
+			set_err(err, errsz, "bundle header line %zu: bad ref line", lineno);
+			goto fail;
+		}
+		r->name = line + GIT_OID_HEXSZ + 1;
+		if (!gmsg_refname_valid(r->name, l - GIT_OID_HEXSZ - 1)) {
+			set_err(err, errsz, "bundle header line %zu: invalid ref name", lineno);
+			goto fail;
+		}
+		out->nrefs++;
+	}
+	if (out->nrefs > 1)
+		qsort(out->refs, out->nrefs, sizeof(*out->refs), bref_cmp);
+	for (size_t i = 1; i < out->nrefs; i++)
+		if (strcmp(out->refs[i - 1].name, out->refs[i].name) == 0) {
+			set_err(err, errsz, "bundle lists %s twice", out->refs[i].name);
+			goto fail;
+		}
+	return 0;
+fail:
+	bundle_header_free(out);
+	return rc;
+}
+
+int bundle_header_parse(const void *buf, size_t len, struct bundle_header *out, char *err,
+			size_t errsz)
+{
+	struct hscan sc = { 0, 0, 0 };
+	size_t n = len < BUNDLE_MAX_HEADER ? len : BUNDLE_MAX_HEADER;
+	int rc;
+
+	clear_err(err, errsz);
+	if (out == NULL)
+		return ME_EINVAL;
+	memset(out, 0, sizeof(*out));
+	if (buf == NULL && len > 0)
+		return ME_EINVAL;
+	if ((rc = hscan_run(&sc, buf, n, err, errsz)) < 0)
+		return rc;
+	if (rc == 0) {
+		set_err(err, errsz, "truncated bundle header");
+		return ME_EPROTO;
+	}
+	return header_parse(buf, sc.pos, out, err, errsz);
+}
+
+int bundle_read_header(int fd, struct bundle_header *out, char *err, size_t errsz)
+{
+	struct hscan sc = { 0, 0, 0 };
+	char *buf = NULL;
+	size_t len = 0, cap = 0;
+	bool seekable;
+	int rc = 0;
+
+	clear_err(err, errsz);
+	if (out == NULL)
+		return ME_EINVAL;
+	memset(out, 0, sizeof(*out));
+	if (fd < 0)
+		return ME_EINVAL;
+	seekable = lseek(fd, 0, SEEK_CUR) >= 0;
+	while (rc == 0) {
+		size_t want = seekable ? 4096 : 1;
+		ssize_t got;
+
+		if (len + want > cap) {
+			size_t ncap = cap ? cap * 2 : 4096;
+			char *p;
+			if (ncap > BUNDLE_MAX_HEADER)
+				ncap = BUNDLE_MAX_HEADER;
+			if (ncap <= len) {
+				set_err(err, errsz, "bundle header larger than %u bytes",
+					BUNDLE_MAX_HEADER);
+				rc = ME_ETOOBIG;
+				break;
+			}
+			if ((p = realloc(buf, ncap)) == NULL) {
+				rc = nomem(err, errsz);
+				break;
+			}
+			buf = p;
+			cap = ncap;
+		}
+		if (want > cap - len)
+			want = cap - len;
+		if ((got = read_some(fd, buf + len, want)) < 0) {
+			set_err(err, errsz, "cannot read the bundle: %s", strerror(errno));
+			rc = ME_EIO;
+			break;
+		}
+		if (got == 0) {
+			set_err(err, errsz, "truncated bundle header");
+			rc = ME_EPROTO;
+			break;
+		}
+		len += (size_t)got;
+		rc = hscan_run(&sc, buf, len, err, errsz);
+	}
+	if (rc == 1) {
+		if (len > sc.pos && lseek(fd, -(off_t)(len - sc.pos), SEEK_CUR) < 0) {
+			set_err(err, errsz, "cannot seek in the bundle: %s", strerror(errno));
+			rc = ME_EIO;
+		} else {
+			rc = header_parse(buf, sc.pos, out, err, errsz);
+		}
+	}
+	free(buf);
+	return rc;
+}
+
+/* ---- bundle writer ---- */
+
+struct wctx {
+	int fd;
+	uint64_t bytes;
+	int err; /* -errno */
+};
+
+static int pack_cb(void *buf, size_t size, void *payload)
+{
+	struct wctx *w = payload;
+	int rc = write_all(w->fd, buf, size);
+
+	if (rc < 0) {
+		w->err = rc;
+		return -1;
+	}
+	w->bytes += size;
+	return 0;
+}
+
+static bool tips_valid(const struct gmsg_ref *tips, size_t ntips)
+{
+	if (ntips > GMSG_MAX_REFS || (ntips > 0 && tips == NULL))
+		return false;
+	for (size_t i = 0; i < ntips; i++) {
+		if (!gmsg_refname_valid(tips[i].name.ptr, tips[i].name.len))
+			return false;
+		if (i > 0 && gmsg_str_cmp(tips[i - 1].name, tips[i].name) >= 0)
+			return false;
+	}
+	return true;
+}
+
+/* Header text: signature, prerequisites, refs, blank line. ME_ETOOBIG beyond the limits. */
+static int header_build(const struct oidvec *pre, const struct gmsg_ref *tips, size_t ntips,
+			char **out, size_t *outlen)
+{
+	size_t len = strlen(BUNDLE_SIG) + 2, off;
+	char *b;
+
+	if (pre->n + ntips > BUNDLE_MAX_LINES - 1)
+		return ME_ETOOBIG;
+	len += pre->n * (GIT_OID_HEXSZ + 2);
+	for (size_t i = 0; i < ntips; i++)
+		len += GIT_OID_HEXSZ + 2 + tips[i].name.len;
+	if (len > BUNDLE_MAX_HEADER)
+		return ME_ETOOBIG;
+	if ((b = malloc(len + 1)) == NULL)
+		return ME_ENOMEM;
+	off = (size_t)sprintf(b, "%s\n", BUNDLE_SIG);
+	for (size_t i = 0; i < pre->n; i++) {
+		b[off++] = '-';
+		git_oid_tostr(b + off, GIT_OID_HEXSZ + 1, &pre->v[i]);
+		off += GIT_OID_HEXSZ;
+		b[off++] = '\n';
+	}
+	for (size_t i = 0; i < ntips; i++) {
+		git_oid oid;
+
+		git_oid_fromraw(&oid, tips[i].oid);
+		git_oid_tostr(b + off, GIT_OID_HEXSZ + 1, &oid);
+		off += GIT_OID_HEXSZ;
+		b[off++] = ' ';
+		memcpy(b + off, tips[i].name.ptr, tips[i].name.len);
+		off += tips[i].name.len;
+		b[off++] = '\n';
+	}
+	b[off++] = '\n';
+	*out = b;
+	*outlen = off;
+	return 0;
+}
+
+/* Hides the haves src knows in walk; returns how many were hidden (or < 0). */
+static int hide_haves(git_revwalk *walk, git_odb *odb, const git_oid *haves, size_t nhaves,
+		      char *err, size_t errsz)
+{
+	int hidden = 0;
+
+	for (size_t i = 0; i < nhaves; i++) {
+		if (!git_odb_exists_ext(odb, &haves[i], GIT_ODB_LOOKUP_NO_REFRESH))
+			continue;
+		if (git_revwalk_hide(walk, &haves[i]) < 0) {
+			const git_error *e = git_error_last();
+			if (e != NULL && e->klass == GIT_ERROR_NOMEMORY)
+				return nomem(err, errsz);
+			git_error_clear(); /* not a commit-ish: nothing to hide */
+			continue;
+		}
+		hidden++;
+	}
+	return hidden;
+}
+
+/* The boundary of tips minus haves: the excluded parents of the included commits. Drops the
+ * excluded tip commits from tipc: the receiver has them, and walking from the included tips
+ * while hiding the boundary gives exactly the included commits (the first excluded commit on
+ * any path from an included tip is a boundary commit). Nothing is walked when no have is
+ * usable. */
+static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
+			 const git_oid *haves, size_t nhaves, struct oidvec *pre, char *err,
+			 size_t errsz)
+{
+	struct oidset inc, bset;
+	struct oidvec list = { NULL, 0, 0 };
+	git_revwalk *walk = NULL;
+	git_commit *c = NULL;
+	git_oid oid;
+	int rc, grc;
+
+	if (tipc->n == 0 || nhaves == 0)
+		return 0;
+	if ((rc = oidset_init(&inc)) < 0 || (rc = oidset_init(&bset)) < 0)
+		return rc;
+	if (git_revwalk_new(&walk, src) < 0) {
+		rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+		goto out;
+	}
+	for (size_t i = 0; i < tipc->n; i++)
+		if (git_revwalk_push(walk, &tipc->v[i]) < 0) {
+			rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+			goto out;
+		}
+	if ((rc = hide_haves(walk, odb, haves, nhaves, err, errsz)) <= 0)
+		goto out;
+	rc = 0;
+	while ((grc = git_revwalk_next(&oid, walk)) == 0)
+		if (oidset_put(&inc, &oid, 0) < 0 || oidvec_push(&list, &oid) < 0) {
+			rc = nomem(err, errsz);
+			goto out;
+		}
+	if (grc != GIT_ITEROVER) {
+		rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+		goto out;
+	}
+	for (size_t i = 0; i < list.n; i++) {
+		if (git_commit_lookup(&c, src, &list.v[i]) < 0) {
+			rc = git_fail(err, errsz, ME_EGIT, "cannot read a commit");
+			goto out;
+		}
+		for (unsigned p = 0; p < git_commit_parentcount(c); p++) {
+			const git_oid *pid = git_commit_parent_id(c, p);
+			if (pid == NULL || oidset_has(&inc, pid))
+				continue;
+			if ((rc = oidset_put(&bset, pid, 0)) == 1)
+				rc = oidvec_push(pre, pid);
+			if (rc < 0) {
+				rc = nomem(err, errsz);
+				goto out;
+			}
+		}
+		git_commit_free(c);
+		c = NULL;
+	}
+	rc = 0;
+	{
+		size_t j = 0;
+		for (size_t i = 0; i < tipc->n; i++)
+			if (oidset_has(&inc, &tipc->v[i]))
+				git_oid_cpy(&tipc->v[j++], &tipc->v[i]);
+		tipc->n = j;
+	}
+	if (pre->n > 1)
+		qsort(pre->v, pre->n, sizeof(*pre->v), oid_cmp);
+out:
+	git_commit_free(c);
+	git_revwalk_free(walk);
+	free(list.v);
+	oidset_free(&inc);
+	oidset_free(&bset);
+	return rc < 0 ? rc : 0;
+}
+
+/* Inserts a tip's annotated tags (unless haves) and non-commit targets; returns the commit to
+ * walk from in *commit (zero oid when there is none). */
+static int add_tip(git_packbuilder *pb, git_repository *src, const struct oidset *haveset,
+		   const git_oid *tip, const char *name, git_oid *commit, char *err, size_t errsz)
+{
+	git_object *obj = NULL, *next = NULL;
+	int rc = 0, grc, depth = 0;
+
+	memset(commit, 0, sizeof(*commit));
+	if ((grc = git_object_lookup(&obj, src, tip, GIT_OBJECT_ANY)) < 0) {
+		if (grc == GIT_ENOTFOUND) {
+			char hex[GIT_OID_HEXSZ + 1];
+			set_err(err, errsz, "%s (%s) is not in the repository", name,
+				git_oid_tostr(hex, sizeof(hex), tip));
+			return ME_ENOTFOUND;
+		}
+		return git_fail(err, errsz, ME_EGIT, "cannot read a tip");
+	}
+	while (git_object_type(obj) == GIT_OBJECT_TAG) {
+		if (++depth > 64) {
+			set_err(err, errsz, "%s: tag chain too long", name);
+			rc = ME_EPROTO;
+			goto out;
+		}
+		if (!oidset_has(haveset, git_object_id(obj)) &&
+		    git_packbuilder_insert(pb, git_object_id(obj), NULL) < 0) {
+			rc = git_fail(err, errsz, ME_EGIT, "cannot add a tag to the pack");
+			goto out;
+		}
+		if (git_tag_target(&next, (git_tag *)obj) < 0) {
+			rc = git_fail(err, errsz, ME_EGIT, "cannot read a tag's target");
+			goto out;
+		}
+		git_object_free(obj);
+		obj = next;
+		next = NULL;
+	}
+	if (git_object_type(obj) == GIT_OBJECT_COMMIT) {
+		git_oid_cpy(commit, git_object_id(obj));
+	} else if (!oidset_has(haveset, git_object_id(obj)) &&
+		   git_packbuilder_insert_recur(pb, git_object_id(obj), NULL) < 0) {
+		rc = git_fail(err, errsz, ME_EGIT, "cannot add a tip to the pack");
+	}
+out:
+	git_object_free(obj);
+	return rc;
+}
+
+int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
+		 const git_oid *haves, size_t nhaves, int fd, struct bundle_stats *st, char *err,
+		 size_t errsz)
+{
+	struct oidset haveset;
+	struct oidvec tipc = { NULL, 0, 0 }, pre = { NULL, 0, 0 };
+	git_packbuilder *pb = NULL;
+	git_revwalk *walk = NULL;
+	git_odb *odb = NULL;
+	struct wctx w = { fd, 0, 0 };
+	char *hdr = NULL;
+	size_t hdrlen = 0;
+	int rc;
+
+	clear_err(err, errsz);
+	if (st != NULL)
+		memset(st, 0, sizeof(*st));
+	if (src == NULL || fd < 0 || (nhaves > 0 && haves == NULL))
+		return ME_EINVAL;
+	if (!tips_valid(tips, ntips)) {
+		set_err(err, errsz, "invalid tips");
+		return ME_EINVAL;
+	}
+	if (nhaves > BUNDLE_MAX_HAVES) {
+		set_err(err, errsz, "more than %u haves", BUNDLE_MAX_HAVES);
+		return ME_ETOOBIG;
+	}
+	if ((rc = oidset_init(&haveset)) < 0)
+		return rc;
+	for (size_t i = 0; i < nhaves; i++)
+		if (oidset_put(&haveset, &haves[i], 0) < 0) {
+			rc = nomem(err, errsz);
+			goto out;
+		}
+	if (git_repository_odb(&odb, src) < 0 || git_odb_refresh(odb) < 0 ||
+	    git_packbuilder_new(&pb, src) < 0) {
+		rc = git_fail(err, errsz, ME_EGIT, "cannot prepare the pack");
+		goto out;
+	}
+	git_packbuilder_set_threads(pb, 0);
+
+	for (size_t i = 0; i < ntips; i++) {
+		char name[GMSG_MAX_REFNAME + 1];
+		git_oid tip, commit;
+
+		memcpy(name, tips[i].name.ptr, tips[i].name.len);
+		name[tips[i].name.len] = '\0';
+		git_oid_fromraw(&tip, tips[i].oid);
+		if ((rc = add_tip(pb, src, &haveset, &tip, name, &commit, err, errsz)) < 0)
+			goto out;
+		if (!git_oid_is_zero(&commit) && oidvec_push(&tipc, &commit) < 0) {
+			rc = nomem(err, errsz);
+			goto out;
+		}
+	}
+	if ((rc = find_boundary(src, odb, &tipc, haves, nhaves, &pre, err, errsz)) < 0)
+		goto out;
+
+	if (git_revwalk_new(&walk, src) < 0) {
+		rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+		goto out;
+	}
+	for (size_t i = 0; i < tipc.n; i++)
+		if (git_revwalk_push(walk, &tipc.v[i]) < 0) {
+			rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+			goto out;
+		}
+	for (size_t i = 0; i < pre.n; i++)
+		if (git_revwalk_hide(walk, &pre.v[i]) < 0) {
+			rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+			goto out;
+		}
+	if (tipc.n > 0 && git_packbuilder_insert_walk(pb, walk) < 0) {
+		rc = git_fail(err, errsz, ME_EGIT, "cannot add commits to the pack");
+		goto out;
+	}
+
+	if ((rc = header_build(&pre, tips, ntips, &hdr, &hdrlen)) < 0) {
+		if (rc == ME_ETOOBIG)
+			set_err(err, errsz, "bundle header would exceed the limits (%zu "
+				"prerequisites, %zu refs)", pre.n, ntips);
+		else
+			nomem(err, errsz);
+		goto out;
+	}
+	if ((rc = write_all(fd, hdr, hdrlen)) < 0) {
+		set_err(err, errsz, "cannot write the bundle: %s", strerror(-rc));
+		rc = ME_EIO;
+		goto out;
+	}
+	if (git_packbuilder_foreach(pb, pack_cb, &w) < 0) {
+		if (w.err < 0) {
+			set_err(err, errsz, "cannot write the bundle: %s", strerror(-w.err));
+			rc = ME_EIO;
+		} else {
+			rc = git_fail(err, errsz, ME_EGIT, "cannot build the pack");
+		}
+		goto out;
+	}
+	if (st != NULL) {
+		st->header_bytes = hdrlen;
+		st->pack_bytes = w.bytes;
+		st->objects = git_packbuilder_object_count(pb);
+		st->prereqs = pre.n;
+		st->refs = ntips;
+	}
+	rc = 0;
+out:
+	free(hdr);
+	git_revwalk_free(walk);
+	git_packbuilder_free(pb);
+	git_odb_free(odb);
+	free(tipc.v);
+	free(pre.v);
+	oidset_free(&haveset);
+	return rc;
+}
+
+/* ---- bundle receiver ---- */
+
+enum rx_state { RX_HEADER, RX_PACK, RX_DONE, RX_FAILED };
+
+struct bundle_rx {
+	git_repository *mirror;
+	git_odb *odb; /* the mirror's */
+	const struct gmsg_refstate *expected;
+	struct bundle_rx_opts opts;
+	enum rx_state state;
+	int rc;
+	char msg[512];
+	uint64_t total;
+	/* header */
+	char *hbuf;
+	size_t hlen, hcap;
+	struct hscan scan;
+	struct bundle_header hdr;
+	/* pack */
+	unsigned char packhdr[PACK_HDR_LEN];
+	size_t packhdr_len;
+	uint64_t pack_bytes;
+	char *tmpdir;
+	git_indexer *idx;
+	git_indexer_progress prog;
+};
+
+__attribute__((format(printf, 3, 4)))
+static int rx_fail(struct bundle_rx *rx, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(rx->msg, sizeof(rx->msg), fmt, ap);
+	va_end(ap);
+	rx->state = RX_FAILED;
+	rx->rc = code;
+	return code;
+}
+
+/* Records an error whose message is already in rx->msg. */
+static int rx_failed(struct bundle_rx *rx, int code)
+{
+	rx->state = RX_FAILED;
+	rx->rc = code;
+	return code;
+}
+
+static int rx_git_fail(struct bundle_rx *rx, int code, const char *what)
+{
+	return rx_failed(rx, git_fail(rx->msg, sizeof(rx->msg), code, what));
+}
+
+static bool refstate_ok(const struct gmsg_refstate *rs)
+{
+	if (rs->nrefs > GMSG_MAX_REFS || (rs->nrefs > 0 && rs->refs == NULL))
+		return false;
+	if (rs->head.len > 0 && !gmsg_refname_valid(rs->head.ptr, rs->head.len))
+		return false;
+	for (size_t i = 0; i < rs->nrefs; i++) {
+		if (!gmsg_refname_valid(rs->refs[i].name.ptr, rs->refs[i].name.len))
+			return false;
+		if (i > 0 && gmsg_str_cmp(rs->refs[i - 1].name, rs->refs[i].name) >= 0)
+			return false;
+	}
+	return true;
+}
+
+int bundle_rx_new(struct bundle_rx **out, git_repository *mirror,
+		  const struct gmsg_refstate *expected, const struct bundle_rx_opts *opts,
+		  char *err, size_t errsz)
+{
+	struct bundle_rx *rx;
+
+	clear_err(err, errsz);
+	if (out == NULL)
+		return ME_EINVAL;
+	*out = NULL;
+	if (mirror == NULL || expected == NULL || opts == NULL || opts->max_bytes == 0)
+		return ME_EINVAL;
+	if (!refstate_ok(expected)) {
+		set_err(err, errsz, "malformed ref state");
+		return ME_EINVAL;
+	}
+	if ((rx = calloc(1, sizeof(*rx))) == NULL)
+		return nomem(err, errsz);
+	rx->mirror = mirror;
+	rx->expected = expected;
+	rx->opts = *opts;
+	rx->state = RX_HEADER;
+	if (git_repository_odb(&rx->odb, mirror) < 0) {
+		int rc = git_fail(err, errsz, ME_EGIT, "cannot open the mirror's objects");
+		free(rx);
+		return rc;
+	}
+	*out = rx;
+	return 0;
+}
+
+const char *bundle_rx_errmsg(const struct bundle_rx *rx)
+{
+	return rx != NULL ? rx->msg : "";
+}
+
+/* The header is complete: parse it, compare it with the signed state, check the
+ * prerequisites, set up the indexer. */
+static int rx_header_done(struct bundle_rx *rx)
+{
+	const struct gmsg_refstate *rs = rx->expected;
+	git_indexer_options io;
+	char hex[GIT_OID_HEXSZ + 1];
+	int rc, n;
+
+	if ((rc = header_parse(rx->hbuf, rx->scan.pos, &rx->hdr, rx->msg, sizeof(rx->msg))) < 0)
+		return rx_failed(rx, rc);
+	if (rx->hdr.nrefs != rs->nrefs)
+		return rx_fail(rx, ME_EPERM, "refs differ from the signed ref state");
+	for (size_t i = 0; i < rs->nrefs; i++)
+		if (!gstr_eq_cstr(rs->refs[i].name, rx->hdr.refs[i].name) ||
+		    memcmp(rs->refs[i].oid, rx->hdr.refs[i].oid.id, ME_OID_LEN) != 0)
+			return rx_fail(rx, ME_EPERM, "refs differ from the signed ref state");
+	for (size_t i = 0; i < rx->hdr.nprereqs; i++) {
+		const git_oid *o = &rx->hdr.prereqs[i];
+		git_object_t type;
+		size_t size;
+		int grc = git_odb_read_header(&size, &type, rx->odb, o);
+
+		if (grc == GIT_ENOTFOUND)
+			return rx_fail(rx, ME_ENOTFOUND, "missing prerequisite %s",
+				       git_oid_tostr(hex, sizeof(hex), o));
+		if (grc < 0)
+			return rx_git_fail(rx, ME_EGIT, "cannot read a prerequisite");
+		if (type != GIT_OBJECT_COMMIT)
+			return rx_fail(rx, ME_EPROTO, "prerequisite %s is not a commit",
+				       git_oid_tostr(hex, sizeof(hex), o));
+	}
+
+	/* The pack is indexed in a directory of its own inside the mirror: nothing reaches the
+	 * mirror's objects before it is verified. */
+	const char *gitdir = git_repository_path(rx->mirror);
+	size_t l = strlen(gitdir) + strlen(INCOMING_PREFIX) + 7;
+	if ((rx->tmpdir = malloc(l)) == NULL)
+		return rx_fail(rx, ME_ENOMEM, "out of memory");
+	n = snprintf(rx->tmpdir, l, "%s%sXXXXXX", gitdir, INCOMING_PREFIX);
+	if (n < 0 || (size_t)n >= l || mkdtemp(rx->tmpdir) == NULL) {
+		rc = rx_fail(rx, ME_EIO, "cannot create a temporary directory in %s: %s", gitdir,
+			     strerror(errno));
+		free(rx->tmpdir);
+		rx->tmpdir = NULL;
+		return rc;
+	}
+	/* The indexer hashes every object and checks the trailer; connectivity is rx_verify's
+	 * (libgit2's verify option leaks, see there). The mirror's odb resolves the bases of a
+	 * thin pack. */
+	git_indexer_options_init(&io, GIT_INDEXER_OPTIONS_VERSION);
+	if (git_indexer_new(&rx->idx, rx->tmpdir, 0, rx->odb, &io) < 0)
+		return rx_git_fail(rx, ME_EGIT, "cannot start the indexer");
+	rx->state = RX_PACK;
+	return 0;
+}
+
+static int rx_index(struct bundle_rx *rx, const unsigned char *p, size_t len)
+{
+	while (len > 0) {
+		size_t n = len < BUNDLE_CHUNK ? len : BUNDLE_CHUNK;
+
+		if (git_indexer_append(rx->idx, p, n, &rx->prog) < 0)
+			return rx_git_fail(rx, ME_EPROTO, "bad pack");
+		p += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int rx_pack(struct bundle_rx *rx, const unsigned char *p, size_t len)
+{
+	rx->pack_bytes += len;
+	if (rx->packhdr_len < PACK_HDR_LEN) {
+		size_t n = PACK_HDR_LEN - rx->packhdr_len;
+		uint32_t version, count;
+		uint64_t budget;
+
+		if (n > len)
+			n = len;
+		memcpy(rx->packhdr + rx->packhdr_len, p, n);
+		rx->packhdr_len += n;
+		p += n;
+		len -= n;
+		if (rx->packhdr_len < PACK_HDR_LEN)
+			return 0;
+		if (memcmp(rx->packhdr, "PACK", 4) != 0)
+			return rx_fail(rx, ME_EPROTO, "bad pack: no pack signature");
+		version = (uint32_t)rx->packhdr[4] << 24 | (uint32_t)rx->packhdr[5] << 16 |
+			  (uint32_t)rx->packhdr[6] << 8 | rx->packhdr[7];
+		count = (uint32_t)rx->packhdr[8] << 24 | (uint32_t)rx->packhdr[9] << 16 |
+			(uint32_t)rx->packhdr[10] << 8 | rx->packhdr[11];
+		if (version != 2 && version != 3)
+			return rx_fail(rx, ME_EPROTO, "bad pack: version %" PRIu32, version);
+		budget = rx->opts.max_bytes - rx->hdr.len;
+		if (budget < PACK_HDR_LEN + PACK_TRAILER_LEN ||
+		    count > (budget - PACK_HDR_LEN - PACK_TRAILER_LEN) / PACK_MIN_ENTRY)
+			return rx_fail(rx, ME_ETOOBIG, "pack of %" PRIu32 " objects exceeds %"
+				       PRIu64 " bytes", count, rx->opts.max_bytes);
+		if (rx_index(rx, rx->packhdr, PACK_HDR_LEN) < 0)
+			return rx->rc;
+	}
+	return rx_index(rx, p, len);
+}
+
+int bundle_rx_write(struct bundle_rx *rx, const void *buf, size_t len)
+{
+	const unsigned char *p = buf;
+	int rc;
+
+	if (rx == NULL || (buf == NULL && len > 0))
+		return ME_EINVAL;
+	if (rx->state == RX_FAILED)
+		return rx->rc;
+	if (rx->state == RX_DONE)
+		return ME_EINVAL;
+	if (len > rx->opts.max_bytes - rx->total)
+		return rx_fail(rx, ME_ETOOBIG, "bundle larger than %" PRIu64 " bytes",
+			       rx->opts.max_bytes);
+	rx->total += len;
+	while (len > 0 && rx->state == RX_HEADER) {
+		size_t n = BUNDLE_MAX_HEADER - rx->hlen;
+
+		if (n > len)
+			n = len;
+		if (rx->hlen + n > rx->hcap) {
+			size_t ncap = rx->hcap ? rx->hcap : 4096;
+			char *q;
+			while (ncap < rx->hlen + n)
+				ncap *= 2;
+			if (ncap > BUNDLE_MAX_HEADER)
+				ncap = BUNDLE_MAX_HEADER;
+			if ((q = realloc(rx->hbuf, ncap)) == NULL)
+				return rx_fail(rx, ME_ENOMEM, "out of memory");
+			rx->hbuf = q;
+			rx->hcap = ncap;
+		}
+		memcpy(rx->hbuf + rx->hlen, p, n);
+		rx->hlen += n;
+		p += n;
+		len -= n;
+		rc = hscan_run(&rx->scan, rx->hbuf, rx->hlen, rx->msg, sizeof(rx->msg));
+		if (rc < 0)
+			return rx_failed(rx, rc);
+		if (rc == 1) {
+			if (rx_header_done(rx) < 0)
+				return rx->rc;
+			/* What followed the header in this buffer is pack data. */
+			if (rx->hlen > rx->scan.pos &&
+			    rx_pack(rx, (unsigned char *)rx->hbuf + rx->scan.pos,
+				    rx->hlen - rx->scan.pos) < 0)
+				return rx->rc;
+			free(rx->hbuf);
+			rx->hbuf = NULL;
+			rx->hlen = rx->hcap = 0;
+		}
+	}
+	if (len > 0 && rx->state == RX_PACK && rx_pack(rx, p, len) < 0)
+		return rx->rc;
+	return 0;
+}
+
+/* Connectivity. libgit2's indexer "verify" mode is not used: in 1.5 it leaks every parsed
+ * object that the odb already has. Instead every object of the new pack is checked here: its
+ * type is read, and each commit, tree and tag is parsed and what it references must be in the
+ * pack or in the mirror, with the type the reference says (a commit's tree is a tree, its
+ * parents commits, a tree entry's mode matches, a tag's target has the declared type). So the
+ * mirror keeps an invariant: every object it holds has all it references. Given that, a tip
+ * that is in the pack or in the mirror is connected. The work is bounded by the objects of the
+ * pack and their references; each external object is looked up once. */
+#define EXTERNAL 0x80 /* oidset value flag: an object of the mirror, not of the pack */
+
+struct vctx {
+	struct bundle_rx *rx;
+	git_odb *packodb;
+	struct oidset types; /* oid -> type (| EXTERNAL) */
+	struct oidvec objs; /* the pack's objects */
+};
+
+static int vlist_cb(const git_oid *oid, void *payload)
+{
+	struct vctx *v = payload;
+	git_object_t type;
+	size_t size;
+	int rc;
+
+	if (git_odb_read_header(&size, &type, v->packodb, oid) < 0)
+		return rx_git_fail(v->rx, ME_EPROTO, "cannot read a new object");
+	if ((rc = oidset_put(&v->types, oid, (uint8_t)type)) < 0 ||
+	    (rc == 1 && oidvec_push(&v->objs, oid) < 0))
+		return rx_fail(v->rx, ME_ENOMEM, "out of memory");
+	return 0;
+}
+
+/* A reference from an object (from; NULL for a tip) to oid, which must have type want. */
+static int vref(struct vctx *v, const git_oid *oid, git_object_t want, const git_oid *from)
+{
+	struct oidset_slot *s = oidset_find(&v->types, oid);
+	char hex[GIT_OID_HEXSZ + 1], fhex[GIT_OID_HEXSZ + 1] = "a tip";
+	git_object_t type;
+	size_t size;
+	int grc;
+
+	if (s != NULL) {
+		type = (git_object_t)(s->val & ~EXTERNAL);
+	} else {
+		grc = git_odb_read_header(&size, &type, v->rx->odb, oid);
+		if (grc == GIT_ENOTFOUND) {
+			if (from != NULL)
+				git_oid_tostr(fhex, sizeof(fhex), from);
+			return rx_fail(v->rx, ME_EPROTO, "bundle is not connected: object %s "
+				       "(referenced by %s) is missing",
+				       git_oid_tostr(hex, sizeof(hex), oid), fhex);
+		}
+		if (grc < 0)
+			return rx_git_fail(v->rx, ME_EGIT, "cannot read an object");
+		if (oidset_put(&v->types, oid, (uint8_t)(type | EXTERNAL)) < 0)
+			return rx_fail(v->rx, ME_ENOMEM, "out of memory");
+	}
+	if (want != GIT_OBJECT_ANY && type != want) {
+		if (from != NULL)
+			git_oid_tostr(fhex, sizeof(fhex), from);
+		return rx_fail(v->rx, ME_EPROTO, "bundle is not connected: object %s (referenced "
+			       "by %s) is not a %s", git_oid_tostr(hex, sizeof(hex), oid), fhex,
+			       git_object_type2string(want));
+	}
+	return 0;
+}
+
+static int vobject(struct vctx *v, git_object *obj)
+{
+	const git_oid *id = git_object_id(obj);
+	int rc = 0;
+
+	switch (git_object_type(obj)) {
+	case GIT_OBJECT_COMMIT: {
+		const git_commit *c = (const git_commit *)obj;
+		rc = vref(v, git_commit_tree_id(c), GIT_OBJECT_TREE, id);
+		for (unsigned i = 0; rc == 0 && i < git_commit_parentcount(c); i++)
+			rc = vref(v, git_commit_parent_id(c, i), GIT_OBJECT_COMMIT, id);
+		break;
+	}
+	case GIT_OBJECT_TREE: {
+		const git_tree *t = (const git_tree *)obj;
+		for (size_t i = 0; rc == 0 && i < git_tree_entrycount(t); i++) {
+			const git_tree_entry *e = git_tree_entry_byindex(t, i);
+			git_object_t type = git_tree_entry_type(e);
+			if (type != GIT_OBJECT_COMMIT) /* a submodule is another repository */
+				rc = vref(v, git_tree_entry_id(e), type, id);
+		}
+		break;
+	}
+	case GIT_OBJECT_TAG: {
+		const git_tag *t = (const git_tag *)obj;
+		rc = vref(v, git_tag_target_id(t), git_tag_target_type(t), id);
+		break;
+	}
+	default:
+		break;
+	}
+	return rc;
+}
+
+static int rx_verify(struct bundle_rx *rx, git_odb *packodb, git_repository *view)
+{
+	struct vctx v = { rx, packodb, { NULL, 0, 0, { 0 } }, { NULL, 0, 0 } };
+	int rc;
+
+	if ((rc = oidset_init(&v.types)) < 0)
+		return rx_fail(rx, rc, "cannot initialise the check");
+	if (packodb != NULL && git_odb_foreach(packodb, vlist_cb, &v) < 0)
+		rc = rx->rc < 0 ? rx->rc : rx_git_fail(rx, ME_EPROTO, "cannot list the new objects");
+	for (size_t i = 0; rc == 0 && i < v.objs.n; i++) {
+		struct oidset_slot *s = oidset_find(&v.types, &v.objs.v[i]);
+		git_object_t type = (git_object_t)s->val;
+		git_object *obj = NULL;
+
+		if (type == GIT_OBJECT_BLOB)
+			continue;
+		if (git_object_lookup(&obj, view, &v.objs.v[i], type) < 0) {
+			rc = rx_git_fail(rx, ME_EPROTO, "cannot parse a new object");
+			break;
+		}
+		rc = vobject(&v, obj);
+		git_object_free(obj);
+	}
+	for (size_t i = 0; rc == 0 && i < rx->expected->nrefs; i++) {
+		git_oid oid;
+
+		git_oid_fromraw(&oid, rx->expected->refs[i].oid);
+		rc = vref(&v, &oid, GIT_OBJECT_ANY, NULL);
+	}
+	free(v.objs.v);
+	oidset_free(&v.types);
+	return rc;
+}
+
+/* Builds the view used by the verification and the check: packodb (the new pack alone) and view (a
+ * repository over the mirror's objects plus the new pack). */
+static int rx_open_views(struct bundle_rx *rx, const char *idxpath, git_odb **packodb,
+			 git_odb **viewodb, git_repository **view)
+{
+	git_odb_backend *b = NULL;
+	char *objdir = NULL;
+	const char *gitdir = git_repository_path(rx->mirror);
+	size_t l = strlen(gitdir) + sizeof("objects");
+
+	if ((objdir = malloc(l)) == NULL)
+		return rx_fail(rx, ME_ENOMEM, "out of memory");
+	snprintf(objdir, l, "%sobjects", gitdir);
+	if (git_odb_open(viewodb, objdir) < 0) {
+		free(objdir);
+		return rx_git_fail(rx, ME_EGIT, "cannot open the mirror's objects");
+	}
+	free(objdir);
+	if (rx->prog.total_objects > 0) {
+		if (git_odb_new(packodb) < 0 || git_odb_backend_one_pack(&b, idxpath) < 0 ||
+		    git_odb_add_backend(*packodb, b, 1) < 0)
+			goto fail;
+		b = NULL;
+		if (git_odb_backend_one_pack(&b, idxpath) < 0 ||
+		    git_odb_add_backend(*viewodb, b, 100) < 0)
+			goto fail;
+		b = NULL;
+	}
+	if (git_repository_wrap_odb(view, *viewodb) < 0)
+		goto fail;
+	return 0;
+fail:
+	if (b != NULL)
+		b->free(b);
+	return rx_git_fail(rx, ME_EGIT, "cannot open the new pack");
+}
+
+/* Is a deleted ref in a directory/file conflict with a ref to be written? */
+static bool df_conflict(const char *del, const struct gmsg_refstate *rs)
+{
+	size_t dl = strlen(del);
+
+	for (size_t i = 0; i < rs->nrefs; i++) {
+		struct gmsg_str n = rs->refs[i].name;
+		size_t m = n.len < dl ? n.len : dl;
+
+		if (n.len != dl && memcmp(n.ptr, del, m) == 0 &&
+		    (n.len > dl ? n.ptr[dl] == '/' : del[n.len] == '/'))
+			return true;
+	}
+	return false;
+}
+
+/* Locks a ref for tx; a lock held by someone else (or left by a crash: mirror_cleanup) is
+ * ME_EBUSY. */
+static int tx_lock(struct bundle_rx *rx, git_transaction *tx, const char *name)
+{
+	int grc = git_transaction_lock_ref(tx, name);
+
+	if (grc == GIT_ELOCKED)
+		return rx_fail(rx, ME_EBUSY, "%s is locked", name);
+	if (grc < 0)
+		return rx_git_fail(rx, ME_EGIT, "cannot lock the refs");
+	return 0;
+}
+
+static int tx_commit(struct bundle_rx *rx, git_transaction *tx, bool *started)
+{
+	*started = true;
+	if (git_transaction_commit(tx) < 0)
+		return rx_git_fail(rx, ME_EGIT, "cannot update the refs");
+	return 0;
+}
+
+/* Sets the refs to the signed state. *started tells whether a commit began (after which refs
+ * may have changed). */
+static int rx_update_refs(struct bundle_rx *rx, bool *started, struct bundle_stats *st)
+{
+	const struct gmsg_refstate *rs = rx->expected;
+	struct mirror_state cur;
+	git_transaction *tx = NULL;
+	char name[GMSG_MAX_REFNAME + 1], head[GMSG_MAX_REFNAME + 1];
+	size_t nset = 0, ndel = 0;
+	bool conflict = false, set_head;
+	int rc;
+
+	*started = false;
+	if ((rc = mirror_state_read(rx->mirror, &cur, rx->msg, sizeof(rx->msg))) < 0)
+		return rx_failed(rx, rc);
+	if (rs->head.len > 0)
+		memcpy(head, rs->head.ptr, rs->head.len);
+	head[rs->head.len] = '\0';
+	set_head = rs->head.len > 0 && strcmp(cur.head, head) != 0;
+	if (git_transaction_new(&tx, rx->mirror) < 0) {
+		rc = rx_git_fail(rx, ME_EGIT, "cannot start a ref transaction");
+		goto out;
+	}
+	/* Deletions: the mirror's refs absent from the state (names from the mirror itself). */
+	for (size_t i = 0; i < cur.nrefs; i++) {
+		const struct gmsg_ref *key = &cur.refs[i];
+		if (rs->nrefs > 0 &&
+		    bsearch(key, rs->refs, rs->nrefs, sizeof(*rs->refs), gmsg_ref_cmp) != NULL)
+			continue;
+		if ((rc = tx_lock(rx, tx, key->name.ptr)) < 0)
+			goto out;
+		if (git_transaction_remove(tx, key->name.ptr) < 0) {
+			rc = rx_git_fail(rx, ME_EGIT, "cannot delete a ref");
+			goto out;
+		}
+		ndel++;
+		if (df_conflict(key->name.ptr, rs))
+			conflict = true;
+	}
+	if (conflict && ndel > 0) {
+		/* refs/heads/a must go before refs/heads/a/b can be written. */
+		if ((rc = tx_commit(rx, tx, started)) < 0)
+			goto out;
+		git_transaction_free(tx);
+		tx = NULL;
+		if (git_transaction_new(&tx, rx->mirror) < 0) {
+			rc = rx_git_fail(rx, ME_EGIT, "cannot start a ref transaction");
+			goto out;
+		}
+	}
+	for (size_t i = 0; i < rs->nrefs; i++) {
+		const struct gmsg_ref *r = &rs->refs[i];
+		const struct gmsg_ref *c = cur.nrefs == 0 ? NULL :
+			bsearch(r, cur.refs, cur.nrefs, sizeof(*cur.refs), gmsg_ref_cmp);
+		git_oid oid;
+
+		if (c != NULL && memcmp(c->oid, r->oid, ME_OID_LEN) == 0)
+			continue;
+		memcpy(name, r->name.ptr, r->name.len);
+		name[r->name.len] = '\0';
+		git_oid_fromraw(&oid, r->oid);
+		if ((rc = tx_lock(rx, tx, name)) < 0)
+			goto out;
+		if (git_transaction_set_target(tx, name, &oid, NULL, REFLOG_MSG) < 0) {
+			rc = rx_git_fail(rx, ME_EGIT, "cannot set a ref");
+			goto out;
+		}
+		nset++;
+	}
+	if (set_head) {
+		if ((rc = tx_lock(rx, tx, "HEAD")) < 0)
+			goto out;
+		if (git_transaction_set_symbolic_target(tx, "HEAD", head, NULL, REFLOG_MSG) < 0) {
+			rc = rx_git_fail(rx, ME_EGIT, "cannot set HEAD");
+			goto out;
+		}
+	}
+	if ((nset > 0 || set_head || (ndel > 0 && !conflict)) &&
+	    (rc = tx_commit(rx, tx, started)) < 0)
+		goto out;
+	st->refs_updated = nset;
+	st->refs_deleted = ndel;
+	rc = 0;
+out:
+	git_transaction_free(tx);
+	mirror_state_free(&cur);
+	return rc;
+}
+
+/* Moves the verified pack into objects/pack (the .idx last: it makes the pack visible).
+ * *moved tells whether the files are new there. */
+static int rx_install(struct bundle_rx *rx, const char *name, bool *moved)
+{
+	const char *gitdir = git_repository_path(rx->mirror);
+	char sp[PATH_MAX], si[PATH_MAX], dp[PATH_MAX], di[PATH_MAX];
+	int n1, n2, n3, n4;
+
+	*moved = false;
+	n1 = snprintf(sp, sizeof(sp), "%s/pack-%s.pack", rx->tmpdir, name);
+	n2 = snprintf(si, sizeof(si), "%s/pack-%s.idx", rx->tmpdir, name);
+	n3 = snprintf(dp, sizeof(dp), "%sobjects/pack/pack-%s.pack", gitdir, name);
+	n4 = snprintf(di, sizeof(di), "%sobjects/pack/pack-%s.idx", gitdir, name);
+	if (n1 < 0 || n2 < 0 || n3 < 0 || n4 < 0 || (size_t)n1 >= sizeof(sp) ||
+	    (size_t)n2 >= sizeof(si) || (size_t)n3 >= sizeof(dp) || (size_t)n4 >= sizeof(di))
+		return rx_fail(rx, ME_ETOOBIG, "mirror path too long");
+	if (access(di, F_OK) == 0)
+		return 0; /* the same pack (same name: same content) is already there */
+	if (rename(sp, dp) < 0)
+		return rx_fail(rx, ME_EIO, "cannot move the pack into %s: %s", gitdir,
+			       strerror(errno));
+	if (rename(si, di) < 0) {
+		int e = errno;
+		unlink(dp);
+		return rx_fail(rx, ME_EIO, "cannot move the pack index into %s: %s", gitdir,
+			       strerror(e));
+	}
+	*moved = true;
+	return 0;
+}
+
+static void rx_uninstall(struct bundle_rx *rx, const char *name)
+{
+	const char *gitdir = git_repository_path(rx->mirror);
+	char p[PATH_MAX];
+
+	if (snprintf(p, sizeof(p), "%sobjects/pack/pack-%s.idx", gitdir, name) < (int)sizeof(p))
+		unlink(p);
+	if (snprintf(p, sizeof(p), "%sobjects/pack/pack-%s.pack", gitdir, name) < (int)sizeof(p))
+		unlink(p);
+	git_odb_refresh(rx->odb);
+}
+
+int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
+{
+	struct bundle_stats dummy;
+	git_odb *packodb = NULL, *viewodb = NULL;
+	git_repository *view = NULL;
+	char name[GIT_OID_HEXSZ + 1], idxpath[PATH_MAX];
+	bool moved = false, started = false;
+	int rc, n;
+
+	if (st == NULL)
+		st = &dummy;
+	memset(st, 0, sizeof(*st));
+	if (rx == NULL)
+		return ME_EINVAL;
+	if (rx->state == RX_FAILED)
+		return rx->rc;
+	if (rx->state == RX_DONE)
+		return ME_EINVAL;
+	if (rx->state == RX_HEADER)
+		return rx_fail(rx, ME_EPROTO, "truncated bundle header");
+	if (rx->packhdr_len < PACK_HDR_LEN)
+		return rx_fail(rx, ME_EPROTO, "bad pack: truncated");
+	if (git_indexer_commit(rx->idx, &rx->prog) < 0)
+		return rx_git_fail(rx, ME_EPROTO, "bad pack");
+	snprintf(name, sizeof(name), "%s", git_indexer_name(rx->idx));
+	n = snprintf(idxpath, sizeof(idxpath), "%s/pack-%s.idx", rx->tmpdir, name);
+	if (n < 0 || (size_t)n >= sizeof(idxpath))
+		return rx_fail(rx, ME_ETOOBIG, "mirror path too long");
+	git_indexer_free(rx->idx);
+	rx->idx = NULL;
+
+	if ((rc = rx_open_views(rx, idxpath, &packodb, &viewodb, &view)) < 0)
+		goto out;
+	if ((rc = rx_verify(rx, packodb, view)) < 0)
+		goto out;
+	if (rx->opts.check != NULL) {
+		rx->msg[0] = '\0';
+		rc = rx->opts.check(view, rx->expected, rx->opts.check_arg, rx->msg,
+				    sizeof(rx->msg));
+		if (rc < 0) {
+			if (rx->msg[0] == '\0')
+				snprintf(rx->msg, sizeof(rx->msg), "bundle rejected by the check");
+			rx_failed(rx, rc);
+			goto out;
+		}
+	}
+	git_repository_free(view);
+	git_odb_free(viewodb);
+	git_odb_free(packodb);
+	view = NULL;
+	viewodb = packodb = NULL;
+
+	if (rx->prog.total_objects > 0 && (rc = rx_install(rx, name, &moved)) < 0)
+		goto out;
+	if (git_odb_refresh(rx->odb) < 0) {
+		rc = rx_git_fail(rx, ME_EGIT, "cannot refresh the mirror's objects");
+		goto out;
+	}
+	if ((rc = rx_update_refs(rx, &started, st)) < 0)
+		goto out;
+	st->header_bytes = rx->hdr.len;
+	st->pack_bytes = rx->pack_bytes;
+	st->objects = rx->prog.total_objects;
+	st->prereqs = rx->hdr.nprereqs;
+	st->refs = rx->hdr.nrefs;
+	rx->state = RX_DONE;
+	rc = 0;
+out:
+	if (rc < 0 && moved && !started)
+		rx_uninstall(rx, name);
+	git_repository_free(view);
+	git_odb_free(viewodb);
+	git_odb_free(packodb);
+	if (rx->tmpdir != NULL) {
+		rm_tree(rx->tmpdir);
+		free(rx->tmpdir);
+		rx->tmpdir = NULL;
+	}
+	return rc;
+}
+
+void bundle_rx_free(struct bundle_rx *rx)
+{
+	if (rx == NULL)
+		return;
+	git_indexer_free(rx->idx); /* removes its temporary pack */
+	if (rx->tmpdir != NULL) {
+		rm_tree(rx->tmpdir);
+		free(rx->tmpdir);
+	}
+	git_odb_free(rx->odb);
+	bundle_header_free(&rx->hdr);
+	free(rx->hbuf);
+	free(rx);
+}
+
+int bundle_apply(git_repository *mirror, int fd, const struct gmsg_refstate *expected,
+		 uint64_t max_bytes, struct bundle_stats *st, char *err, size_t errsz)
+{
+	struct bundle_rx_opts opts = { max_bytes, NULL, NULL };
+	struct bundle_rx *rx = NULL;
+	unsigned char *buf;
+	int rc;
+
+	if (st != NULL)
+		memset(st, 0, sizeof(*st));
+	if (fd < 0)
+		return ME_EINVAL;
+	if ((rc = bundle_rx_new(&rx, mirror, expected, &opts, err, errsz)) < 0)
+		return rc;
+	if ((buf = malloc(BUNDLE_CHUNK)) == NULL) {
+		bundle_rx_free(rx);
+		return nomem(err, errsz);
+	}
+	for (;;) {
+		ssize_t n = read_some(fd, buf, BUNDLE_CHUNK);
+
+		if (n < 0) {
+			rc = rx_fail(rx, ME_EIO, "cannot read the bundle: %s", strerror(errno));
+			break;
+		}
+		if (n == 0) {
+			rc = bundle_rx_finish(rx, st);
+			break;
+		}
+		if ((rc = bundle_rx_write(rx, buf, (size_t)n)) < 0)
+			break;
+	}
+	if (rc < 0)
+		set_err(err, errsz, "%s", rx->msg);
+	free(buf);
+	bundle_rx_free(rx);
+	return rc;
+}
