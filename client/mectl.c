@@ -1,5 +1,6 @@
 /* mectl: parse arguments, send one request over the control socket, render the reply. */
 #include <errno.h>
+#include <grp.h>
 #include <limits.h>
 #include <poll.h>
 #include <stdarg.h>
@@ -100,7 +101,7 @@ static void usage(FILE *f)
 		"  -V, --version       show the version and exit\n"
 		"\n"
 		"Exit status: 0 success, 1 the command failed, 2 usage error,\n"
-		"3 the daemon could not be reached, 4 protocol error.\n");
+		"3 the daemon could not be reached (or refused this user), 4 protocol error.\n");
 }
 
 static int usage_error(const char *fmt, ...)
@@ -261,7 +262,10 @@ static int resolve_socket(const struct opts *o, char *out, size_t outsz)
 	if (env && *env)
 		return snprintf(out, outsz, "%s", env) < (int)outsz ? 0 : -1;
 	const char *renv = getenv("MEGAENGINE_ROOT");
-	if (o->root == NULL && (renv == NULL || *renv == '\0') && stat(SYSTEM_SOCKET, &st) == 0)
+	/* EACCES: it is there, in /run/megaengine (0750), but this user may not use it; connect
+	 * then says so, naming the group. */
+	if (o->root == NULL && (renv == NULL || *renv == '\0') &&
+	    (stat(SYSTEM_SOCKET, &st) == 0 || errno == EACCES))
 		return snprintf(out, outsz, "%s", SYSTEM_SOCKET) < (int)outsz ? 0 : -1;
 	if (me_root_resolve(o->root, root, sizeof(root)) < 0)
 		return -1;
@@ -283,7 +287,7 @@ static void pack_args(msgpack_packer *pk, void *ud)
 static int write_all(int fd, const char *p, size_t n)
 {
 	while (n > 0) {
-		ssize_t w = write(fd, p, n);
+		ssize_t w = send(fd, p, n, MSG_NOSIGNAL); /* EPIPE, not SIGPIPE */
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w <= 0)
@@ -292,6 +296,46 @@ static int write_all(int fd, const char *p, size_t n)
 		n -= (size_t)w;
 	}
 	return 0;
+}
+
+/* The group whose members may use the socket at path: the socket's group, else that of its
+ * directory (which an outsider may not be able to look into). "" when unknown or root. */
+static void socket_group(const char *path, char *out, size_t outsz)
+{
+	char dir[PATH_MAX];
+	struct stat st;
+	struct group *gr;
+	char *slash;
+
+	out[0] = '\0';
+	if (stat(path, &st) < 0) {
+		snprintf(dir, sizeof(dir), "%s", path);
+		if ((slash = strrchr(dir, '/')) != NULL && slash != dir)
+			*slash = '\0';
+		if (slash == NULL || slash == dir || stat(dir, &st) < 0) {
+			if (strcmp(path, SYSTEM_SOCKET) == 0)
+				snprintf(out, outsz, "megaengine");
+			return;
+		}
+	}
+	if (st.st_gid != 0 && (gr = getgrgid(st.st_gid)) != NULL)
+		snprintf(out, outsz, "%s", gr->gr_name);
+	else if (strcmp(path, SYSTEM_SOCKET) == 0)
+		snprintf(out, outsz, "megaengine");
+}
+
+static void permission_hint(const char *path)
+{
+	char group[256];
+
+	socket_group(path, group, sizeof(group));
+	if (group[0] != '\0')
+		fprintf(stderr, "Only root, the daemon's user and members of the group '%s' may use "
+			"the control socket %s.\nTo join the group: usermod -a -G %s USER (then log "
+			"in again).\n", group, path, group);
+	else
+		fprintf(stderr, "Only root and the daemon's user (and, with --socket-group, members "
+			"of that group) may use the control socket %s.\n", path);
 }
 
 static int print_error(const struct opts *o, int code, const char *name, const char *msg)
@@ -397,8 +441,14 @@ static int read_reply(const struct opts *o, int fd, uint32_t id, const char *soc
 				json_t *je = e ? out_from_msgpack(e) : json_object();
 				const char *m = json_string_value(json_object_get(je, "message"));
 				const char *n = json_string_value(json_object_get(je, "name"));
-				rc = print_error(o, (int)json_integer_value(json_object_get(je, "code")),
-						 n ? n : "EUNKNOWNERR", m ? m : "unknown error");
+				int code = (int)json_integer_value(json_object_get(je, "code"));
+				rc = print_error(o, code, n ? n : "EUNKNOWNERR", m ? m : "unknown error");
+				if (code == ME_EPERM && rid != NULL &&
+				    rid->type == MSGPACK_OBJECT_POSITIVE_INTEGER && rid->via.u64 == 0) {
+					/* The daemon refused the connection itself. */
+					permission_hint(sockpath);
+					rc = EXIT_UNREACHABLE;
+				}
 				json_decref(je);
 			} else if (rid == NULL || rid->type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
 				   rid->via.u64 != id) {
@@ -474,9 +524,8 @@ int main(int argc, char **argv)
 			fprintf(stderr, "Is the daemon running? Start it with 'megaengined%s%s' or "
 				"'systemctl start megaengined'.\n", o.root ? " --root " : "",
 				o.root ? o.root : "");
-		else if (e == EACCES)
-			fprintf(stderr, "Only root, the daemon's user and members of its group may "
-				"use the control socket.\n");
+		else if (e == EACCES || e == EPERM)
+			permission_hint(sockpath);
 		return EXIT_UNREACHABLE;
 	}
 
@@ -488,7 +537,9 @@ int main(int argc, char **argv)
 		close(fd);
 		return usage_error("arguments too large");
 	}
-	if (write_all(fd, sb.data, sb.size) < 0) {
+	/* A daemon that refuses this user sends its EPERM reply and hangs up without reading:
+	 * the send then fails, and the reply is still there to read. */
+	if (write_all(fd, sb.data, sb.size) < 0 && errno != EPIPE && errno != ECONNRESET) {
 		fprintf(stderr, "mectl: cannot send to megaengined at %s: %s\n", sockpath,
 			strerror(errno));
 		msgpack_sbuffer_destroy(&sb);

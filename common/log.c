@@ -9,14 +9,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <systemd/sd-journal.h>
-
 #define LOG_MSG_MAX 2048
 #define LOG_FIELDS_MAX 16
 
 static int log_level = LOG_INFO;
 static int log_journal = 0;
 static const char *log_ident = "megaengine";
+static me_log_journal_fn log_journal_fn;
 
 static const char *const level_names[] = {
 	[LOG_EMERG] = "emerg", [LOG_ALERT] = "alert", [LOG_CRIT] = "crit", [LOG_ERR] = "error",
@@ -42,6 +41,11 @@ void me_log_init(const char *ident)
 	if (ident != NULL)
 		log_ident = ident;
 	log_journal = stderr_is_journal();
+}
+
+void me_log_set_journal(me_log_journal_fn fn)
+{
+	log_journal_fn = fn;
 }
 
 void me_log_set_level(int prio)
@@ -82,7 +86,7 @@ void me_log_fields(int prio, const char *const *fields, const char *fmt, ...)
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 
-	if (log_journal) {
+	if (log_journal && log_journal_fn != NULL) {
 		char pbuf[16], mbuf[LOG_MSG_MAX + 8], ibuf[64];
 		struct iovec iov[LOG_FIELDS_MAX + 3];
 		int n = 0;
@@ -95,7 +99,7 @@ void me_log_fields(int prio, const char *const *fields, const char *fmt, ...)
 		iov[n++] = (struct iovec){ ibuf, strlen(ibuf) };
 		for (int i = 0; fields != NULL && fields[i] != NULL && i < LOG_FIELDS_MAX; i++)
 			iov[n++] = (struct iovec){ (void *)fields[i], strlen(fields[i]) };
-		if (sd_journal_sendv(iov, n) >= 0)
+		if (log_journal_fn(iov, n) >= 0)
 			return;
 	}
 

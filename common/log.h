@@ -1,13 +1,23 @@
-/* One log idiom: journald with structured fields when stderr is connected to the journal,
- * otherwise "LEVEL: message [KEY=value ...]" lines on stderr. Library code does not log;
+/* One log idiom: journald with structured fields when stderr is connected to the journal (and
+ * a journal sender is set: me_log_set_journal), otherwise "LEVEL: message [KEY=value ...]" lines on stderr. Library code does not log;
  * callers log once. */
 #ifndef ME_LOG_H
 #define ME_LOG_H
 
 #include <syslog.h>
 
+#include "common/msgids.h" /* MESSAGE_ID= fields of the key events */
+
+struct iovec;
+
+/* Sends one structured entry to the journal (sd_journal_sendv's contract); < 0 on failure. */
+typedef int (*me_log_journal_fn)(const struct iovec *iov, int n);
+
 /* Levels are syslog priorities: LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG. */
 void me_log_init(const char *ident);
+/* Where journal entries go when stderr is the journal (the daemon passes sdglue's sender);
+ * without one, or when it fails, lines go to stderr. */
+void me_log_set_journal(me_log_journal_fn fn);
 void me_log_set_level(int prio);
 int me_log_get_level(void);
 /* Parses "error", "warning", "notice", "info", "debug" (or a digit 0-7); -1 when unknown. */

@@ -188,7 +188,7 @@ static int cmd_repo_add(struct cmd_ctx *ctx, const msgpack_object *args, msgpack
 	{
 		char f1[ME_DID_REPO_SIZE + 16];
 		snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
-		const char *fields[] = { f1, NULL };
+		const char *fields[] = { f1, ME_MSGID_REPO_ADDED, NULL };
 		gossip_changed(n->gossip);
 		me_log_fields(LOG_INFO, fields, "repository added: %s (%s, %zu refs)", gi.name,
 			      gi.path, gi.nrefs);
@@ -268,8 +268,8 @@ static int cmd_repo_remove(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 		return ERR(ctx, rc, "database: %s", store_errmsg(ctx->node->store));
 	char f1[ME_DID_REPO_SIZE + 16];
 	snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
-	const char *fields[] = { f1, NULL };
-	me_log_fields(LOG_INFO, fields, "repository removed");
+	const char *fields[] = { f1, ME_MSGID_REPO_REMOVED, NULL };
+	me_log_fields(LOG_INFO, fields, "repository removed: %s", id);
 	gossip_changed(ctx->node->gossip);
 	msgpack_pack_map(out, 1);
 	me_mp_pack_kv_str(out, "removed", id);

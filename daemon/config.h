@@ -1,4 +1,5 @@
-/* megaengined's configuration: command-line flags over environment over defaults. */
+/* megaengined's configuration: command-line flags over environment over the configuration file
+ * (libinih) over defaults. */
 #ifndef ME_CONFIG_H
 #define ME_CONFIG_H
 
@@ -46,13 +47,23 @@ struct me_config {
 	char socket_group[64];
 	int log_level;
 	int foreground;
+	char config_path[PATH_MAX]; /* the configuration file read; "" when none */
 };
 
 enum { ME_CONFIG_OK = 0, ME_CONFIG_EXIT = 1 };
 
-/* Fills cfg from argv and the environment. Returns ME_CONFIG_OK, ME_CONFIG_EXIT after printing
- * --help or --version, or a negative code with a message in err. */
+/* Fills cfg from argv, the environment and the configuration file: --config FILE, else
+ * $MEGAENGINE_CONFIG, else ME_CONFIG_FILE when it exists. Returns ME_CONFIG_OK, ME_CONFIG_EXIT
+ * after printing --help or --version, or a negative code with a message in err (a bad file
+ * entry is reported as "FILE:LINE: ..."). Called again with the same argv on SIGHUP. */
 int me_config_load(struct me_config *cfg, int argc, char **argv, char *err, size_t errsz);
+
+/* Keys that differ between two configurations, as a comma-separated list of config key names
+ * into out ("" when none). restart_only selects the keys that a running daemon cannot apply
+ * (root, addr, bootstrap-node, cert-path, socket, socket-group); otherwise the others (alias,
+ * announce-addr, gossip-interval, max-outbound, log-level). */
+void me_config_diff(const struct me_config *a, const struct me_config *b, int restart_only,
+		    char *out, size_t outsz);
 
 /* Parses "1.2.3.4:9000" or "[::1]:9000" (numeric only). 0 or ME_EINVAL. */
 int me_sockaddr_parse(const char *s, struct me_sockaddr *out);

@@ -1,6 +1,7 @@
 #include "daemon/control.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
 #include <stdio.h>
@@ -37,6 +38,7 @@ struct control {
 	struct node *node;
 	char path[ME_SUN_PATH_MAX];
 	int owns_path;
+	struct statx path_id; /* the socket file we created, so we never unlink someone else's */
 	int has_group;
 	gid_t group;
 	struct conn *conns;
@@ -311,9 +313,11 @@ static void on_connection(uv_stream_t *server, int status)
 		log_notice("control: refused uid %ld (pid %ld): not root, the daemon's user or in the "
 			   "control group", (long)cred.uid, (long)cred.pid);
 		cn->close_after_write = 1;
-		send_error(cn, 0, ME_EPERM,
-			   "permission denied: the control socket is for root, the daemon's user "
-			   "and members of its group");
+		char msg[256];
+		snprintf(msg, sizeof(msg), "permission denied: the control socket is for root, the "
+			 "daemon's user%s%s%s", c->has_group ? " and members of group '" : "",
+			 c->has_group ? c->node->cfg->socket_group : "", c->has_group ? "'" : "");
+		send_error(cn, 0, ME_EPERM, msg);
 		return;
 	}
 	uv_read_start((uv_stream_t *)&cn->pipe, on_alloc, on_read);
@@ -346,6 +350,29 @@ static int socket_path_prepare(const char *path, char *err, size_t errsz)
 		return ME_EIO;
 	}
 	return 0;
+}
+
+static int path_id(const char *path, struct statx *id)
+{
+	return statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_BTIME, id);
+}
+
+/* Removes the socket file we created, unless it has been replaced since (e.g. by
+ * megaengined.socket binding the same path): that one is not ours to remove. Inode numbers
+ * are reused at once, so the birth time (where the file system keeps one) tells them apart. */
+static void unlink_own_path(struct control *c)
+{
+	const struct statx *a = &c->path_id;
+	struct statx b;
+
+	if (!c->owns_path || path_id(c->path, &b) < 0 || a->stx_ino != b.stx_ino ||
+	    a->stx_dev_major != b.stx_dev_major || a->stx_dev_minor != b.stx_dev_minor)
+		return;
+	if ((a->stx_mask & b.stx_mask & STATX_BTIME) &&
+	    (a->stx_btime.tv_sec != b.stx_btime.tv_sec ||
+	     a->stx_btime.tv_nsec != b.stx_btime.tv_nsec))
+		return;
+	unlink(c->path);
 }
 
 static void server_on_close(uv_handle_t *h)
@@ -393,22 +420,42 @@ int control_init(struct control **out, uv_loop_t *loop, struct node *node, int l
 	} else {
 		if ((rc = socket_path_prepare(c->path, err, errsz)) < 0)
 			goto fail_me;
+		/* Bound here, not with uv_pipe_bind: libuv would unlink the path when the handle
+		 * closes, even after the file was replaced by someone else's socket. */
+		struct sockaddr_un sun = { .sun_family = AF_UNIX };
+		snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", c->path);
+		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		mode_t old = umask(0117);
-		rc = uv_pipe_bind(&c->server, c->path);
+		int brc = fd < 0 ? -1 : bind(fd, (struct sockaddr *)&sun, sizeof(sun));
+		int berr = errno;
 		umask(old);
-		if (rc < 0) {
-			snprintf(err, errsz, "cannot bind control socket %s: %s", c->path,
-				 uv_strerror(rc));
+		if (brc < 0 || (rc = uv_pipe_open(&c->server, fd)) < 0) {
+			if (brc < 0)
+				snprintf(err, errsz, "cannot bind control socket %s: %s", c->path,
+					 strerror(berr));
+			else
+				snprintf(err, errsz, "cannot use control socket %s: %s", c->path,
+					 uv_strerror(rc));
+			if (brc == 0)
+				unlink(c->path);
+			if (fd >= 0)
+				close(fd);
 			goto fail;
 		}
-		c->owns_path = 1;
-		if (chmod(c->path, 0660) < 0 ||
-		    (c->has_group && chown(c->path, (uid_t)-1, c->group) < 0)) {
+		/* chown only when the group is not already right: under the systemd unit the
+		 * socket is born with the daemon's group, and chown is not in its syscall filter. */
+		struct stat st;
+		if (lstat(c->path, &st) < 0 || chmod(c->path, 0660) < 0 ||
+		    (c->has_group && st.st_gid != c->group &&
+		     chown(c->path, (uid_t)-1, c->group) < 0) ||
+		    path_id(c->path, &c->path_id) < 0) {
 			snprintf(err, errsz, "cannot set mode/group of %s: %s", c->path,
 				 strerror(errno));
+			unlink(c->path); /* just bound: ours */
 			rc = -1;
 			goto fail;
 		}
+		c->owns_path = 1;
 	}
 	rc = uv_listen((uv_stream_t *)&c->server, 128, on_connection);
 	if (rc < 0) {
@@ -420,8 +467,7 @@ int control_init(struct control **out, uv_loop_t *loop, struct node *node, int l
 fail:
 	rc = ME_EIO;
 fail_me:
-	if (c->owns_path)
-		unlink(c->path);
+	unlink_own_path(c);
 	c->closing = 1;
 	uv_close((uv_handle_t *)&c->server, server_on_close);
 	return rc;
@@ -434,8 +480,7 @@ void control_free(struct control *c)
 	c->closing = 1;
 	while (c->conns)
 		conn_close(c->conns);
-	if (c->owns_path)
-		unlink(c->path);
+	unlink_own_path(c);
 	uv_close((uv_handle_t *)&c->server, server_on_close);
 }
 

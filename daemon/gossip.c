@@ -163,7 +163,7 @@ static void reject(struct gossip *g, int reason, const struct peer *from, const 
 	}
 	char fb[ME_DID_KEY_SIZE + 16];
 	snprintf(fb, sizeof(fb), "PEER_DID=%s", net_peer_did(from));
-	const char *f[] = { fb, "MESSAGE_ID=3c1b6c3f0a4e4d2b9e6f7a8b9c0d1e2f", NULL };
+	const char *f[] = { fb, ME_MSGID_ANN_REJECTED, NULL };
 	me_log_fields(LOG_WARNING, f, "announcement rejected from %s: %s%s%s (%llu similar suppressed)",
 		      net_peer_did(from), reject_names[reason], detail ? ": " : "",
 		      detail ? detail : "", (unsigned long long)g->reject_suppressed[reason]);
@@ -409,6 +409,9 @@ void gossip_changed(struct gossip *g)
 {
 	if (g != NULL)
 		announce(g);
+	if (g != NULL && g->timer_open) /* next periodic one a full (maybe reloaded) interval on */
+		uv_timer_start(&g->timer, on_timer, g->node->cfg->gossip_interval_ms,
+			       g->node->cfg->gossip_interval_ms);
 }
 
 /* ---- receiving ---- */
@@ -423,11 +426,12 @@ static void maybe_dial(struct gossip *g, const struct gmsg_node_ann *a)
 		if (memcmp(g->wanted[i], a->pk, ME_PK_LEN) == 0)
 			goto update;
 	if (g->nwanted >= g->node->cfg->max_outbound) {
-		/* Full: give the slot of one we cannot reach to the newcomer, so that nodes that
-		 * came and went can never lock us out of the rest of the network. */
+		/* Full: give the slot of one whose dials fail to the newcomer, so that nodes that
+		 * came and went can never lock us out of the rest of the network. Connections that
+		 * are up or being made keep their slots: --max-outbound is a cap. */
 		size_t i;
 		for (i = 0; i < g->nwanted; i++)
-			if (net_peer_find(g->net, g->wanted[i]) == NULL)
+			if (net_target_unreachable(g->net, g->wanted[i]))
 				break;
 		if (i == g->nwanted)
 			return;
@@ -543,7 +547,7 @@ static int apply_repo_ann(struct gossip *g, const struct gmsg_envelope *e, const
 		} else if (changed) {
 			char fb[ME_DID_REPO_SIZE + 16];
 			snprintf(fb, sizeof(fb), "REPO_ID=%s", id);
-			const char *f[] = { fb, NULL };
+			const char *f[] = { fb, ME_MSGID_REPO_ANNOUNCED, NULL };
 			me_log_fields(LOG_INFO, f, "repository announced: %s by %s (%zu refs)", name,
 				      creator, n);
 		}

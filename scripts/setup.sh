@@ -15,6 +15,8 @@ PACKAGES=(
 	libcmocka-dev python3-pytest python3-msgpack git jq
 	# for scripts/deps.sh: source packages, wolfSSL's autotools, ngtcp2's CMake, and clang
 	dpkg-dev cmake autoconf automake libtool clang
+	# for the booted-systemd test (tests/systemd): a Debian root, booted with systemd-nspawn
+	debootstrap systemd-container iproute2
 )
 
 # The packages not installed (dpkg's "ii": wanted install, status installed).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing (scripts/setup.sh), builds the release and the
 # ASan/UBSan trees, runs the cmocka unit tests in both and the pytest integration tests against
-# both daemons, and ends with one line "N passed, N failed".
+# both daemons, then the booted-systemd test (tests/systemd: the project installed into a
+# Debian container booted with systemd-nspawn), and ends with one line "N passed, N failed".
 set -uo pipefail
 . "$(dirname "$0")/env.sh"
 cd "$ME_ROOT_DIR"
@@ -18,6 +19,20 @@ tally() { # file with "P F" on one line
 	read -r p f <"$1"
 	passed=$((passed + p))
 	failed=$((failed + f))
+}
+junit_count() { # pytest's JUnit XML file -> "P F" (a missing or unreadable file is one failure)
+	/usr/bin/python3 - "$1" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception:
+    print(0, 1); sys.exit()
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skip = sum(int(s.get("skipped", 0)) for s in suites)
+print(t - bad - skip, bad if t else 1)
+PY
 }
 
 for tree in release asan; do
@@ -49,20 +64,18 @@ PY
 	echo "== integration tests ($tree)"
 	ME_BUILD_DIR="$ME_ROOT_DIR/build/$tree" /usr/bin/python3 -m pytest -q -p no:cacheprovider \
 		--junitxml="build/$tree.pytest.xml" tests/integration 2>&1 | tail -n 25
-	/usr/bin/python3 - "build/$tree.pytest.xml" >"build/$tree.pytest.count" <<'PY'
-import sys, xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except Exception:
-    print(0, 1); sys.exit()
-suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-t = sum(int(s.get("tests", 0)) for s in suites)
-bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
-skip = sum(int(s.get("skipped", 0)) for s in suites)
-print(t - bad - skip, bad if t else 1)
-PY
+	junit_count "build/$tree.pytest.xml" >"build/$tree.pytest.count"
 	tally "build/$tree.pytest.count"
 done
+
+# megaengine as a system service under a booted systemd: a cached Debian root (debootstrap),
+# the build installed into a copy of it, booted with systemd-nspawn (tests/systemd/README.md).
+echo "== booted systemd (tests/systemd)"
+rm -f build/systemd.pytest.xml
+/usr/bin/python3 -m pytest -q -p no:cacheprovider --junitxml=build/systemd.pytest.xml \
+	tests/systemd 2>&1
+junit_count build/systemd.pytest.xml >build/systemd.pytest.count
+tally build/systemd.pytest.count
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
