@@ -15,53 +15,9 @@
 
 #include "common/err.h"
 #include "daemon/gitrepo.h"
+#include "tests/unit/gitfixture.h"
 
 static char base[64];
-
-static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw)
-{
-	(void)sb;
-	(void)type;
-	(void)ftw;
-	return remove(p);
-}
-
-/* Runs a shell command (paths in it are our own mkdtemp names: no quoting issues). */
-__attribute__((format(printf, 1, 2)))
-static void sh(const char *fmt, ...)
-{
-	char cmd[2048];
-	va_list ap;
-	int n, st;
-
-	va_start(ap, fmt);
-	n = vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	assert_true(n > 0 && (size_t)n < sizeof(cmd));
-	st = system(cmd);
-	if (st == -1 || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
-		fail_msg("command failed (%d): %s", st, cmd);
-}
-
-/* Runs a command and returns its standard output without the final newline. */
-__attribute__((format(printf, 3, 4)))
-static void capture(char *out, size_t outsz, const char *fmt, ...)
-{
-	char cmd[2048];
-	va_list ap;
-	FILE *p;
-	size_t len;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	assert_non_null(p = popen(cmd, "r"));
-	len = fread(out, 1, outsz - 1, p);
-	out[len] = '\0';
-	assert_int_equal(pclose(p), 0);
-	while (len > 0 && out[len - 1] == '\n')
-		out[--len] = '\0';
-}
 
 /* A repository with three commits on main, a nested and a symbolic branch, a
  * lightweight and an annotated tag, and a committed subdirectory. */

@@ -21,55 +21,10 @@
 #include "common/ids.h"
 #include "daemon/gitrepo.h"
 #include "daemon/mirror.h"
+#include "tests/unit/gitfixture.h"
 
 static char base[64];
 static char repo_id[ME_DID_REPO_SIZE];
-
-static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw)
-{
-	(void)sb;
-	(void)type;
-	(void)ftw;
-	return remove(p);
-}
-
-/* Runs a shell command (paths in it are our own mkdtemp names: no quoting issues). */
-__attribute__((format(printf, 1, 2)))
-static void sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	int n, st;
-
-	va_start(ap, fmt);
-	n = vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	assert_true(n > 0 && (size_t)n < sizeof(cmd));
-	st = system(cmd);
-	if (st == -1 || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
-		fail_msg("command failed (%d): %s", st, cmd);
-}
-
-/* Runs a command and returns its standard output without the final newline. */
-__attribute__((format(printf, 3, 4)))
-static void capture(char *out, size_t outsz, const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	FILE *p;
-	size_t len;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	assert_non_null(p = popen(cmd, "r"));
-	len = fread(out, 1, outsz - 1, p);
-	out[len] = '\0';
-	assert_int_equal(pclose(p), 0);
-	assert_true(len < outsz - 1);
-	while (len > 0 && out[len - 1] == '\n')
-		out[--len] = '\0';
-}
 
 static void path_in(char *out, size_t outsz, const char *name)
 {
