@@ -610,9 +610,18 @@ def test_mectl_permission_error_names_the_group(daemon_factory):
     d.mectl("auth", "init")
     assert os.stat(sock).st_gid == grp.getgrnam(GROUP).gr_gid
 
+    # The build tree may sit under a directory only root can enter (a mktemp -d clone): run a
+    # copy of mectl from a directory everyone can traverse.
+    from conftest import MECTL
+    bindir = short_tmpdir("me-bin-")
+    daemon_factory.dirs.append(bindir)
+    os.chmod(bindir, 0o755)
+    mectl = bindir / "mectl"
+    shutil.copy2(MECTL, mectl)
+    os.chmod(mectl, 0o755)
+
     def mectl_as_nobody():
-        from conftest import MECTL
-        return subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", str(MECTL), "--socket", str(sock),
+        return subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", str(mectl), "--socket", str(sock),
                                "repo", "list"], capture_output=True, text=True, timeout=30,
                               env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent",
                                    "LC_ALL": "C.UTF-8"})
