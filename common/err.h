@@ -27,7 +27,12 @@
 	X(ME_EBUSY,     -20, "EBUSY",      "resource busy") \
 	X(ME_ECONN,     -21, "ECONN",      "connection failed") \
 	X(ME_ETIMEDOUT, -22, "ETIMEDOUT",  "timed out") \
-	X(ME_ESHUTDOWN, -23, "ESHUTDOWN",  "daemon shutting down")
+	X(ME_ESHUTDOWN, -23, "ESHUTDOWN",  "daemon shutting down") \
+	X(ME_EDIRTY,    -24, "EDIRTY",     "working copy has local changes") \
+	X(ME_EDIVERGED, -25, "EDIVERGED",  "branch has diverged") \
+	X(ME_ENOSPC,    -26, "ENOSPC",     "no space left on device") \
+	X(ME_EUNAVAIL,  -27, "EUNAVAIL",   "no peer can serve it") \
+	X(ME_ECANCELED, -28, "ECANCELED",  "canceled")
 
 enum me_err {
 	ME_OK = 0,

@@ -32,10 +32,66 @@ enum {
 	NET_ERR_SELF = 0x103,      /* dialed ourselves */
 	NET_ERR_SHUTDOWN = 0x104,
 	NET_ERR_POLICY = 0x105,    /* misbehaving peer */
+	NET_ERR_CANCEL = 0x106,    /* transfer abandoned (verification failed, stall, shutdown) */
+	NET_ERR_BUSY = 0x107,      /* transfer refused: too many at once */
 };
+
+/* ---- transfer streams ----
+ * A transfer is one bidirectional QUIC stream opened by the requester. Both directions carry
+ * frames of the same codec, each at most NET_XFER_MAX_FRAME bytes of body. A side that sends its
+ * last frame calls net_xfer_finish (FIN); either side may abort with net_xfer_reset. Each peer
+ * accepts at most NET_XFER_MAX_IN concurrent transfer streams opened by the other side (the QUIC
+ * stream limit); a further net_xfer_open fails with ME_EBUSY until one closes. Data queued on a
+ * transfer is written after the gossip stream's, so a slow transfer never delays gossip. */
+#define NET_XFER_MAX_FRAME (128u * 1024) /* largest frame on a transfer stream */
+#define NET_XFER_MAX_IN 4                /* concurrent transfers a peer may open to us */
+#define NET_XFER_LOWAT (256u * 1024)     /* `writable` fires when queued data drops below */
+#define NET_XFER_MAX_QUEUE (4u << 20)    /* net_xfer_send refuses beyond this (ME_EBUSY) */
+
+struct net_xfer;
+
+struct net_xfer_callbacks {
+	/* One complete frame body. Returning < 0 resets the stream with NET_ERR_FRAME. */
+	int (*frame)(void *ud, struct net_xfer *x, const uint8_t *body, size_t len);
+	/* The queue dropped below NET_XFER_LOWAT after being at or above it, or net_xfer_want_
+	 * writable was called: send more. Never called from inside another net call. */
+	void (*writable)(void *ud, struct net_xfer *x);
+	/* The peer finished its direction (FIN after its last frame). Optional. */
+	void (*eof)(void *ud, struct net_xfer *x);
+	/* Final: the stream is closed in both directions, reset by either side, or the connection
+	 * is gone. app_error is 0 after a clean close (both FINs, everything acknowledged). x is
+	 * freed when this returns; it must not be used afterwards, and no other callback follows. */
+	void (*closed)(void *ud, struct net_xfer *x, uint64_t app_error, const char *why);
+};
+
+/* Opens a transfer stream to p. ME_EBUSY when the peer's stream limit is reached, ME_ECONN
+ * when p is not up. */
+int net_xfer_open(struct peer *p, const struct net_xfer_callbacks *cb, void *ud,
+		  struct net_xfer **out);
+/* Sets the callbacks of a stream the peer opened (from the accept callback). */
+void net_xfer_set_callbacks(struct net_xfer *x, const struct net_xfer_callbacks *cb, void *ud);
+/* Queues one frame (header included, body <= NET_XFER_MAX_FRAME). ME_EBUSY when more than
+ * NET_XFER_MAX_QUEUE bytes would be queued, ME_ECONN after finish/reset/close. */
+int net_xfer_send(struct net_xfer *x, const void *frame, size_t len);
+/* Bytes queued and not yet acknowledged. */
+size_t net_xfer_queued(const struct net_xfer *x);
+/* Asks for one `writable` callback as soon as the queue is below NET_XFER_LOWAT (at once,
+ * from the event loop, when it already is). */
+void net_xfer_want_writable(struct net_xfer *x);
+/* Ends our direction once everything queued is sent (FIN). */
+int net_xfer_finish(struct net_xfer *x);
+/* Aborts both directions with app_error (RESET_STREAM + STOP_SENDING); `closed` follows from the
+ * event loop with that code. Further calls are no-ops. */
+void net_xfer_reset(struct net_xfer *x, uint64_t app_error);
+struct peer *net_xfer_peer(const struct net_xfer *x);
+/* Bytes of frames received / sent (headers included) on this stream. */
+uint64_t net_xfer_bytes_in(const struct net_xfer *x);
+uint64_t net_xfer_bytes_out(const struct net_xfer *x);
 
 struct net;
 struct peer;
+
+struct net_xfer;
 
 struct net_callbacks {
 	/* A connection finished its handshake and is the one kept for this node. */
@@ -44,7 +100,12 @@ struct net_callbacks {
 	void (*peer_down)(void *ud, struct peer *p, const char *why);
 	/* One frame body from p. Returning < 0 shuts the stream (NET_ERR_FRAME). */
 	int (*frame)(void *ud, struct peer *p, const uint8_t *body, size_t len);
-	void *ud;
+	/* The peer opened a transfer stream: set its callbacks with net_xfer_set_callbacks and
+	 * return 0, or return < 0 to refuse it (reset with NET_ERR_BUSY). NULL refuses all. Called
+	 * from the event loop, never inside ngtcp2's callbacks. */
+	int (*xfer_accept)(void *xfer_ud, struct peer *p, struct net_xfer *x);
+	void *ud;      /* for peer_up, peer_down, frame */
+	void *xfer_ud; /* for xfer_accept */
 };
 
 struct tls_ctx;
@@ -91,6 +152,8 @@ struct net_stats {
 	uint64_t frames_rejected;
 	uint64_t pkts_in, pkts_out;
 	uint64_t bytes_in, bytes_out;
+	uint64_t xfers_opened, xfers_accepted, xfers_refused;
+	uint64_t xfer_bytes_in, xfer_bytes_out; /* transfer stream frames, headers included */
 };
 void net_get_stats(const struct net *n, struct net_stats *out);
 

@@ -27,6 +27,11 @@ ERRORS = {
     -12: "EPERM", -13: "ENOKEY", -14: "EKEY", -15: "ENOTREPO", -16: "EEMPTY", -17: "EGIT",
     -18: "EDB", -19: "EBADID", -20: "EBUSY", -21: "ECONN", -22: "ETIMEDOUT",
     -23: "ESHUTDOWN",
+    -24: "EDIRTY",
+    -25: "EDIVERGED",
+    -26: "ENOSPC",
+    -27: "EUNAVAIL",
+    -28: "ECANCELED",
 }
 
 
