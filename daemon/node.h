@@ -10,6 +10,8 @@
 
 struct net;
 struct gossip;
+struct sync;
+struct watch;
 
 struct node {
 	const struct me_config *cfg;
@@ -21,6 +23,8 @@ struct node {
 	/* Planes, set by main once they run (NULL before the node has an identity). */
 	struct net *net;
 	struct gossip *gossip;
+	struct sync *sync;   /* replication (daemon/sync.h) */
+	struct watch *watch; /* watches the working repositories of local repos (daemon/watch.h) */
 	/* Called by node_auth_init when an identity was just created, so main can start the
 	 * network without a restart. */
 	void (*identity_ready)(struct node *n);
