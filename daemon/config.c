@@ -38,6 +38,8 @@ static const char usage_text[] =
 "                            SEC seconds (default 10)\n"
 "      --max-outbound N      connections to open to nodes learnt by gossip\n"
 "                            (default 8; bootstrap nodes are always dialed)\n"
+"      --max-repo-size SIZE  largest repository transfer accepted from a peer, in\n"
+"                            bytes or with a K, M or G suffix (default 2G)\n"
 "      --cert-path DIR       where the node's TLS certificate is stored\n"
 "                            (default ROOT/certs)\n"
 "  -s, --socket PATH         control socket (default ROOT/megaengined.sock)\n"
@@ -52,20 +54,21 @@ static const char usage_text[] =
 "\n"
 "Configuration file: one 'key = value' per line, '#' or ';' starts a comment;\n"
 "the keys are the long option names above without '--' (root, alias, addr,\n"
-"bootstrap-node, announce-addr, gossip-interval, max-outbound, cert-path,\n"
-"socket, socket-group, log-level); addr, bootstrap-node and announce-addr may\n"
+"bootstrap-node, announce-addr, gossip-interval, max-outbound, max-repo-size,\n"
+"cert-path, socket, socket-group, log-level); addr, bootstrap-node and announce-addr may\n"
 "be repeated. Paths in the file must be absolute.\n"
 "Precedence: command-line flag > environment variable > configuration file >\n"
 "default. A repeatable option given as a flag replaces the file's entries.\n"
 "Environment: MEGAENGINE_CONFIG, MEGAENGINE_ROOT, MEGAENGINE_LOG.\n"
 "\n"
 "Signals: SIGTERM or SIGINT stop the daemon. SIGHUP re-reads the configuration\n"
-"file and applies alias, announce-addr, gossip-interval, max-outbound and\n"
-"log-level; root, addr, bootstrap-node, cert-path, socket and socket-group\n"
+"file and applies alias, announce-addr, gossip-interval, max-outbound,\n"
+"max-repo-size and log-level; root, addr, bootstrap-node, cert-path, socket and socket-group\n"
 "need a restart. Control it with mectl(1).\n";
 
 enum {
 	OPT_CERT = 256, OPT_SOCKGROUP, OPT_LOGLEVEL, OPT_ANNOUNCE, OPT_GOSSIP_IVL, OPT_MAX_OUT,
+	OPT_MAX_REPO,
 };
 
 static const struct option long_opts[] = {
@@ -78,6 +81,7 @@ static const struct option long_opts[] = {
 	{ "announce-addr", required_argument, NULL, OPT_ANNOUNCE },
 	{ "gossip-interval", required_argument, NULL, OPT_GOSSIP_IVL },
 	{ "max-outbound", required_argument, NULL, OPT_MAX_OUT },
+	{ "max-repo-size", required_argument, NULL, OPT_MAX_REPO },
 	{ "socket", required_argument, NULL, 's' },
 	{ "socket-group", required_argument, NULL, OPT_SOCKGROUP },
 	{ "log-level", required_argument, NULL, OPT_LOGLEVEL },
@@ -90,8 +94,8 @@ static const struct option long_opts[] = {
 
 /* The configuration keys: the flags that take a value, by the same names. */
 enum key {
-	K_ROOT, K_ALIAS, K_ADDR, K_BOOT, K_ANNOUNCE, K_GOSSIP_IVL, K_MAX_OUT, K_CERT, K_SOCKET,
-	K_SOCKGROUP, K_LOGLEVEL, K__COUNT
+	K_ROOT, K_ALIAS, K_ADDR, K_BOOT, K_ANNOUNCE, K_GOSSIP_IVL, K_MAX_OUT, K_MAX_REPO, K_CERT,
+	K_SOCKET, K_SOCKGROUP, K_LOGLEVEL, K__COUNT
 };
 
 static const struct {
@@ -107,6 +111,7 @@ static const struct {
 	[K_ANNOUNCE] = { "announce-addr", OPT_ANNOUNCE, 1, 0 },
 	[K_GOSSIP_IVL] = { "gossip-interval", OPT_GOSSIP_IVL, 0, 0 },
 	[K_MAX_OUT] = { "max-outbound", OPT_MAX_OUT, 0, 0 },
+	[K_MAX_REPO] = { "max-repo-size", OPT_MAX_REPO, 0, 0 },
 	[K_CERT] = { "cert-path", OPT_CERT, 0, 1 },
 	[K_SOCKET] = { "socket", 's', 0, 1 },
 	[K_SOCKGROUP] = { "socket-group", OPT_SOCKGROUP, 0, 1 },
@@ -268,6 +273,26 @@ static int set_key(struct loader *ld, enum key k, const char *v, char *why, size
 		if (parse_uint(v, 0, 64, &cfg->max_outbound) < 0)
 			WHY("must be 0 to 64");
 		return 0;
+	case K_MAX_REPO: {
+		char *end;
+		errno = 0;
+		if (v[0] < '0' || v[0] > '9')
+			WHY("expected a size such as 500M or 2G");
+		unsigned long long b = strtoull(v, &end, 10);
+		unsigned shift = 0;
+		if (*end == 'K' || *end == 'k')
+			shift = 10;
+		else if (*end == 'M' || *end == 'm')
+			shift = 20;
+		else if (*end == 'G' || *end == 'g')
+			shift = 30;
+		if (shift)
+			end++;
+		if (errno != 0 || *end != '\0' || b == 0 || b > (1ull << 40) >> shift)
+			WHY("expected a size from 1 to 1T, such as 500M or 2G");
+		cfg->max_repo_size = (uint64_t)b << shift;
+		return 0;
+	}
 	case K_CERT:
 		return set_str(cfg->cert_path, sizeof(cfg->cert_path), v, why, whysz);
 	case K_SOCKET:
@@ -397,6 +422,7 @@ int me_config_load(struct me_config *cfg, int argc, char **argv, char *err, size
 	cfg->log_level = LOG_INFO;
 	cfg->gossip_interval_ms = ME_GOSSIP_INTERVAL_MS;
 	cfg->max_outbound = ME_MAX_OUTBOUND;
+	cfg->max_repo_size = ME_MAX_REPO_SIZE;
 
 	/* Pass 1: --help, --version, --config and the syntax of the command line. */
 	optind = 1;
@@ -511,6 +537,7 @@ void me_config_diff(const struct me_config *a, const struct me_config *b, int re
 	differ[K_ANNOUNCE] = addrs_differ(a->announce, a->nannounce, b->announce, b->nannounce);
 	differ[K_GOSSIP_IVL] = a->gossip_interval_ms != b->gossip_interval_ms;
 	differ[K_MAX_OUT] = a->max_outbound != b->max_outbound;
+	differ[K_MAX_REPO] = a->max_repo_size != b->max_repo_size;
 	differ[K_CERT] = strcmp(a->cert_path, b->cert_path) != 0;
 	differ[K_SOCKET] = strcmp(a->socket_path, b->socket_path) != 0;
 	differ[K_SOCKGROUP] = strcmp(a->socket_group, b->socket_group) != 0;

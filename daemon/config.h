@@ -19,6 +19,7 @@
 #define ME_SUN_PATH_MAX 108
 #define ME_GOSSIP_INTERVAL_MS 10000
 #define ME_MAX_OUTBOUND 8
+#define ME_MAX_REPO_SIZE (2ull << 30)
 
 struct me_sockaddr {
 	struct sockaddr_storage ss;
@@ -42,6 +43,7 @@ struct me_config {
 	size_t nannounce;
 	unsigned gossip_interval_ms;  /* re-announce period (default 10 s) */
 	unsigned max_outbound;        /* nodes dialed from announcements (default 8) */
+	uint64_t max_repo_size;       /* largest bundle accepted from a peer (default 2 GiB) */
 	char cert_path[PATH_MAX];
 	char socket_path[ME_SUN_PATH_MAX];
 	char socket_group[64];

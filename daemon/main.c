@@ -111,6 +111,7 @@ static void on_sighup(uv_signal_t *h, int signum)
 		cfg.nannounce = next.nannounce;
 		cfg.gossip_interval_ms = next.gossip_interval_ms;
 		cfg.max_outbound = next.max_outbound;
+		cfg.max_repo_size = next.max_repo_size;
 		cfg.log_level = next.log_level;
 		memcpy(cfg.config_path, next.config_path, sizeof(cfg.config_path));
 		me_log_set_level(cfg.log_level);

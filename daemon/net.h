@@ -48,6 +48,7 @@ enum {
 #define NET_XFER_LOWAT (256u * 1024)     /* `writable` fires when queued data drops below */
 #define NET_XFER_MAX_QUEUE (4u << 20)    /* net_xfer_send refuses beyond this (ME_EBUSY) */
 
+struct peer;
 struct net_xfer;
 
 struct net_xfer_callbacks {
