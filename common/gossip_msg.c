@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -796,6 +797,47 @@ int gmsg_refstate_verify(const struct gmsg_refstate *rs, const uint8_t creator_p
 	return rc;
 }
 
+static int pk_refstate(msgpack_packer *pk, const struct gmsg_refstate *rs)
+{
+	int wrc = msgpack_pack_array(pk, 5);
+
+	wrc |= pk_str(pk, rs->repo_id);
+	wrc |= msgpack_pack_uint64(pk, rs->seq);
+	wrc |= pk_str(pk, rs->head);
+	wrc |= pk_refs(pk, rs);
+	wrc |= pk_bin(pk, rs->sig, ME_SIG_LEN);
+	return wrc;
+}
+
+/* Parses the 5 fields sf of a ref state whose refs array has nrefs entries into rs, the refs
+ * into refs[0..nrefs); checks its structure (not the signature). */
+static int refstate_parse(const struct src *src, const msgpack_object *sf, size_t nrefs,
+			  struct gmsg_refstate *rs, struct gmsg_ref *refs)
+{
+	const msgpack_object *ro = sf[3].via.array.ptr;
+	const uint8_t *sig, *oid;
+	int rc;
+
+	if ((rc = get_str(src, &sf[0], &rs->repo_id)) < 0 ||
+	    (rc = get_uint(&sf[1], UINT64_MAX, &rs->seq)) < 0 ||
+	    (rc = get_str(src, &sf[2], &rs->head)) < 0 ||
+	    (rc = get_bin(src, &sf[4], ME_SIG_LEN, &sig)) < 0)
+		return rc;
+	memcpy(rs->sig, sig, ME_SIG_LEN);
+	for (size_t i = 0; i < nrefs; i++) {
+		const msgpack_object *p = arr(&ro[i], 2);
+		if (p == NULL)
+			return ME_EPROTO;
+		if ((rc = get_str(src, &p[0], &refs[i].name)) < 0 ||
+		    (rc = get_bin(src, &p[1], ME_OID_LEN, &oid)) < 0)
+			return rc;
+		memcpy(refs[i].oid, oid, ME_OID_LEN);
+	}
+	rs->refs = refs;
+	rs->nrefs = nrefs;
+	return refstate_check(rs);
+}
+
 /* ---- RepoAnnouncement ---- */
 
 static int repo_check(const struct gmsg_repo *r)
@@ -838,12 +880,7 @@ int gmsg_repo_ann_encode(const struct gmsg_repo_ann *a, msgpack_sbuffer *out)
 		wrc |= pk_str(&pk, r->name);
 		wrc |= pk_str(&pk, r->description);
 		wrc |= pk_bin(&pk, r->creator_pk, ME_PK_LEN);
-		wrc |= msgpack_pack_array(&pk, 5);
-		wrc |= pk_str(&pk, r->refstate.repo_id);
-		wrc |= msgpack_pack_uint64(&pk, r->refstate.seq);
-		wrc |= pk_str(&pk, r->refstate.head);
-		wrc |= pk_refs(&pk, &r->refstate);
-		wrc |= pk_bin(&pk, r->refstate.sig, ME_SIG_LEN);
+		wrc |= pk_refstate(&pk, &r->refstate);
 	}
 	rc = out->size - start > GMSG_MAX_PAYLOAD ? ME_ETOOBIG : 0;
 	return finish(out, start, rc, wrc);
@@ -863,9 +900,8 @@ static int repo_shape(const msgpack_object *o, const msgpack_object **rf,
 static int repo_parse(const struct src *src, const msgpack_object *o, struct gmsg_repo *r,
 		      struct gmsg_ref *refs)
 {
-	const msgpack_object *rf, *sf, *ro;
-	const uint8_t *pk, *sig, *oid;
-	struct gmsg_refstate *rs = &r->refstate;
+	const msgpack_object *rf, *sf;
+	const uint8_t *pk;
 	size_t nrefs;
 	int rc;
 
@@ -873,26 +909,11 @@ static int repo_parse(const struct src *src, const msgpack_object *o, struct gms
 		return rc;
 	if ((rc = get_str(src, &rf[0], &r->id)) < 0 || (rc = get_str(src, &rf[1], &r->name)) < 0 ||
 	    (rc = get_str(src, &rf[2], &r->description)) < 0 ||
-	    (rc = get_bin(src, &rf[3], ME_PK_LEN, &pk)) < 0 ||
-	    (rc = get_str(src, &sf[0], &rs->repo_id)) < 0 ||
-	    (rc = get_uint(&sf[1], UINT64_MAX, &rs->seq)) < 0 ||
-	    (rc = get_str(src, &sf[2], &rs->head)) < 0 ||
-	    (rc = get_bin(src, &sf[4], ME_SIG_LEN, &sig)) < 0)
+	    (rc = get_bin(src, &rf[3], ME_PK_LEN, &pk)) < 0)
 		return rc;
 	memcpy(r->creator_pk, pk, ME_PK_LEN);
-	memcpy(rs->sig, sig, ME_SIG_LEN);
-	ro = sf[3].via.array.ptr;
-	for (size_t i = 0; i < nrefs; i++) {
-		const msgpack_object *p = arr(&ro[i], 2);
-		if (p == NULL)
-			return ME_EPROTO;
-		if ((rc = get_str(src, &p[0], &refs[i].name)) < 0 ||
-		    (rc = get_bin(src, &p[1], ME_OID_LEN, &oid)) < 0)
-			return rc;
-		memcpy(refs[i].oid, oid, ME_OID_LEN);
-	}
-	rs->refs = refs;
-	rs->nrefs = nrefs;
+	if ((rc = refstate_parse(src, sf, nrefs, &r->refstate, refs)) < 0)
+		return rc;
 	return repo_check(r);
 }
 
@@ -974,4 +995,253 @@ void gmsg_repo_ann_free(struct gmsg_repo_ann *a)
 	free(a->repos);
 	a->repos = NULL;
 	a->nrepos = 0;
+}
+
+/* ---- transfer messages ---- */
+
+#define XMSG_OBJECTS (8 + XMSG_MAX_HAVES + 3 * GMSG_MAX_REFS + 8)
+
+static int get_int(const msgpack_object *o, int64_t min, int64_t max, int64_t *out)
+{
+	if (o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER)
+		*out = o->via.i64;
+	else if (o->type == MSGPACK_OBJECT_POSITIVE_INTEGER && o->via.u64 <= INT64_MAX)
+		*out = (int64_t)o->via.u64;
+	else
+		return ME_EPROTO;
+	return *out < min || *out > max ? ME_EPROTO : 0;
+}
+
+/* A short text field: no NUL, within max bytes. */
+static int get_text(const struct src *src, const msgpack_object *o, size_t max,
+		    struct gmsg_str *out)
+{
+	int rc = get_str(src, o, out);
+	if (rc < 0)
+		return rc;
+	return out->len > max || has_nul(*out) ? ME_EPROTO : 0;
+}
+
+static int xmsg_parse(const struct src *src, const msgpack_object *o, struct xmsg *m)
+{
+	const msgpack_object *f;
+	const uint8_t *b;
+	uint64_t t;
+	int rc;
+
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 2 ||
+	    get_uint(&o->via.array.ptr[0], XMSG_ERROR, &t) < 0 || t < XMSG_REQUEST)
+		return ME_EPROTO;
+	m->type = (unsigned)t;
+	switch (m->type) {
+	case XMSG_REQUEST: {
+		if ((f = arr(o, 4)) == NULL || (rc = get_str(src, &f[1], &m->repo_id)) < 0 ||
+		    (rc = check_repo_id(m->repo_id)) < 0 || f[2].type != MSGPACK_OBJECT_ARRAY)
+			return ME_EPROTO;
+		size_t n = f[2].via.array.size;
+		if (n > XMSG_MAX_HAVES)
+			return ME_ETOOBIG;
+		if (n > 0 && (m->haves = malloc(n * ME_OID_LEN)) == NULL)
+			return ME_ENOMEM;
+		for (size_t i = 0; i < n; i++) {
+			if ((rc = get_bin(src, &f[2].via.array.ptr[i], ME_OID_LEN, &b)) < 0)
+				return rc;
+			memcpy(m->haves[i], b, ME_OID_LEN);
+		}
+		m->nhaves = n;
+		if (f[3].type == MSGPACK_OBJECT_NIL)
+			return 0;
+		const msgpack_object *r = arr(&f[3], 2);
+		if (r == NULL || (rc = get_bin(src, &r[0], XMSG_DIGEST_LEN, &b)) < 0 ||
+		    (rc = get_uint(&r[1], UINT64_MAX, &m->resume_offset)) < 0)
+			return ME_EPROTO;
+		memcpy(m->resume_digest, b, XMSG_DIGEST_LEN);
+		m->has_resume = 1;
+		return 0;
+	}
+	case XMSG_START: {
+		const msgpack_object *sf;
+		const uint8_t *pk;
+		if ((f = arr(o, 7)) == NULL || (sf = arr(&f[6], 5)) == NULL ||
+		    sf[3].type != MSGPACK_OBJECT_ARRAY)
+			return ME_EPROTO;
+		size_t nrefs = sf[3].via.array.size;
+		if (nrefs > GMSG_MAX_REFS)
+			return ME_ETOOBIG;
+		if ((rc = get_text(src, &f[1], XMSG_MAX_FILENAME, &m->file_name)) < 0 ||
+		    (rc = get_uint(&f[2], UINT64_MAX, &m->total_size)) < 0 ||
+		    (rc = get_bin(src, &f[3], XMSG_DIGEST_LEN, &b)) < 0)
+			return ME_EPROTO;
+		memcpy(m->digest, b, XMSG_DIGEST_LEN);
+		if ((rc = get_uint(&f[4], m->total_size, &m->offset)) < 0 ||
+		    (rc = get_bin(src, &f[5], ME_PK_LEN, &pk)) < 0)
+			return ME_EPROTO;
+		memcpy(m->creator_pk, pk, ME_PK_LEN);
+		struct gmsg_ref *refs = calloc(nrefs ? nrefs : 1, sizeof(*refs));
+		if (refs == NULL)
+			return ME_ENOMEM;
+		m->refstate.refs = refs;
+		return refstate_parse(src, sf, nrefs, &m->refstate, refs);
+	}
+	case XMSG_DATA:
+		if ((f = arr(o, 2)) == NULL || f[1].type != MSGPACK_OBJECT_BIN ||
+		    f[1].via.bin.size == 0 || f[1].via.bin.size > XMSG_MAX_DATA)
+			return ME_EPROTO;
+		if ((rc = get_bin(src, &f[1], f[1].via.bin.size, &b)) < 0)
+			return rc;
+		m->data = b;
+		m->len = f[1].via.bin.size;
+		return 0;
+	case XMSG_DONE:
+		if ((f = arr(o, 2)) == NULL || (rc = get_bin(src, &f[1], XMSG_DIGEST_LEN, &b)) < 0)
+			return ME_EPROTO;
+		memcpy(m->digest, b, XMSG_DIGEST_LEN);
+		return 0;
+	case XMSG_ERROR:
+		if ((f = arr(o, 3)) == NULL || get_int(&f[1], INT32_MIN, -1, &m->code) < 0 ||
+		    get_text(src, &f[2], XMSG_MAX_ERRMSG, &m->message) < 0)
+			return ME_EPROTO;
+		return 0;
+	}
+	return ME_EPROTO;
+}
+
+int xmsg_decode(const uint8_t *buf, size_t len, struct xmsg *out)
+{
+	const struct src src = { buf, len };
+	msgpack_zone zone;
+	msgpack_object o;
+	int rc;
+
+	if (out == NULL)
+		return ME_EINVAL;
+	memset(out, 0, sizeof(*out));
+	if (len > XMSG_MAX_BODY)
+		return ME_ETOOBIG;
+	if (buf == NULL || len == 0)
+		return ME_EPROTO;
+	if (!msgpack_zone_init(&zone, 2048))
+		return ME_ENOMEM;
+	rc = me_mp_unpack(buf, len, XMSG_OBJECTS, &zone, &o);
+	if (rc == 0)
+		rc = xmsg_parse(&src, &o, out);
+	msgpack_zone_destroy(&zone);
+	if (rc < 0)
+		xmsg_free(out);
+	return rc;
+}
+
+void xmsg_free(struct xmsg *m)
+{
+	if (m == NULL)
+		return;
+	free(m->haves);
+	free(m->refstate.refs);
+	memset(m, 0, sizeof(*m));
+}
+
+/* Wraps the packing of one body into a frame appended to out. */
+struct xframe {
+	msgpack_sbuffer *out;
+	msgpack_packer pk;
+	size_t start;
+};
+
+static void xframe_begin(struct xframe *xf, msgpack_sbuffer *out, unsigned type, uint32_t n)
+{
+	xf->out = out;
+	xf->start = out->size;
+	me_frame_begin(out);
+	msgpack_packer_init(&xf->pk, out, msgpack_sbuffer_write);
+	msgpack_pack_array(&xf->pk, n);
+	msgpack_pack_unsigned_int(&xf->pk, type);
+}
+
+static int xframe_end(struct xframe *xf, int wrc)
+{
+	int rc = wrc != 0 ? ME_ENOMEM : me_frame_end(xf->out, xf->start, XMSG_MAX_BODY);
+	if (rc < 0)
+		xf->out->size = xf->start;
+	return rc == ME_ETOOBIG ? ME_EINVAL : rc;
+}
+
+int xmsg_encode_request(msgpack_sbuffer *out, const char *repo_id,
+			const uint8_t (*haves)[ME_OID_LEN], size_t nhaves,
+			const uint8_t *resume_digest, uint64_t resume_offset)
+{
+	struct xframe xf;
+	int wrc;
+
+	if (out == NULL || repo_id == NULL || check_repo_id(gmsg_str(repo_id)) < 0 ||
+	    nhaves > XMSG_MAX_HAVES || (nhaves > 0 && haves == NULL))
+		return ME_EINVAL;
+	xframe_begin(&xf, out, XMSG_REQUEST, 4);
+	wrc = pk_str(&xf.pk, gmsg_str(repo_id));
+	wrc |= msgpack_pack_array(&xf.pk, nhaves);
+	for (size_t i = 0; i < nhaves; i++)
+		wrc |= pk_bin(&xf.pk, haves[i], ME_OID_LEN);
+	if (resume_digest == NULL) {
+		wrc |= msgpack_pack_nil(&xf.pk);
+	} else {
+		wrc |= msgpack_pack_array(&xf.pk, 2);
+		wrc |= pk_bin(&xf.pk, resume_digest, XMSG_DIGEST_LEN);
+		wrc |= msgpack_pack_uint64(&xf.pk, resume_offset);
+	}
+	return xframe_end(&xf, wrc);
+}
+
+int xmsg_encode_start(msgpack_sbuffer *out, const char *file_name, uint64_t total_size,
+		      const uint8_t digest[XMSG_DIGEST_LEN], uint64_t offset,
+		      const uint8_t creator_pk[ME_PK_LEN], const struct gmsg_refstate *rs)
+{
+	struct xframe xf;
+	struct gmsg_str fn = gmsg_str(file_name);
+	int wrc;
+
+	if (out == NULL || file_name == NULL || fn.len > XMSG_MAX_FILENAME || digest == NULL ||
+	    creator_pk == NULL || rs == NULL || offset > total_size || refstate_check(rs) < 0)
+		return ME_EINVAL;
+	xframe_begin(&xf, out, XMSG_START, 7);
+	wrc = pk_str(&xf.pk, fn);
+	wrc |= msgpack_pack_uint64(&xf.pk, total_size);
+	wrc |= pk_bin(&xf.pk, digest, XMSG_DIGEST_LEN);
+	wrc |= msgpack_pack_uint64(&xf.pk, offset);
+	wrc |= pk_bin(&xf.pk, creator_pk, ME_PK_LEN);
+	wrc |= pk_refstate(&xf.pk, rs);
+	return xframe_end(&xf, wrc);
+}
+
+int xmsg_encode_data(msgpack_sbuffer *out, const void *data, size_t len)
+{
+	struct xframe xf;
+
+	if (out == NULL || data == NULL || len == 0 || len > XMSG_MAX_DATA)
+		return ME_EINVAL;
+	xframe_begin(&xf, out, XMSG_DATA, 2);
+	return xframe_end(&xf, pk_bin(&xf.pk, data, len));
+}
+
+int xmsg_encode_done(msgpack_sbuffer *out, const uint8_t digest[XMSG_DIGEST_LEN])
+{
+	struct xframe xf;
+
+	if (out == NULL || digest == NULL)
+		return ME_EINVAL;
+	xframe_begin(&xf, out, XMSG_DONE, 2);
+	return xframe_end(&xf, pk_bin(&xf.pk, digest, XMSG_DIGEST_LEN));
+}
+
+int xmsg_encode_error(msgpack_sbuffer *out, int code, const char *message)
+{
+	struct xframe xf;
+	char msg[XMSG_MAX_ERRMSG + 1];
+	int wrc;
+
+	if (out == NULL || code >= 0 || message == NULL)
+		return ME_EINVAL;
+	snprintf(msg, sizeof(msg), "%s", message); /* longer messages are cut */
+	xframe_begin(&xf, out, XMSG_ERROR, 3);
+	wrc = msgpack_pack_int64(&xf.pk, code);
+	wrc |= pk_str(&xf.pk, gmsg_str(msg));
+	return xframe_end(&xf, wrc);
 }

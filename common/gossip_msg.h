@@ -192,4 +192,63 @@ int gmsg_repo_ann_encode(const struct gmsg_repo_ann *a, msgpack_sbuffer *out);
 int gmsg_repo_ann_decode(const uint8_t *buf, size_t len, struct gmsg_repo_ann *out);
 void gmsg_repo_ann_free(struct gmsg_repo_ann *a);
 
+/* ---- transfer messages (docs/peer-protocol.md §3), one per frame on a transfer stream ----
+ * request: [1, repo_id str, [oid bin20...], nil | [digest bin32, offset uint]]
+ * start:   [2, file_name str, total_size uint, digest bin32, offset uint, creator_pk bin32,
+ *           refstate]
+ * data:    [3, bytes bin]        1..XMSG_MAX_DATA bytes
+ * done:    [4, digest bin32]
+ * error:   [5, code int, message str] */
+enum { XMSG_REQUEST = 1, XMSG_START, XMSG_DATA, XMSG_DONE, XMSG_ERROR };
+
+#define XMSG_DIGEST_LEN 32
+#define XMSG_MAX_HAVES 20000
+#define XMSG_MAX_DATA 65536
+#define XMSG_MAX_FILENAME 255
+#define XMSG_MAX_ERRMSG 256
+#define XMSG_MAX_BODY (GMSG_MAX_PAYLOAD + 4096) /* largest message body */
+
+struct xmsg {
+	unsigned type;
+	/* request */
+	struct gmsg_str repo_id; /* a well-formed did:repo */
+	uint8_t (*haves)[ME_OID_LEN]; /* owned: xmsg_free */
+	size_t nhaves;
+	int has_resume;
+	uint8_t resume_digest[XMSG_DIGEST_LEN];
+	uint64_t resume_offset;
+	/* start */
+	struct gmsg_str file_name; /* <= XMSG_MAX_FILENAME bytes, no NUL: informational only */
+	uint64_t total_size;
+	uint8_t digest[XMSG_DIGEST_LEN]; /* start and done */
+	uint64_t offset; /* <= total_size */
+	uint8_t creator_pk[ME_PK_LEN];
+	struct gmsg_refstate refstate; /* structure checked, signature NOT verified; refs owned */
+	/* data */
+	const uint8_t *data;
+	size_t len;
+	/* error */
+	int64_t code; /* negative */
+	struct gmsg_str message; /* <= XMSG_MAX_ERRMSG bytes, no NUL */
+};
+
+/* Decodes one body. Strings and data borrow buf (keep it alive); arrays are owned: xmsg_free.
+ * ME_EPROTO for anything malformed (unknown type, wrong shape or types, a bad id, offset past
+ * total_size, empty or oversized data), ME_ETOOBIG for a body over XMSG_MAX_BODY or too many
+ * haves or refs, ME_ENOMEM. On failure *out is empty. */
+int xmsg_decode(const uint8_t *buf, size_t len, struct xmsg *out);
+void xmsg_free(struct xmsg *m);
+
+/* Encoders append one complete frame (u32 length + body) to out; ME_EINVAL for arguments the
+ * decoder would refuse, ME_ENOMEM. On failure out is unchanged. */
+int xmsg_encode_request(msgpack_sbuffer *out, const char *repo_id,
+			const uint8_t (*haves)[ME_OID_LEN], size_t nhaves,
+			const uint8_t *resume_digest, uint64_t resume_offset);
+int xmsg_encode_start(msgpack_sbuffer *out, const char *file_name, uint64_t total_size,
+		      const uint8_t digest[XMSG_DIGEST_LEN], uint64_t offset,
+		      const uint8_t creator_pk[ME_PK_LEN], const struct gmsg_refstate *rs);
+int xmsg_encode_data(msgpack_sbuffer *out, const void *data, size_t len);
+int xmsg_encode_done(msgpack_sbuffer *out, const uint8_t digest[XMSG_DIGEST_LEN]);
+int xmsg_encode_error(msgpack_sbuffer *out, int code, const char *message);
+
 #endif

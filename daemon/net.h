@@ -43,7 +43,7 @@ enum {
  * accepts at most NET_XFER_MAX_IN concurrent transfer streams opened by the other side (the QUIC
  * stream limit); a further net_xfer_open fails with ME_EBUSY until one closes. Data queued on a
  * transfer is written after the gossip stream's, so a slow transfer never delays gossip. */
-#define NET_XFER_MAX_FRAME (128u * 1024) /* largest frame on a transfer stream */
+#define NET_XFER_MAX_FRAME ((1u << 20) + 4096) /* largest frame body on a transfer stream */
 #define NET_XFER_MAX_IN 4                /* concurrent transfers a peer may open to us */
 #define NET_XFER_LOWAT (256u * 1024)     /* `writable` fires when queued data drops below */
 #define NET_XFER_MAX_QUEUE (4u << 20)    /* net_xfer_send refuses beyond this (ME_EBUSY) */
