@@ -53,6 +53,16 @@ static const char *const migrations[STORE_SCHEMA_VERSION] = {
 	"ALTER TABLE repos ADD COLUMN ref_sig BLOB;"
 	"ALTER TABLE nodes ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;"
 	"CREATE INDEX nodes_last_seen ON nodes(last_seen DESC, id);",
+	/* 2 -> 3: replication state of a repository's mirror; working copies made by clone. */
+	"ALTER TABLE repos ADD COLUMN mirror_seq INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE repos ADD COLUMN last_sync_ms INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE repos ADD COLUMN sync_error TEXT NOT NULL DEFAULT '';"
+	"CREATE TABLE clones ("
+	" repo_id TEXT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,"
+	" path TEXT NOT NULL,"
+	" seq INTEGER NOT NULL DEFAULT 0,"
+	" updated_at INTEGER NOT NULL,"
+	" PRIMARY KEY (repo_id, path));",
 };
 
 enum stmt_id {
@@ -69,6 +79,7 @@ enum stmt_id {
 	S_REPO_SET_REFSTATE,
 	S_REPO_EXT_STATE,
 	S_REPO_EXT_UPDATE,
+	S_REPO_SET_SYNC,
 	S_REF_INSERT,
 	S_REF_CLEAR,
 	S_REF_LIST,
@@ -77,18 +88,25 @@ enum stmt_id {
 	S_NODE_LIST,
 	S_NODE_DELETE,
 	S_NODE_COUNT,
+	S_CLONE_SET,
+	S_CLONE_LIST,
+	S_CLONE_LIST_ALL,
+	S_CLONE_DELETE,
 	S__COUNT
 };
 
-#define REPO_COLS "id, name, creator, description, path, is_external, root_commit, head, " \
-		  "created_at, updated_at, ref_seq, ref_sig"
+/* The columns a new repository row is inserted with (the others keep their defaults). */
+#define REPO_INSERT_COLS "id, name, creator, description, path, is_external, root_commit, head, " \
+			 "created_at, updated_at, ref_seq, ref_sig"
+#define REPO_COLS REPO_INSERT_COLS ", mirror_seq, last_sync_ms, sync_error"
+#define CLONE_COLS "repo_id, path, seq, updated_at"
 #define NODE_COLS "id, alias, addresses, node_type, version, created_at, updated_at, last_seen"
 
 static const char *const stmt_sql[S__COUNT] = {
 	[S_BEGIN] = "BEGIN IMMEDIATE",
 	[S_COMMIT] = "COMMIT",
 	[S_ROLLBACK] = "ROLLBACK",
-	[S_REPO_INSERT] = "INSERT INTO repos (" REPO_COLS ")"
+	[S_REPO_INSERT] = "INSERT INTO repos (" REPO_INSERT_COLS ")"
 			  " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
 	[S_REPO_GET] = "SELECT " REPO_COLS " FROM repos WHERE id = ?1",
 	[S_REPO_FIND_PATH] = "SELECT " REPO_COLS " FROM repos WHERE path = ?1 AND is_external = 0"
@@ -105,6 +123,11 @@ static const char *const stmt_sql[S__COUNT] = {
 	[S_REPO_EXT_UPDATE] = "UPDATE repos SET name = ?2, description = ?4, head = ?8,"
 			      " updated_at = ?10, ref_seq = ?11, ref_sig = ?12"
 			      " WHERE id = ?1 AND is_external = 1",
+	/* A negative number or a NULL error keeps the stored value. */
+	[S_REPO_SET_SYNC] = "UPDATE repos SET"
+			    " mirror_seq = CASE WHEN ?2 < 0 THEN mirror_seq ELSE ?2 END,"
+			    " last_sync_ms = CASE WHEN ?3 < 0 THEN last_sync_ms ELSE ?3 END,"
+			    " sync_error = coalesce(?4, sync_error) WHERE id = ?1",
 	[S_REF_INSERT] = "INSERT INTO refs (repo_id, ref_name, oid, updated_at) VALUES (?1, ?2, ?3, ?4)",
 	[S_REF_CLEAR] = "DELETE FROM refs WHERE repo_id = ?1",
 	[S_REF_LIST] = "SELECT ref_name, oid FROM refs WHERE repo_id = ?1 ORDER BY ref_name",
@@ -117,6 +140,12 @@ static const char *const stmt_sql[S__COUNT] = {
 	[S_NODE_LIST] = "SELECT " NODE_COLS " FROM nodes ORDER BY last_seen DESC, id",
 	[S_NODE_DELETE] = "DELETE FROM nodes WHERE id = ?1",
 	[S_NODE_COUNT] = "SELECT count(*) FROM nodes",
+	[S_CLONE_SET] = "INSERT INTO clones (" CLONE_COLS ") VALUES (?1, ?2, ?3, ?4)"
+			" ON CONFLICT (repo_id, path) DO UPDATE SET seq = excluded.seq,"
+			" updated_at = excluded.updated_at",
+	[S_CLONE_LIST] = "SELECT " CLONE_COLS " FROM clones WHERE repo_id = ?1 ORDER BY path",
+	[S_CLONE_LIST_ALL] = "SELECT " CLONE_COLS " FROM clones ORDER BY repo_id, path",
+	[S_CLONE_DELETE] = "DELETE FROM clones WHERE repo_id = ?1 AND path = ?2",
 };
 
 struct store {
@@ -287,6 +316,7 @@ void store_repo_clear(struct store_repo *r)
 	free(r->path);
 	free(r->root_commit);
 	free(r->head);
+	free(r->sync_error);
 	memset(r, 0, sizeof(*r));
 }
 
@@ -313,6 +343,22 @@ void store_refs_free(struct store_ref *r, size_t n)
 	for (size_t i = 0; i < n; i++)
 		ref_clear(&r[i]);
 	free(r);
+}
+
+static void clone_clear(struct store_clone *c)
+{
+	free(c->repo_id);
+	free(c->path);
+	memset(c, 0, sizeof(*c));
+}
+
+void store_clone_list_free(struct store_clone *c, size_t n)
+{
+	if (c == NULL)
+		return;
+	for (size_t i = 0; i < n; i++)
+		clone_clear(&c[i]);
+	free(c);
 }
 
 void store_node_clear(struct store_node *n)
@@ -371,8 +417,11 @@ static int read_repo(struct store *st, sqlite3_stmt *s, void *row)
 			oom = 1;
 		}
 	}
+	r->mirror_seq = sqlite3_column_int64(s, 12);
+	r->last_sync_ms = sqlite3_column_int64(s, 13);
+	r->sync_error = col_dup(s, 14);
 	if (oom || !r->id || !r->name || !r->creator || !r->description || !r->path ||
-	    !r->root_commit || !r->head) {
+	    !r->root_commit || !r->head || !r->sync_error) {
 		store_repo_clear(r);
 		return no_memory(st);
 	}
@@ -412,6 +461,28 @@ static int read_ref(struct store *st, sqlite3_stmt *s, void *row)
 		return no_memory(st);
 	}
 	return 0;
+}
+
+/* Reads a row selected with CLONE_COLS into a struct store_clone. */
+static int read_clone(struct store *st, sqlite3_stmt *s, void *row)
+{
+	struct store_clone *c = row;
+
+	memset(c, 0, sizeof(*c));
+	c->repo_id = col_dup(s, 0);
+	c->path = col_dup(s, 1);
+	c->seq = sqlite3_column_int64(s, 2);
+	c->updated_at = sqlite3_column_int64(s, 3);
+	if (c->repo_id == NULL || c->path == NULL) {
+		clone_clear(c);
+		return no_memory(st);
+	}
+	return 0;
+}
+
+static void free_clone_rows(void *rows, size_t n)
+{
+	store_clone_list_free(rows, n);
 }
 
 static void free_repo_rows(void *rows, size_t n)
@@ -979,7 +1050,7 @@ int store_repo_list(struct store *st, struct store_repo **out, size_t *n)
 
 int store_repo_remove(struct store *st, const char *id)
 {
-	/* One statement: the refs go with it (ON DELETE CASCADE) atomically. */
+	/* One statement: the refs and working copies go with it (ON DELETE CASCADE) atomically. */
 	return delete_row(st, S_REPO_DELETE, id, "delete repository", "repository");
 }
 
@@ -1122,6 +1193,22 @@ int store_repo_count(struct store *st, int64_t *n)
 	return count_rows(st, S_REPO_COUNT, "count repositories", n);
 }
 
+int store_repo_set_sync(struct store *st, const char *id, int64_t mirror_seq,
+			int64_t last_sync_ms, const char *error)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if ((rc = store_usable(st, id != NULL)) < 0)
+		return rc;
+	s = st->stmt[S_REPO_SET_SYNC];
+	if (bind_text(s, 1, id) != SQLITE_OK || sqlite3_bind_int64(s, 2, mirror_seq) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 3, last_sync_ms) != SQLITE_OK ||
+	    (error != NULL ? bind_text(s, 4, error) : sqlite3_bind_null(s, 4)) != SQLITE_OK)
+		return bind_fail(st, s, "update sync state");
+	return step_changed(st, s, "update sync state", "repository", id);
+}
+
 /* --- nodes -------------------------------------------------------------------------------- */
 
 int store_node_upsert(struct store *st, const struct store_node *n)
@@ -1178,4 +1265,61 @@ int store_node_list(struct store *st, struct store_node **out, size_t *n)
 int store_node_count(struct store *st, int64_t *n)
 {
 	return count_rows(st, S_NODE_COUNT, "count nodes", n);
+}
+
+/* --- working copies ----------------------------------------------------------------------- */
+
+int store_clone_set(struct store *st, const char *repo_id, const char *path, int64_t seq)
+{
+	sqlite3_stmt *s;
+	int rc = 0;
+
+	if ((rc = store_usable(st, repo_id != NULL && path != NULL)) < 0)
+		return rc;
+	if (path[0] == '\0' || seq < 0) {
+		set_err(st, "a working copy needs a path and a non-negative sequence number");
+		return ME_EINVAL;
+	}
+	s = st->stmt[S_CLONE_SET];
+	if (bind_text(s, 1, repo_id) != SQLITE_OK || bind_text(s, 2, path) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 3, seq) != SQLITE_OK ||
+	    sqlite3_bind_int64(s, 4, (int64_t)time(NULL)) != SQLITE_OK)
+		return bind_fail(st, s, "record working copy");
+	if (sqlite3_step(s) != SQLITE_DONE) {
+		/* The only foreign key: the repository. */
+		if (sqlite3_extended_errcode(st->db) == SQLITE_CONSTRAINT_FOREIGNKEY) {
+			set_err(st, "no repository %s", repo_id);
+			rc = ME_ENOTFOUND;
+		} else {
+			rc = db_fail(st, "record working copy");
+		}
+	}
+	stmt_done(s);
+	return rc;
+}
+
+int store_clone_list(struct store *st, const char *repo_id, struct store_clone **out, size_t *n)
+{
+	void *rows;
+	int rc;
+
+	rc = list_rows(st, out != NULL, repo_id != NULL ? S_CLONE_LIST : S_CLONE_LIST_ALL, repo_id,
+		       sizeof(struct store_clone), read_clone, free_clone_rows,
+		       "list working copies", &rows, n);
+	if (out != NULL)
+		*out = rows;
+	return rc;
+}
+
+int store_clone_remove(struct store *st, const char *repo_id, const char *path)
+{
+	sqlite3_stmt *s;
+	int rc;
+
+	if ((rc = store_usable(st, repo_id != NULL && path != NULL)) < 0)
+		return rc;
+	s = st->stmt[S_CLONE_DELETE];
+	if (bind_text(s, 1, repo_id) != SQLITE_OK || bind_text(s, 2, path) != SQLITE_OK)
+		return bind_fail(st, s, "delete working copy");
+	return step_changed(st, s, "delete working copy", "working copy", path);
 }

@@ -259,8 +259,11 @@ def test_v1_database_is_migrated(daemon_factory):
     d.stop()
     con = sqlite3.connect(root / "megaengine.db")
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
         assert con.execute("SELECT ref_seq, ref_sig FROM repos").fetchall() == [(0, None)]
+        assert con.execute("SELECT mirror_seq, last_sync_ms, sync_error FROM repos").fetchall() \
+            == [(0, 0, "")]
+        assert con.execute("SELECT count(*) FROM clones").fetchone()[0] == 0
     finally:
         con.close()
 

@@ -581,6 +581,154 @@ static void test_upsert_external(void **state)
 	assert_int_equal(store_repo_get(fx->st, "did:repo:zZ", &got), ME_ENOTFOUND);
 }
 
+static void test_sync_state(void **state)
+{
+	struct fx *fx = *state;
+	struct store_ref r1[] = { { "refs/heads/main", "1111111111111111111111111111111111111111" } };
+	struct store_repo x = mkrepo("did:repo:zX", "ext", ""), got, *list;
+	size_t n;
+	int changed;
+
+	open_store(fx);
+	/* Whatever the caller's struct holds, a new row starts with no mirror. */
+	x.ref_seq = 100;
+	x.mirror_seq = 55;
+	x.last_sync_ms = 66;
+	x.sync_error = "ignored";
+	assert_int_equal(store_repo_upsert_external(fx->st, &x, r1, 1, &changed), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_int_equal(got.mirror_seq, 0);
+	assert_int_equal(got.last_sync_ms, 0);
+	assert_string_equal(got.sync_error, "");
+	store_repo_clear(&got);
+
+	assert_int_equal(store_repo_set_sync(fx->st, "did:repo:zX", 100, 1700000000123LL, ""), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_int_equal(got.mirror_seq, 100);
+	assert_int_equal(got.last_sync_ms, 1700000000123LL);
+	assert_string_equal(got.sync_error, "");
+	int64_t updated = got.updated_at;
+	store_repo_clear(&got);
+
+	/* A failure: only the error changes; negative numbers and NULL keep the stored values. */
+	assert_int_equal(store_repo_set_sync(fx->st, "did:repo:zX", -1, -1,
+					     "bundle refused: it's \"bad\""), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_int_equal(got.mirror_seq, 100);
+	assert_int_equal(got.last_sync_ms, 1700000000123LL);
+	assert_string_equal(got.sync_error, "bundle refused: it's \"bad\"");
+	assert_int_equal(got.updated_at, updated);
+	store_repo_clear(&got);
+	assert_int_equal(store_repo_set_sync(fx->st, "did:repo:zX", 150, -1, NULL), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_int_equal(got.mirror_seq, 150);
+	assert_int_equal(got.last_sync_ms, 1700000000123LL);
+	assert_string_equal(got.sync_error, "bundle refused: it's \"bad\"");
+	store_repo_clear(&got);
+	assert_int_equal(store_repo_set_sync(fx->st, "did:repo:zX", -1, 1800000000000LL, ""), 0);
+
+	/* A newer announced state (upsert_external) and a new ref state keep the mirror's. */
+	struct store_repo nw = x;
+	nw.ref_seq = 200;
+	nw.name = "ext2";
+	assert_int_equal(store_repo_upsert_external(fx->st, &nw, r1, 1, &changed), 0);
+	assert_int_equal(changed, 1);
+	assert_int_equal(store_repo_set_refstate(fx->st, "did:repo:zX", 300, "refs/heads/main",
+						 NULL, r1, 1), 0);
+	assert_int_equal(store_repo_list(fx->st, &list, &n), 0);
+	assert_int_equal(n, 1);
+	assert_string_equal(list[0].name, "ext2");
+	assert_int_equal(list[0].ref_seq, 300);
+	assert_int_equal(list[0].mirror_seq, 150);
+	assert_int_equal(list[0].last_sync_ms, 1800000000000LL);
+	assert_string_equal(list[0].sync_error, "");
+	store_repo_list_free(list, n);
+
+	/* Zero is a value too (the mirror was dropped). */
+	assert_int_equal(store_repo_set_sync(fx->st, "did:repo:zX", 0, 0, "gone"), 0);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zX", &got), 0);
+	assert_int_equal(got.mirror_seq, 0);
+	assert_int_equal(got.last_sync_ms, 0);
+	assert_string_equal(got.sync_error, "gone");
+	store_repo_clear(&got);
+
+	assert_int_equal(store_repo_set_sync(fx->st, "did:repo:zNope", 1, 1, ""), ME_ENOTFOUND);
+	assert_string_equal(store_errmsg(fx->st), "no repository did:repo:zNope");
+	assert_int_equal(store_repo_set_sync(fx->st, NULL, 1, 1, ""), ME_EINVAL);
+	assert_int_equal(store_repo_set_sync(NULL, "did:repo:zX", 1, 1, ""), ME_EINVAL);
+}
+
+static void test_clones(void **state)
+{
+	struct fx *fx = *state;
+	struct store_repo a = mkrepo("did:repo:zA", "a", ""), b = mkrepo("did:repo:zB", "b", "");
+	struct store_clone *c;
+	size_t n;
+	int64_t before = time(NULL);
+	char v[64];
+
+	open_store(fx);
+	assert_int_equal(store_repo_upsert_external(fx->st, &a, NULL, 0, NULL), 0);
+	assert_int_equal(store_repo_upsert_external(fx->st, &b, NULL, 0, NULL), 0);
+	assert_int_equal(store_clone_list(fx->st, NULL, &c, &n), 0);
+	assert_int_equal(n, 0);
+	assert_null(c);
+
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zB", "/home/u/b", 10), 0);
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zA", "/home/u/z", 20), 0);
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zA", "/home/u/a", 30), 0);
+	/* Setting it again replaces its seq. */
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zA", "/home/u/z", 25), 0);
+
+	assert_int_equal(store_clone_list(fx->st, NULL, &c, &n), 0);
+	assert_int_equal(n, 3);
+	assert_string_equal(c[0].repo_id, "did:repo:zA");
+	assert_string_equal(c[0].path, "/home/u/a");
+	assert_int_equal(c[0].seq, 30);
+	assert_true(c[0].updated_at >= before && c[0].updated_at <= time(NULL));
+	assert_string_equal(c[1].path, "/home/u/z");
+	assert_int_equal(c[1].seq, 25);
+	assert_string_equal(c[2].repo_id, "did:repo:zB");
+	assert_int_equal(c[2].seq, 10);
+	store_clone_list_free(c, n);
+	assert_int_equal(store_clone_list(fx->st, "did:repo:zB", &c, &n), 0);
+	assert_int_equal(n, 1);
+	assert_string_equal(c[0].path, "/home/u/b");
+	store_clone_list_free(c, n);
+	assert_int_equal(store_clone_list(fx->st, "did:repo:zNope", &c, &n), 0);
+	assert_int_equal(n, 0);
+	store_clone_list_free(c, n);
+
+	/* Unknown repositories and bad arguments. */
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zNope", "/x", 1), ME_ENOTFOUND);
+	assert_string_equal(store_errmsg(fx->st), "no repository did:repo:zNope");
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zA", "", 1), ME_EINVAL);
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zA", "/x", -1), ME_EINVAL);
+	assert_int_equal(store_clone_set(fx->st, NULL, "/x", 1), ME_EINVAL);
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zA", NULL, 1), ME_EINVAL);
+	assert_int_equal(store_clone_list(fx->st, NULL, NULL, &n), ME_EINVAL);
+	assert_int_equal(store_clone_remove(fx->st, "did:repo:zA", NULL), ME_EINVAL);
+	store_clone_list_free(NULL, 0);
+
+	assert_int_equal(store_clone_remove(fx->st, "did:repo:zA", "/home/u/a"), 0);
+	assert_int_equal(store_clone_remove(fx->st, "did:repo:zA", "/home/u/a"), ME_ENOTFOUND);
+	/* The path belongs to another repository. */
+	assert_int_equal(store_clone_remove(fx->st, "did:repo:zA", "/home/u/b"), ME_ENOTFOUND);
+	assert_int_equal(store_clone_list(fx->st, NULL, &c, &n), 0);
+	assert_int_equal(n, 2);
+	store_clone_list_free(c, n);
+
+	/* Working copies go with their repository. */
+	assert_int_equal(store_repo_remove(fx->st, "did:repo:zA"), 0);
+	assert_int_equal(store_clone_list(fx->st, NULL, &c, &n), 0);
+	assert_int_equal(n, 1);
+	assert_string_equal(c[0].repo_id, "did:repo:zB");
+	store_clone_list_free(c, n);
+	raw_query(fx->dbpath, "SELECT count(*) FROM clones WHERE repo_id = 'did:repo:zA'", v,
+		  sizeof(v));
+	assert_string_equal(v, "0");
+}
+
 static void test_nodes_seen(void **state)
 {
 	struct fx *fx = *state;
@@ -704,9 +852,9 @@ static void test_migrate_v1(void **state)
 	assert_string_equal(v, "1");
 
 	open_store(fx);
-	assert_int_equal(store_schema_version(fx->st), 2);
+	assert_int_equal(store_schema_version(fx->st), STORE_SCHEMA_VERSION);
 	raw_query(fx->dbpath, "PRAGMA user_version", v, sizeof(v));
-	assert_string_equal(v, "2");
+	assert_int_equal(atoi(v), STORE_SCHEMA_VERSION);
 	raw_query(fx->dbpath, "SELECT count(*) FROM pragma_table_info('repos')"
 			      " WHERE name IN ('ref_seq', 'ref_sig')", v, sizeof(v));
 	assert_string_equal(v, "2");
@@ -723,6 +871,8 @@ static void test_migrate_v1(void **state)
 	assert_int_equal(got.updated_at, 22);
 	assert_int_equal(got.ref_seq, 0);
 	assert_int_equal(got.has_ref_sig, 0);
+	assert_int_equal(got.mirror_seq, 0);
+	assert_string_equal(got.sync_error, "");
 	store_repo_clear(&got);
 	assert_int_equal(store_refs_get(fx->st, "did:repo:zOld", &gr, &n), 0);
 	assert_int_equal(n, 1);
@@ -746,11 +896,103 @@ static void test_migrate_v1(void **state)
 	store_free(fx->st);
 	fx->st = NULL;
 	open_store(fx);
-	assert_int_equal(store_schema_version(fx->st), 2);
+	assert_int_equal(store_schema_version(fx->st), STORE_SCHEMA_VERSION);
 	assert_int_equal(store_repo_get(fx->st, "did:repo:zOld", &got), 0);
 	assert_int_equal(got.ref_seq, 77);
 	assert_int_equal(got.has_ref_sig, 1);
 	store_repo_clear(&got);
+}
+
+/* Version 1 as created, then the 1 -> 2 migration exactly as released. */
+static const char v2_schema[] =
+	"ALTER TABLE repos ADD COLUMN ref_seq INTEGER NOT NULL DEFAULT 0;"
+	"ALTER TABLE repos ADD COLUMN ref_sig BLOB;"
+	"ALTER TABLE nodes ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;"
+	"CREATE INDEX nodes_last_seen ON nodes(last_seen DESC, id);"
+	"PRAGMA user_version = 2;";
+
+static void test_migrate_v2(void **state)
+{
+	struct fx *fx = *state;
+	struct store_repo got;
+	struct store_ref *gr;
+	struct store_clone *c;
+	size_t n;
+	char v[64];
+
+	raw_exec(fx->dbpath, "PRAGMA journal_mode = WAL;");
+	raw_exec(fx->dbpath, v1_schema);
+	raw_exec(fx->dbpath, v2_schema);
+	raw_exec(fx->dbpath,
+		 "INSERT INTO repos VALUES ('did:repo:zOld', 'old', 'did:key:zC', 'kept', '/src/old',"
+		 " 0, '0123456789abcdef0123456789abcdef01234567', 'refs/heads/main', 11, 22, 5000,"
+		 " zeroblob(64));"
+		 "INSERT INTO repos VALUES ('did:repo:zExt', 'ext', 'did:key:zP', '', '', 1, '', '',"
+		 " 33, 44, 6000, NULL);"
+		 "INSERT INTO refs VALUES ('did:repo:zExt', 'refs/heads/main',"
+		 " '1111111111111111111111111111111111111111', 44);"
+		 "INSERT INTO nodes VALUES ('did:key:zP', 'peer', '10.0.0.1:9000', 0, '0.1.0', 5, 6,"
+		 " 7000);");
+	raw_query(fx->dbpath, "PRAGMA user_version", v, sizeof(v));
+	assert_string_equal(v, "2");
+
+	open_store(fx);
+	assert_int_equal(store_schema_version(fx->st), 3);
+	raw_query(fx->dbpath, "PRAGMA user_version", v, sizeof(v));
+	assert_string_equal(v, "3");
+	raw_query(fx->dbpath, "SELECT group_concat(name || ':' || \"notnull\" || ':' || dflt_value)"
+			      " FROM pragma_table_info('repos') WHERE name IN ('mirror_seq',"
+			      " 'last_sync_ms', 'sync_error')", v, sizeof(v));
+	assert_string_equal(v, "mirror_seq:1:0,last_sync_ms:1:0,sync_error:1:''");
+	raw_query(fx->dbpath, "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+			      " AND name = 'clones'", v, sizeof(v));
+	assert_string_equal(v, "1");
+
+	/* Old rows keep everything, with no mirror. */
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zOld", &got), 0);
+	assert_string_equal(got.description, "kept");
+	assert_int_equal(got.created_at, 11);
+	assert_int_equal(got.updated_at, 22);
+	assert_int_equal(got.ref_seq, 5000);
+	assert_int_equal(got.has_ref_sig, 1);
+	assert_int_equal(got.mirror_seq, 0);
+	assert_int_equal(got.last_sync_ms, 0);
+	assert_string_equal(got.sync_error, "");
+	store_repo_clear(&got);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zExt", &got), 0);
+	assert_int_equal(got.is_external, 1);
+	assert_int_equal(got.ref_seq, 6000);
+	assert_int_equal(got.has_ref_sig, 0);
+	store_repo_clear(&got);
+	assert_int_equal(store_refs_get(fx->st, "did:repo:zExt", &gr, &n), 0);
+	assert_int_equal(n, 1);
+	store_refs_free(gr, n);
+	struct store_node nd;
+	assert_int_equal(store_node_get(fx->st, "did:key:zP", &nd), 0);
+	assert_int_equal(nd.last_seen_ms, 7000);
+	store_node_clear(&nd);
+
+	/* The new state works on the migrated database and survives a reopen (no second
+	 * migration). */
+	assert_int_equal(store_repo_set_sync(fx->st, "did:repo:zExt", 6000, 123456, "x"), 0);
+	assert_int_equal(store_clone_set(fx->st, "did:repo:zExt", "/home/u/ext", 6000), 0);
+	store_free(fx->st);
+	fx->st = NULL;
+	open_store(fx);
+	assert_int_equal(store_schema_version(fx->st), 3);
+	assert_int_equal(store_repo_get(fx->st, "did:repo:zExt", &got), 0);
+	assert_int_equal(got.mirror_seq, 6000);
+	assert_int_equal(got.last_sync_ms, 123456);
+	assert_string_equal(got.sync_error, "x");
+	store_repo_clear(&got);
+	assert_int_equal(store_clone_list(fx->st, NULL, &c, &n), 0);
+	assert_int_equal(n, 1);
+	assert_string_equal(c[0].path, "/home/u/ext");
+	store_clone_list_free(c, n);
+	/* The migrated table cascades like a new one. */
+	assert_int_equal(store_repo_remove(fx->st, "did:repo:zExt"), 0);
+	assert_int_equal(store_clone_list(fx->st, NULL, &c, &n), 0);
+	assert_int_equal(n, 0);
 }
 
 static void test_newer_schema_refused(void **state)
@@ -862,7 +1104,10 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_refstate, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_upsert_external, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_nodes_seen, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_sync_state, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_clones, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_migrate_v1, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_migrate_v2, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_newer_schema_refused, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_not_a_database, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_symlink_refused, setup, teardown),
