@@ -1,4 +1,5 @@
 #include "daemon/gossip.h"
+#include "daemon/sync.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -342,7 +343,10 @@ static int build_repo_ann(struct gossip *g)
 	}
 	for (size_t i = 0; i < nrepos && k < GMSG_MAX_REPOS; i++) {
 		struct store_repo *r = &repos[i];
-		if (r->is_external || ensure_refstate(g, r) < 0)
+		/* Ours, and the mirrors we hold at the newest signed state: any replica serves. */
+		if (r->is_external ? !(r->has_ref_sig && r->mirror_seq > 0 &&
+				       r->mirror_seq == r->ref_seq)
+				   : ensure_refstate(g, r) < 0)
 			continue;
 		if (store_refs_get(g->node->store, r->id, &refs[k], &nrefs[k]) < 0)
 			continue;
@@ -541,10 +545,19 @@ static int apply_repo_ann(struct gossip *g, const struct gmsg_envelope *e, const
 					.ref_seq = (int64_t)gr->refstate.seq, .has_ref_sig = 1 };
 		memcpy(r.ref_sig, gr->refstate.sig, ME_SIG_LEN);
 		int changed = 0;
+		struct store_repo cur;
 		if (store_repo_upsert_external(g->node->store, &r, refs, n, &changed) < 0) {
 			log_warn("gossip: cannot store repository %s: %s", id,
 				 store_errmsg(g->node->store));
-		} else if (changed) {
+		} else if (store_repo_get(g->node->store, id, &cur) == 0) {
+			/* The origin holds this state: the sync plane may fetch it from there (only
+			 * for the creator we know, the one the id will be checked against). */
+			if (strcmp(cur.creator, creator) == 0 && g->node->sync != NULL)
+				sync_announced(g->node->sync, e->origin_pk, id,
+					       (int64_t)gr->refstate.seq);
+			store_repo_clear(&cur);
+		}
+		if (changed) {
 			char fb[ME_DID_REPO_SIZE + 16];
 			snprintf(fb, sizeof(fb), "REPO_ID=%s", id);
 			const char *f[] = { fb, ME_MSGID_REPO_ANNOUNCED, NULL };

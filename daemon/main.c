@@ -13,6 +13,7 @@
 #include "daemon/control.h"
 #include "daemon/gitrepo.h"
 #include "daemon/gossip.h"
+#include "daemon/sync.h"
 #include "daemon/net.h"
 #include "daemon/node.h"
 #include "daemon/sdglue.h"
@@ -37,18 +38,24 @@ static void network_start(struct node *n)
 	if (n->net != NULL || !n->has_key)
 		return;
 	if (tls_init(&tls, &n->kp, n->cfg->cert_path, err, sizeof(err)) < 0 ||
-	    gossip_init(&n->gossip, &loop, n, err, sizeof(err)) < 0)
+	    gossip_init(&n->gossip, &loop, n, err, sizeof(err)) < 0 ||
+	    sync_init(&n->sync, &loop, n, err, sizeof(err)) < 0)
 		goto fail;
 	cb = gossip_net_callbacks(n->gossip);
+	cb.xfer_accept = sync_xfer_accept;
+	cb.xfer_ud = n->sync;
 	if (net_init(&n->net, &loop, &n->kp, tls, n->cfg->addrs, n->cfg->naddrs, &cb, err,
 		     sizeof(err)) < 0)
 		goto fail;
 	gossip_start(n->gossip, n->net);
+	sync_start(n->sync, n->net);
 	for (size_t i = 0; i < n->cfg->naddrs; i++)
 		log_info("listening on %s (QUIC)", n->cfg->addrs[i].text);
 	return;
 fail:
 	log_err("network not started: %s", err);
+	sync_free(n->sync);
+	n->sync = NULL;
 	gossip_free(n->gossip);
 	n->gossip = NULL;
 	fatal = 1;
@@ -62,9 +69,10 @@ static void status_text(struct node *n, char *out, size_t outsz)
 
 	if (store_repo_count(n->store, &nrepos) < 0)
 		nrepos = 0;
-	snprintf(out, outsz, "%s%zu peers, %lld repositories, 0 transfers",
+	snprintf(out, outsz, "%s%zu peers, %lld repositories, %zu transfers",
 		 n->has_key ? "" : "No identity yet (run 'mectl auth init'); ",
-		 n->net != NULL ? net_npeers(n->net) : (size_t)0, (long long)nrepos);
+		 n->net != NULL ? net_npeers(n->net) : (size_t)0, (long long)nrepos,
+		 sync_ntransfers(n->sync));
 }
 
 static void on_status_timer(uv_timer_t *t)
@@ -221,6 +229,8 @@ out:
 	uv_close((uv_handle_t *)&status_timer, NULL);
 	uv_close((uv_handle_t *)&watchdog_timer, NULL);
 	control_free(ctl);
+	sync_free(node.sync); /* before the network: it cancels its transfers */
+	node.sync = NULL;
 	net_free(node.net);
 	gossip_free(node.gossip);
 	node.net = NULL;

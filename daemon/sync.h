@@ -67,8 +67,6 @@ int sync_xfer_accept(void *s, struct peer *p, struct net_xfer *x);
  * mirror is behind. */
 void sync_announced(struct sync *s, const uint8_t origin_pk[ME_PK_LEN], const char *repo_id,
 		    int64_t seq);
-/* A peer is gone: forget what it holds. */
-void sync_peer_down(struct sync *s, const uint8_t pk[ME_PK_LEN]);
 
 /* Waiting for a fetch (mectl repo sync / clone / pull). */
 struct sync_waiter;
@@ -84,7 +82,8 @@ struct sync_waiter_cb {
  * mirror), ME_ENOMEM. *out may be passed to sync_waiter_cancel until done has been called. */
 int sync_fetch(struct sync *s, const char *repo_id, const struct sync_waiter_cb *cb,
 	       struct sync_waiter **out);
-/* Stops calling the waiter (its client went away); the fetch itself goes on. */
+/* Stops calling the waiter (its client went away); the fetch itself goes on. Only before done
+ * was called: done releases the waiter. */
 void sync_waiter_cancel(struct sync_waiter *w);
 
 /* State of repo_id, for repo list / show. Unknown repositories give an idle, empty status. */
@@ -100,5 +99,7 @@ struct sync_stats {
 	uint64_t rejected_bundles; /* failed verification */
 };
 void sync_get_stats(const struct sync *s, struct sync_stats *out);
+/* Transfers running now (fetching and serving). NULL-safe. */
+size_t sync_ntransfers(const struct sync *s);
 
 #endif

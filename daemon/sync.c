@@ -1,0 +1,1852 @@
+#include "daemon/sync.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <dirent.h>
+#include <git2.h>
+#include <sodium.h>
+
+#include "common/err.h"
+#include "common/gossip_msg.h"
+#include "common/ids.h"
+#include "common/log.h"
+#include "common/sha3.h"
+#include "common/util.h"
+#include "daemon/gossip.h"
+#include "daemon/mirror.h"
+
+#define TICK_MS 1000
+#define HOLDER_TTL_MS (10 * 60 * 1000)  /* a holder not heard from for this long is forgotten */
+#define WAIT_HOLDER_MS 15000            /* a waiter with no holder in sight gives up */
+#define DIAL_WAIT_MS 10000              /* a holder we dialed must be up by then */
+#define RETRY_MS 30000                  /* after every holder failed, wait before a new round */
+#define MAX_TRIED 16
+#define PUMP_BYTES (1u << 20)           /* queued transfer data the server keeps ahead */
+#define CACHE_MAX_ENTRIES 16
+#define CACHE_MAX_BYTES (4ull << 30)
+#define ERRSZ 200
+
+struct holder {
+	uint8_t pk[ME_PK_LEN];
+	int64_t seq;
+	int64_t seen_ms;
+	struct holder *next;
+};
+
+/* A ref state with memory of its own (the decoded one borrows a frame). */
+struct rs_copy {
+	struct gmsg_refstate rs;
+	char *mem;
+};
+
+struct sync_waiter {
+	struct srepo *r;
+	struct sync_waiter_cb cb;
+	int64_t since_ms;
+	struct sync_waiter *next;
+};
+
+struct fetch;
+
+struct srepo {
+	char id[ME_DID_REPO_SIZE];
+	struct holder *holders;
+	struct fetch *fetch;
+	int want; /* fetch when behind */
+	struct sync_waiter *waiters;
+	char error[ERRSZ];
+	int64_t retry_at_ms;
+	uint8_t tried[MAX_TRIED][ME_PK_LEN]; /* holders that failed in this round */
+	size_t ntried;
+	uint8_t dialing[ME_PK_LEN];
+	int64_t dial_since_ms; /* 0: not waiting for a dial */
+	/* the partial bundle in $ROOT/tmp, for a resume */
+	int has_part;
+	uint8_t part_digest[XMSG_DIGEST_LEN];
+	uint64_t part_size;
+	struct srepo *next;
+};
+
+enum fphase { F_REQUEST, F_DATA, F_VERIFY };
+
+struct fetch {
+	struct sync *s;
+	struct srepo *r;
+	struct net_xfer *x;
+	uint8_t peer[ME_PK_LEN];
+	char peer_did[ME_DID_KEY_SIZE];
+	enum fphase phase;
+	int fd;
+	char path[PATH_MAX];
+	struct me_sha3 *h;
+	uint64_t total, pos, offset;
+	uint8_t digest[XMSG_DIGEST_LEN];
+	uint8_t creator_pk[ME_PK_LEN];
+	struct rs_copy rs;
+	int64_t mirror_seq; /* the mirror's state when the fetch started */
+	int64_t last_rx_ms;
+	int failed; /* a reason was recorded; the closing stream only cleans up */
+	char why[ERRSZ];
+	/* verification job */
+	uv_work_t work;
+	int vrc;
+	char verr[ERRSZ];
+	struct bundle_stats st;
+	uint64_t max_bytes;
+	char root[PATH_MAX];
+};
+
+enum cstate { C_BUILDING, C_READY, C_FAILED };
+
+struct serve;
+
+struct centry {
+	uint8_t key[XMSG_DIGEST_LEN];
+	char repo_id[ME_DID_REPO_SIZE];
+	int64_t seq;
+	char path[PATH_MAX];
+	enum cstate state;
+	uint64_t size;
+	uint8_t digest[XMSG_DIGEST_LEN];
+	int users;
+	int stale; /* removed from the list: delete when the last user goes */
+	int64_t last_used_ms;
+	struct serve *waiting;
+	/* build job */
+	uv_work_t work;
+	struct sync *s;
+	char source[PATH_MAX];
+	struct gmsg_ref *tips;
+	size_t ntips;
+	git_oid *haves;
+	size_t nhaves;
+	int rc;
+	char err[ERRSZ];
+	struct rs_copy rs;
+	struct centry *next;
+};
+
+enum sphase { S_REQUEST, S_BUILDING, S_SENDING, S_FINISHED };
+
+struct serve {
+	struct sync *s;
+	struct net_xfer *x;
+	uint8_t peer[ME_PK_LEN];
+	char peer_did[ME_DID_KEY_SIZE];
+	enum sphase phase;
+	struct centry *ce;
+	int fd;
+	uint64_t pos;
+	int has_resume;
+	uint8_t resume_digest[XMSG_DIGEST_LEN];
+	uint64_t resume_offset;
+	uint8_t creator_pk[ME_PK_LEN];
+	struct rs_copy rs;
+	struct serve *next_waiting;
+	struct serve *prev, *next;
+};
+
+struct sync {
+	uv_loop_t *loop;
+	struct node *node;
+	struct net *net;
+	uv_timer_t tick;
+	uv_timer_t kick;
+	int handles;
+	int jobs;
+	int closing;
+	int64_t next_sweep_ms;
+	struct srepo *repos;
+	size_t nfetches;
+	struct serve *serves;
+	size_t nserves;
+	struct centry *cache;
+	char tmpdir[PATH_MAX];
+	char cachedir[PATH_MAX];
+	struct sync_stats stats;
+};
+
+static const struct net_xfer_callbacks fetch_cb, serve_cb, null_cb;
+
+static void schedule(struct sync *s);
+static void fetch_end(struct fetch *f, int rc, const char *why);
+
+/* ---- small helpers ---- */
+
+/* snprintf for messages and paths whose length is checked elsewhere: a message may be cut. */
+__attribute__((format(printf, 3, 4))) static int fmt(char *buf, size_t sz, const char *f, ...)
+{
+	va_list ap;
+	va_start(ap, f);
+	int n = vsnprintf(buf, sz, f, ap);
+	va_end(ap);
+	return n < 0 || (size_t)n >= sz ? ME_ETOOBIG : 0;
+}
+
+static void kick(struct sync *s)
+{
+	if (!s->closing)
+		uv_timer_start(&s->kick, (uv_timer_cb)schedule, 0, 0);
+}
+
+static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
+{
+	size_t n = 0;
+	if (strlen(hex) != 2 * ME_OID_LEN ||
+	    sodium_hex2bin(out, ME_OID_LEN, hex, 2 * ME_OID_LEN, NULL, &n, NULL) != 0 ||
+	    n != ME_OID_LEN)
+		return ME_EINVAL;
+	return 0;
+}
+
+static void rs_copy_free(struct rs_copy *c)
+{
+	free(c->rs.refs);
+	free(c->mem);
+	memset(c, 0, sizeof(*c));
+}
+
+static int rs_copy_set(struct rs_copy *c, const struct gmsg_refstate *rs)
+{
+	size_t need = rs->repo_id.len + rs->head.len + 2;
+	for (size_t i = 0; i < rs->nrefs; i++)
+		need += rs->refs[i].name.len + 1;
+	rs_copy_free(c);
+	c->mem = malloc(need);
+	c->rs.refs = calloc(rs->nrefs ? rs->nrefs : 1, sizeof(*c->rs.refs));
+	if (c->mem == NULL || c->rs.refs == NULL) {
+		rs_copy_free(c);
+		return ME_ENOMEM;
+	}
+	char *p = c->mem;
+#define COPY_STR(dst, src)                                             \
+	do {                                                           \
+		if ((src).len > 0)                                     \
+			memcpy(p, (src).ptr, (src).len);               \
+		p[(src).len] = '\0';                                   \
+		(dst) = (struct gmsg_str){ p, (src).len };             \
+		p += (src).len + 1;                                    \
+	} while (0)
+	COPY_STR(c->rs.repo_id, rs->repo_id);
+	COPY_STR(c->rs.head, rs->head);
+	for (size_t i = 0; i < rs->nrefs; i++) {
+		COPY_STR(c->rs.refs[i].name, rs->refs[i].name);
+		memcpy(c->rs.refs[i].oid, rs->refs[i].oid, ME_OID_LEN);
+	}
+#undef COPY_STR
+	c->rs.nrefs = rs->nrefs;
+	c->rs.seq = rs->seq;
+	memcpy(c->rs.sig, rs->sig, ME_SIG_LEN);
+	return 0;
+}
+
+/* The signed ref state stored for a repository, as a self-contained copy. */
+static int rs_from_store(struct sync *s, const struct store_repo *r, struct rs_copy *out)
+{
+	struct store_ref *refs;
+	size_t n;
+	int rc;
+
+	if (!r->has_ref_sig || r->ref_seq <= 0)
+		return ME_ENOTFOUND;
+	if ((rc = store_refs_get(s->node->store, r->id, &refs, &n)) < 0)
+		return rc;
+	struct gmsg_refstate rs = { .repo_id = gmsg_str(r->id), .seq = (uint64_t)r->ref_seq,
+				    .head = gmsg_str(r->head), .nrefs = n };
+	rs.refs = calloc(n ? n : 1, sizeof(*rs.refs));
+	rc = rs.refs == NULL ? ME_ENOMEM : 0;
+	for (size_t i = 0; rc == 0 && i < n; i++) {
+		rs.refs[i].name = gmsg_str(refs[i].name);
+		rc = hex20(refs[i].oid, rs.refs[i].oid);
+	}
+	if (rc == 0) {
+		qsort(rs.refs, n, sizeof(*rs.refs), gmsg_ref_cmp);
+		memcpy(rs.sig, r->ref_sig, ME_SIG_LEN);
+		rc = rs_copy_set(out, &rs);
+	}
+	free(rs.refs);
+	store_refs_free(refs, n);
+	return rc;
+}
+
+static int send_frame(struct net_xfer *x, msgpack_sbuffer *sb)
+{
+	int rc = net_xfer_send(x, sb->data, sb->size);
+	sb->size = 0;
+	return rc;
+}
+
+static const char *b58_part(const char *repo_id)
+{
+	return repo_id + strlen("did:repo:");
+}
+
+static int mkdir_0700(const char *path)
+{
+	if (mkdir(path, 0700) < 0 && errno != EEXIST)
+		return ME_EIO;
+	return 0;
+}
+
+/* Removes every regular file in dir (temporary files of a previous run). */
+static void empty_dir(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *de;
+
+	if (d == NULL)
+		return;
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		if (unlinkat(dirfd(d), de->d_name, 0) < 0 && errno != ENOENT)
+			log_warn("sync: cannot remove %s/%s: %s", dir, de->d_name, strerror(errno));
+	}
+	closedir(d);
+}
+
+/* ---- repositories and holders ---- */
+
+static struct srepo *srepo_find(struct sync *s, const char *id)
+{
+	for (struct srepo *r = s->repos; r; r = r->next)
+		if (strcmp(r->id, id) == 0)
+			return r;
+	return NULL;
+}
+
+static struct srepo *srepo_get(struct sync *s, const char *id)
+{
+	struct srepo *r = srepo_find(s, id);
+	if (r != NULL)
+		return r;
+	if (strlen(id) >= sizeof(r->id) || (r = calloc(1, sizeof(*r))) == NULL)
+		return NULL;
+	fmt(r->id, sizeof(r->id), "%s", id);
+	r->next = s->repos;
+	s->repos = r;
+	return r;
+}
+
+static void part_path(struct sync *s, const char *id, char *buf, size_t sz)
+{
+	fmt(buf, sz, "%s/%s.part", s->tmpdir, b58_part(id));
+}
+
+static void part_drop(struct sync *s, struct srepo *r)
+{
+	char p[PATH_MAX];
+	part_path(s, r->id, p, sizeof(p));
+	if (unlink(p) < 0 && errno != ENOENT)
+		log_warn("sync: cannot remove %s: %s", p, strerror(errno));
+	r->has_part = 0;
+	r->part_size = 0;
+}
+
+static int was_tried(const struct srepo *r, const uint8_t pk[ME_PK_LEN])
+{
+	for (size_t i = 0; i < r->ntried; i++)
+		if (memcmp(r->tried[i], pk, ME_PK_LEN) == 0)
+			return 1;
+	return 0;
+}
+
+static void mark_tried(struct srepo *r, const uint8_t pk[ME_PK_LEN])
+{
+	if (!was_tried(r, pk) && r->ntried < MAX_TRIED)
+		memcpy(r->tried[r->ntried++], pk, ME_PK_LEN);
+}
+
+static void holders_expire(struct srepo *r, int64_t now)
+{
+	struct holder **pp = &r->holders;
+	while (*pp) {
+		struct holder *h = *pp;
+		if (now - h->seen_ms > HOLDER_TTL_MS) {
+			*pp = h->next;
+			free(h);
+		} else {
+			pp = &h->next;
+		}
+	}
+}
+
+static void waiters_done(struct srepo *r, int rc, const char *msg)
+{
+	struct sync_waiter *w = r->waiters;
+	r->waiters = NULL;
+	while (w) {
+		struct sync_waiter *nx = w->next;
+		w->r = NULL;
+		if (w->cb.done)
+			w->cb.done(w->cb.ud, rc, msg);
+		free(w);
+		w = nx;
+	}
+}
+
+static void waiters_progress(struct srepo *r, uint64_t done, uint64_t total)
+{
+	for (struct sync_waiter *w = r->waiters; w; w = w->next)
+		if (w->cb.progress)
+			w->cb.progress(w->cb.ud, done, total);
+}
+
+/* ---- requesting ---- */
+
+static void fetch_free(struct fetch *f)
+{
+	if (f->fd >= 0)
+		close(f->fd);
+	me_sha3_free(f->h);
+	rs_copy_free(&f->rs);
+	free(f);
+}
+
+/* Detaches the fetch from its repository and the counters; the fetch itself is freed when
+ * neither its stream nor a job refers to it any more. */
+static void fetch_release(struct fetch *f)
+{
+	struct sync *s = f->s;
+	if (f->r != NULL) {
+		f->r->fetch = NULL;
+		f->r = NULL;
+		s->nfetches--;
+	}
+	if (f->x == NULL && f->phase != F_VERIFY)
+		fetch_free(f);
+}
+
+/* Ends a fetch that has not reached verification: records why, keeps a partial bundle for a
+ * resume when the failure was the transport's, and lets the scheduler try the next holder. */
+static void fetch_end(struct fetch *f, int rc, const char *why)
+{
+	struct sync *s = f->s;
+	struct srepo *r = f->r;
+
+	if (f->failed || r == NULL)
+		return;
+	f->failed = 1;
+	fmt(f->why, sizeof(f->why), "%s", why);
+	log_info("sync: fetch of %s from %s failed: %s", r->id, f->peer_did, why);
+	fmt(r->error, sizeof(r->error), "%s", why);
+	mark_tried(r, f->peer);
+	s->stats.fetches_failed++;
+	if (f->fd >= 0) {
+		close(f->fd);
+		f->fd = -1;
+	}
+	/* A transport failure after a start keeps what arrived for a resume; a protocol or
+	 * verification failure throws it away. */
+	if (rc == ME_ECONN || rc == ME_ETIMEDOUT) {
+		if (f->phase == F_DATA && f->pos > 0) {
+			r->has_part = 1;
+			r->part_size = f->pos;
+			memcpy(r->part_digest, f->digest, sizeof(r->part_digest));
+		}
+	} else {
+		part_drop(s, r);
+	}
+	if (f->x != NULL)
+		net_xfer_reset(f->x, rc == ME_ETIMEDOUT ? NET_ERR_CANCEL
+				: rc == ME_EPROTO ? NET_ERR_FRAME : NET_ERR_CANCEL);
+	fetch_release(f);
+	kick(s);
+}
+
+static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
+{
+	struct sync *s = f->s;
+	struct srepo *r = f->r;
+	char why[ERRSZ];
+
+	if (!gmsg_str_eq(m->refstate.repo_id, gmsg_str(r->id))) {
+		fetch_end(f, ME_EPROTO, "the bundle is for another repository");
+		return ME_EPROTO;
+	}
+	if (memcmp(m->creator_pk, f->creator_pk, ME_PK_LEN) != 0 ||
+	    gmsg_refstate_verify(&m->refstate, f->creator_pk) < 0) {
+		fetch_end(f, ME_EPERM, "ref state not signed by the repository's creator");
+		return ME_EPERM;
+	}
+	if ((int64_t)m->refstate.seq <= f->mirror_seq) {
+		fetch_end(f, ME_EPROTO, "offered state is not newer than the mirror");
+		return ME_EPROTO;
+	}
+	if (m->total_size > f->max_bytes) {
+		fmt(why, sizeof(why), "bundle of %" PRIu64 " bytes is over the limit of %" PRIu64
+			 " (--max-repo-size)", m->total_size, f->max_bytes);
+		fetch_end(f, ME_ETOOBIG, why);
+		return ME_ETOOBIG;
+	}
+	int resume = r->has_part && m->offset > 0;
+	if (m->offset > 0 && (!resume || m->offset != r->part_size ||
+			      memcmp(m->digest, r->part_digest, XMSG_DIGEST_LEN) != 0)) {
+		fetch_end(f, ME_EPROTO, "resume offset that was not asked for");
+		return ME_EPROTO;
+	}
+	if (rs_copy_set(&f->rs, &m->refstate) < 0 || (f->h = me_sha3_new()) == NULL) {
+		fetch_end(f, ME_ENOMEM, "out of memory");
+		return ME_ENOMEM;
+	}
+	part_path(s, r->id, f->path, sizeof(f->path));
+	f->fd = open(f->path, O_RDWR | O_CREAT | O_CLOEXEC | (resume ? 0 : O_TRUNC), 0600);
+	if (f->fd < 0) {
+		fmt(why, sizeof(why), "cannot create %s: %s", f->path, strerror(errno));
+		fetch_end(f, ME_EIO, why);
+		return ME_EIO;
+	}
+	if (resume) {
+		/* Hash what is already there; the server continues from there. */
+		uint8_t buf[SYNC_CHUNK];
+		uint64_t left = m->offset;
+		while (left > 0) {
+			ssize_t k = read(f->fd, buf, left < sizeof(buf) ? (size_t)left : sizeof(buf));
+			if (k <= 0) {
+				fetch_end(f, ME_EIO, "cannot read the partial bundle");
+				return ME_EIO;
+			}
+			me_sha3_update(f->h, buf, (size_t)k);
+			left -= (uint64_t)k;
+		}
+		log_info("sync: resuming %s from %s at %" PRIu64 " of %" PRIu64 " bytes", r->id,
+			 f->peer_did, m->offset, m->total_size);
+	}
+	r->has_part = 0;
+	f->total = m->total_size;
+	f->offset = m->offset;
+	f->pos = m->offset;
+	memcpy(f->digest, m->digest, XMSG_DIGEST_LEN);
+	f->phase = F_DATA;
+	waiters_progress(r, f->pos, f->total);
+	return 0;
+}
+
+static void verify_work(uv_work_t *w);
+static void verify_done(uv_work_t *w, int status);
+
+static int fetch_done_frame(struct fetch *f, const struct xmsg *m)
+{
+	uint8_t d[XMSG_DIGEST_LEN];
+
+	if (f->pos != f->total) {
+		fetch_end(f, ME_EPROTO, "transfer ended before the announced size");
+		return ME_EPROTO;
+	}
+	if (me_sha3_final(f->h, d) < 0 || memcmp(d, f->digest, sizeof(d)) != 0 ||
+	    memcmp(m->digest, f->digest, sizeof(d)) != 0) {
+		fetch_end(f, ME_EPROTO, "bundle digest mismatch");
+		return ME_EPROTO;
+	}
+	if (close(f->fd) < 0) {
+		f->fd = -1;
+		fetch_end(f, ME_EIO, "cannot write the bundle");
+		return ME_EIO;
+	}
+	f->fd = -1;
+	net_xfer_finish(f->x);
+	f->phase = F_VERIFY;
+	f->s->jobs++;
+	uv_queue_work(f->s->loop, &f->work, verify_work, verify_done);
+	return 0;
+}
+
+static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, size_t len)
+{
+	struct fetch *f = ud;
+	struct xmsg m;
+	int rc;
+	(void)x;
+
+	if (f->r == NULL || f->failed || f->phase == F_VERIFY)
+		return 0;
+	f->last_rx_ms = me_mono_ms();
+	if ((rc = xmsg_decode(body, len, &m)) < 0) {
+		fetch_end(f, ME_EPROTO, "malformed transfer message");
+		return 0;
+	}
+	switch (m.type) {
+	case XMSG_START:
+		if (f->phase != F_REQUEST)
+			goto order;
+		fetch_start_frame(f, &m);
+		break;
+	case XMSG_DATA:
+		if (f->phase != F_DATA)
+			goto order;
+		if (m.len > f->total - f->pos) {
+			fetch_end(f, ME_EPROTO, "data past the announced size");
+			break;
+		}
+		for (size_t off = 0; off < m.len;) {
+			ssize_t k = write(f->fd, m.data + off, m.len - off);
+			if (k < 0 && errno == EINTR)
+				continue;
+			if (k <= 0) {
+				char why[ERRSZ];
+				int nospc = errno == ENOSPC || errno == EDQUOT;
+				fmt(why, sizeof(why), "cannot write %s: %s", f->path,
+					 strerror(errno));
+				fetch_end(f, nospc ? ME_ENOSPC : ME_EIO, why);
+				xmsg_free(&m);
+				return 0;
+			}
+			off += (size_t)k;
+		}
+		me_sha3_update(f->h, m.data, m.len);
+		f->pos += m.len;
+		f->s->stats.bytes_fetched += m.len;
+		waiters_progress(f->r, f->pos, f->total);
+		break;
+	case XMSG_DONE:
+		if (f->phase != F_DATA)
+			goto order;
+		fetch_done_frame(f, &m);
+		break;
+	case XMSG_ERROR: {
+		char why[ERRSZ];
+		fmt(why, sizeof(why), "%s refused: %s: %.*s", f->peer_did, me_errname((int)m.code),
+			 (int)m.message.len, m.message.ptr ? m.message.ptr : "");
+		fetch_end(f, m.code == ME_EBUSY ? ME_ECONN : ME_ENOTFOUND, why);
+		break;
+	}
+	default:
+		goto order;
+	}
+	xmsg_free(&m);
+	return 0;
+order:
+	xmsg_free(&m);
+	fetch_end(f, ME_EPROTO, "transfer message out of order");
+	return 0;
+}
+
+static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, const char *why)
+{
+	struct fetch *f = ud;
+	char buf[ERRSZ];
+	(void)x;
+
+	f->x = NULL;
+	if (f->phase == F_VERIFY)
+		return; /* the job owns it now */
+	if (!f->failed && f->r != NULL) {
+		fmt(buf, sizeof(buf), "transfer from %s closed (%s, code 0x%" PRIx64 ")",
+			 f->peer_did, why ? why : "", app_error);
+		fetch_end(f, ME_ECONN, buf);
+	}
+	if (f->r == NULL)
+		fetch_free(f);
+}
+
+static const struct net_xfer_callbacks fetch_cb = {
+	.frame = fetch_on_frame,
+	.closed = fetch_on_closed,
+};
+
+/* The did:repo binding, checked by the verifier on the first fetch: some root commit of the
+ * history (a commit without parents reachable from the tips) hashed with the creator's key
+ * must give the repository id. */
+struct bind_arg {
+	const uint8_t *creator_pk;
+	const char *repo_id;
+};
+
+static int check_binding(git_repository *view, const struct gmsg_refstate *rs, void *arg,
+			 char *err, size_t errsz)
+{
+	struct bind_arg *b = arg;
+	git_revwalk *w = NULL;
+	git_oid oid;
+	int found = 0, rc = ME_EPERM, pushed = 0;
+
+	if (git_revwalk_new(&w, view) < 0) {
+		fmt(err, errsz, "revwalk: %s", git_error_last() ? git_error_last()->message : "");
+		return ME_EGIT;
+	}
+	for (size_t i = 0; i < rs->nrefs; i++) {
+		git_oid t;
+		git_object *o = NULL;
+		git_oid_fromraw(&t, rs->refs[i].oid);
+		if (git_object_lookup(&o, view, &t, GIT_OBJECT_ANY) < 0)
+			continue;
+		git_object *peeled = NULL;
+		if (git_object_peel(&peeled, o, GIT_OBJECT_COMMIT) == 0) {
+			if (git_revwalk_push(w, git_object_id(peeled)) == 0)
+				pushed++;
+			git_object_free(peeled);
+		}
+		git_object_free(o);
+	}
+	while (pushed > 0 && !found && git_revwalk_next(&oid, w) == 0) {
+		git_commit *c = NULL;
+		if (git_commit_lookup(&c, view, &oid) < 0)
+			continue;
+		if (git_commit_parentcount(c) == 0) {
+			char id[ME_DID_REPO_SIZE];
+			if (me_did_repo_compute(oid.id, b->creator_pk, id, sizeof(id)) == 0 &&
+			    strcmp(id, b->repo_id) == 0)
+				found = 1;
+		}
+		git_commit_free(c);
+	}
+	git_revwalk_free(w);
+	if (found)
+		rc = 0;
+	else
+		fmt(err, errsz, "no root commit of this history gives the repository id with "
+			 "the creator's key");
+	return rc;
+}
+
+static void verify_work(uv_work_t *w)
+{
+	struct fetch *f = (struct fetch *)((char *)w - offsetof(struct fetch, work));
+	git_repository *m = NULL;
+	struct bundle_rx *rx = NULL;
+	uint8_t *buf = NULL;
+	int fd = -1, rc;
+	struct bind_arg ba = { f->creator_pk, f->rs.rs.repo_id.ptr };
+	struct bundle_rx_opts o = { .max_bytes = f->max_bytes };
+
+	f->verr[0] = '\0';
+	if (f->mirror_seq <= 0) {
+		o.check = check_binding;
+		o.check_arg = &ba;
+	}
+	if ((rc = mirror_open(f->root, f->rs.rs.repo_id.ptr, true, &m, f->verr, sizeof(f->verr))) < 0)
+		goto out;
+	if ((fd = open(f->path, O_RDONLY | O_CLOEXEC)) < 0) {
+		rc = ME_EIO;
+		fmt(f->verr, sizeof(f->verr), "cannot open %s: %s", f->path, strerror(errno));
+		goto out;
+	}
+	if ((buf = malloc(BUNDLE_CHUNK)) == NULL) {
+		rc = ME_ENOMEM;
+		goto out;
+	}
+	if ((rc = bundle_rx_new(&rx, m, &f->rs.rs, &o, f->verr, sizeof(f->verr))) < 0)
+		goto out;
+	for (;;) {
+		ssize_t k = read(fd, buf, BUNDLE_CHUNK);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0) {
+			rc = ME_EIO;
+			fmt(f->verr, sizeof(f->verr), "read: %s", strerror(errno));
+			goto out;
+		}
+		if (k == 0)
+			break;
+		if ((rc = bundle_rx_write(rx, buf, (size_t)k)) < 0)
+			break;
+	}
+	if (rc == 0)
+		rc = bundle_rx_finish(rx, &f->st);
+	if (rc < 0 && f->verr[0] == '\0')
+		fmt(f->verr, sizeof(f->verr), "%s", bundle_rx_errmsg(rx));
+out:
+	bundle_rx_free(rx);
+	free(buf);
+	if (fd >= 0)
+		close(fd);
+	git_repository_free(m);
+	f->vrc = rc;
+}
+
+/* Records the verified state: mirror seq, and the ref state itself when it is newer than the
+ * one stored (a holder may have a newer state than gossip brought us). */
+static void record_success(struct sync *s, struct fetch *f, struct srepo *r)
+{
+	struct store *st = s->node->store;
+	struct store_repo sr;
+	int64_t seq = (int64_t)f->rs.rs.seq;
+
+	if (store_repo_get(st, r->id, &sr) == 0) {
+		if (seq > sr.ref_seq) {
+			size_t n = f->rs.rs.nrefs;
+			struct store_ref *refs = calloc(n ? n : 1, sizeof(*refs));
+			char *oids = calloc(n ? n : 1, 2 * ME_OID_LEN + 1);
+			if (refs != NULL && oids != NULL) {
+				for (size_t i = 0; i < n; i++) {
+					refs[i].name = (char *)f->rs.rs.refs[i].name.ptr;
+					refs[i].oid = oids + i * (2 * ME_OID_LEN + 1);
+					sodium_bin2hex(refs[i].oid, 2 * ME_OID_LEN + 1,
+						       f->rs.rs.refs[i].oid, ME_OID_LEN);
+				}
+				struct store_repo nr = sr;
+				nr.ref_seq = seq;
+				nr.head = (char *)f->rs.rs.head.ptr;
+				memcpy(nr.ref_sig, f->rs.rs.sig, ME_SIG_LEN);
+				nr.has_ref_sig = 1;
+				if (store_repo_upsert_external(st, &nr, refs, n, NULL) < 0)
+					log_warn("sync: cannot store the ref state of %s: %s", r->id,
+						 store_errmsg(st));
+			}
+			free(refs);
+			free(oids);
+		}
+		store_repo_clear(&sr);
+	}
+	if (store_repo_set_sync(st, r->id, seq, me_now_ms(), "") < 0)
+		log_warn("sync: cannot record the sync of %s: %s", r->id, store_errmsg(st));
+}
+
+static void verify_done(uv_work_t *w, int status)
+{
+	struct fetch *f = (struct fetch *)((char *)w - offsetof(struct fetch, work));
+	struct sync *s = f->s;
+	struct srepo *r = f->r;
+	(void)status;
+
+	s->jobs--;
+	f->phase = F_DATA; /* the job no longer owns it */
+	unlink(f->path);
+	if (s->closing || r == NULL) {
+		if (f->x != NULL)
+			net_xfer_set_callbacks(f->x, &null_cb, NULL);
+		f->x = NULL;
+		if (r != NULL) {
+			r->fetch = NULL;
+			s->nfetches--;
+		}
+		fetch_free(f);
+		if (s->closing)
+			sync_free(s); /* finishes the release once the last job is back */
+		return;
+	}
+	if (f->vrc < 0) {
+		char why[ERRSZ];
+		fmt(why, sizeof(why), "bundle from %s rejected: %s", f->peer_did, f->verr);
+		log_warn("sync: %s (%s)", why, me_errname(f->vrc));
+		s->stats.rejected_bundles++;
+		f->failed = 0;
+		f->phase = F_REQUEST;
+		fetch_end(f, ME_EPROTO, why);
+		return;
+	}
+	record_success(s, f, r);
+	s->stats.fetches_ok++;
+	r->error[0] = '\0';
+	r->ntried = 0;
+	r->has_part = 0;
+	log_info("sync: %s now at state %" PRIu64 " from %s: %zu objects, %" PRIu64 " bytes, %zu "
+		 "refs updated, %zu deleted", r->id, f->rs.rs.seq, f->peer_did, f->st.objects,
+		 f->total, f->st.refs_updated, f->st.refs_deleted);
+	if (f->x != NULL) {
+		/* Normally closed already (both sides finished); keep it tidy otherwise. */
+		net_xfer_set_callbacks(f->x, &null_cb, NULL);
+		f->x = NULL;
+	}
+	r->fetch = NULL;
+	s->nfetches--;
+	fetch_free(f);
+	if (s->node->gossip)
+		gossip_changed(s->node->gossip); /* we hold a mirror of the newest state now */
+	kick(s);
+}
+
+/* Candidate holders for r: newer than the mirror, not tried in this round; the best (highest
+ * state, then connected) first. Returns the number found (at most max). */
+static size_t candidates(struct sync *s, struct srepo *r, int64_t mirror_seq, struct holder **out,
+			 size_t max)
+{
+	size_t n = 0;
+	for (struct holder *h = r->holders; h; h = h->next) {
+		if (h->seq <= mirror_seq || was_tried(r, h->pk) ||
+		    memcmp(h->pk, s->node->kp.pk, ME_PK_LEN) == 0)
+			continue;
+		size_t i = n < max ? n++ : max - 1;
+		if (i == max - 1 && n == max && out[i] != NULL) {
+			/* full: keep only if better than the last one */
+			if (h->seq <= out[i]->seq)
+				continue;
+		}
+		out[i] = h;
+		/* insertion sort by seq desc, connected first */
+		while (i > 0) {
+			struct holder *a = out[i - 1], *b = out[i];
+			int ca = net_peer_find(s->net, a->pk) != NULL;
+			int cb = net_peer_find(s->net, b->pk) != NULL;
+			if (a->seq > b->seq || (a->seq == b->seq && ca >= cb))
+				break;
+			out[i - 1] = b;
+			out[i] = a;
+			i--;
+		}
+	}
+	return n;
+}
+
+/* Asks the network for a connection to a holder we are not connected to. */
+static void dial_holder(struct sync *s, struct srepo *r, const uint8_t pk[ME_PK_LEN])
+{
+	char did[ME_DID_KEY_SIZE];
+	struct store_node sn;
+	struct me_sockaddr a;
+
+	if (r->dial_since_ms != 0 && memcmp(r->dialing, pk, ME_PK_LEN) == 0)
+		return;
+	memcpy(r->dialing, pk, ME_PK_LEN);
+	r->dial_since_ms = me_mono_ms();
+	me_did_key_from_pk(pk, did, sizeof(did));
+	if (store_node_get(s->node->store, did, &sn) < 0)
+		return;
+	char first[80];
+	fmt(first, sizeof(first), "%s", sn.addresses ? sn.addresses : "");
+	char *comma = strchr(first, ',');
+	if (comma)
+		*comma = '\0';
+	if (first[0] != '\0' && me_sockaddr_parse(first, &a) == 0) {
+		log_info("sync: dialing %s (%s), which has %s", did, first, r->id);
+		net_want(s->net, pk, &a);
+	}
+	store_node_clear(&sn);
+}
+
+static int fetch_begin(struct sync *s, struct srepo *r, const struct store_repo *sr,
+		       struct peer *p)
+{
+	struct fetch *f = calloc(1, sizeof(*f));
+	uint8_t (*haves)[ME_OID_LEN] = NULL;
+	size_t nhaves = 0;
+	msgpack_sbuffer sb;
+	int rc;
+
+	if (f == NULL)
+		return ME_ENOMEM;
+	f->s = s;
+	f->fd = -1;
+	f->mirror_seq = sr->mirror_seq;
+	f->max_bytes = s->node->cfg->max_repo_size;
+	fmt(f->root, sizeof(f->root), "%s", s->node->cfg->root);
+	memcpy(f->peer, net_peer_pk(p), ME_PK_LEN);
+	fmt(f->peer_did, sizeof(f->peer_did), "%s", net_peer_did(p));
+	if (me_did_key_parse(sr->creator, f->creator_pk) < 0) {
+		free(f);
+		return ME_EBADID;
+	}
+	/* haves: the tips of the mirror, when there is one */
+	if (sr->mirror_seq > 0) {
+		git_repository *m = NULL;
+		char err[ERRSZ];
+		if (mirror_open(s->node->cfg->root, r->id, false, &m, err, sizeof(err)) == 0) {
+			git_oid *o = calloc(XMSG_MAX_HAVES, sizeof(*o));
+			haves = calloc(XMSG_MAX_HAVES, ME_OID_LEN);
+			if (o != NULL && haves != NULL &&
+			    mirror_haves(m, o, XMSG_MAX_HAVES, &nhaves, err, sizeof(err)) == 0) {
+				for (size_t i = 0; i < nhaves; i++)
+					memcpy(haves[i], o[i].id, ME_OID_LEN);
+			} else {
+				nhaves = 0;
+			}
+			free(o);
+			git_repository_free(m);
+		}
+	}
+	msgpack_sbuffer_init(&sb);
+	rc = xmsg_encode_request(&sb, r->id, (const uint8_t(*)[ME_OID_LEN])haves, nhaves,
+				 r->has_part ? r->part_digest : NULL, r->has_part ? r->part_size : 0);
+	free(haves);
+	if (rc == 0)
+		rc = net_xfer_open(p, &fetch_cb, f, &f->x);
+	if (rc == 0)
+		rc = send_frame(f->x, &sb);
+	msgpack_sbuffer_destroy(&sb);
+	if (rc < 0) {
+		if (f->x != NULL) {
+			net_xfer_set_callbacks(f->x, &null_cb, NULL);
+			net_xfer_reset(f->x, NET_ERR_CANCEL);
+		}
+		free(f);
+		return rc;
+	}
+	f->r = r;
+	r->fetch = f;
+	s->nfetches++;
+	f->phase = F_REQUEST;
+	f->last_rx_ms = me_mono_ms();
+	log_info("sync: fetching %s from %s (%zu haves%s)", r->id, f->peer_did, nhaves,
+		 r->has_part ? ", resuming" : "");
+	return 0;
+}
+
+/* One scheduling step for a repository without a running fetch. */
+static void schedule_repo(struct sync *s, struct srepo *r, int64_t now, int64_t mono)
+{
+	struct store_repo sr;
+	struct holder *cand[8] = { 0 };
+
+	if (store_repo_get(s->node->store, r->id, &sr) < 0) {
+		waiters_done(r, ME_ENOTFOUND, "unknown repository");
+		r->want = 0;
+		return;
+	}
+	holders_expire(r, now);
+	if (!sr.is_external) {
+		waiters_done(r, 0, NULL);
+		r->want = 0;
+		goto out;
+	}
+	if (sr.mirror_seq >= sr.ref_seq && sr.mirror_seq > 0) {
+		waiters_done(r, 0, NULL);
+		r->want = 0;
+		r->ntried = 0;
+		goto out;
+	}
+	if (!r->want && r->waiters == NULL)
+		goto out;
+	if (r->waiters == NULL && now < r->retry_at_ms)
+		goto out;
+	if (s->net == NULL || s->nfetches >= SYNC_MAX_FETCHES)
+		goto out;
+	size_t n = candidates(s, r, sr.mirror_seq, cand, 8);
+	if (n == 0 && r->ntried > 0) {
+		/* every holder failed: report, wait, start a new round */
+		waiters_done(r, ME_EUNAVAIL, r->error[0] ? r->error : "no node could serve it");
+		r->ntried = 0;
+		r->retry_at_ms = now + RETRY_MS;
+		if (sr.mirror_seq <= 0 || r->error[0])
+			store_repo_set_sync(s->node->store, r->id, -1, -1, r->error);
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct peer *p = net_peer_find(s->net, cand[i]->pk);
+		if (p == NULL)
+			continue;
+		r->dial_since_ms = 0;
+		int rc = fetch_begin(s, r, &sr, p);
+		if (rc == 0)
+			goto out;
+		if (rc != ME_EBUSY)
+			mark_tried(r, cand[i]->pk);
+		goto out; /* busy: try again on the next tick */
+	}
+	if (n > 0) {
+		/* none of them is connected: dial the best one, give it a while */
+		if (r->dial_since_ms != 0 && mono - r->dial_since_ms > DIAL_WAIT_MS) {
+			mark_tried(r, r->dialing);
+			r->dial_since_ms = 0;
+			fmt(r->error, sizeof(r->error), "holder unreachable");
+			kick(s);
+		} else {
+			dial_holder(s, r, cand[0]->pk);
+		}
+		goto out;
+	}
+	/* nobody announces a state newer than the mirror */
+	for (struct sync_waiter **pp = &r->waiters; *pp;) {
+		struct sync_waiter *w = *pp;
+		if (mono - w->since_ms > WAIT_HOLDER_MS) {
+			*pp = w->next;
+			w->r = NULL;
+			if (w->cb.done)
+				w->cb.done(w->cb.ud, ME_EUNAVAIL,
+					   "no reachable node announces this repository's newest "
+					   "state");
+			free(w);
+		} else {
+			pp = &w->next;
+		}
+	}
+out:
+	store_repo_clear(&sr);
+}
+
+static void sweep(struct sync *s)
+{
+	struct store_repo *list;
+	size_t n;
+
+	if (store_repo_list(s->node->store, &list, &n) < 0)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		if (!list[i].is_external || list[i].mirror_seq >= list[i].ref_seq)
+			continue;
+		struct srepo *r = srepo_get(s, list[i].id);
+		if (r != NULL)
+			r->want = 1;
+	}
+	store_repo_list_free(list, n);
+}
+
+static void schedule(struct sync *s)
+{
+	int64_t now = me_now_ms(), mono = me_mono_ms();
+
+	if (s->closing)
+		return;
+	if (mono >= s->next_sweep_ms) {
+		s->next_sweep_ms = mono + SYNC_SWEEP_MS;
+		sweep(s);
+	}
+	for (struct srepo *r = s->repos; r; r = r->next) {
+		struct fetch *f = r->fetch;
+		if (f != NULL) {
+			if (f->phase != F_VERIFY && mono - f->last_rx_ms > SYNC_STALL_MS)
+				fetch_end(f, ME_ETIMEDOUT, "transfer stalled");
+			continue;
+		}
+		schedule_repo(s, r, now, mono);
+	}
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	schedule(t->data);
+}
+
+/* ---- serving ---- */
+
+static void centry_delete(struct centry *ce)
+{
+	unlink(ce->path);
+	rs_copy_free(&ce->rs);
+	free(ce->tips);
+	free(ce->haves);
+	free(ce);
+}
+
+static void centry_unlink(struct sync *s, struct centry *ce)
+{
+	for (struct centry **pp = &s->cache; *pp; pp = &(*pp)->next) {
+		if (*pp == ce) {
+			*pp = ce->next;
+			break;
+		}
+	}
+	ce->stale = 1;
+	if (ce->users == 0 && ce->state != C_BUILDING)
+		centry_delete(ce);
+}
+
+static void centry_release(struct sync *s, struct centry *ce)
+{
+	(void)s;
+	ce->users--;
+	ce->last_used_ms = me_mono_ms();
+	if (ce->stale && ce->users == 0 && ce->state != C_BUILDING)
+		centry_delete(ce);
+}
+
+/* Keeps the cache within CACHE_MAX_ENTRIES / CACHE_MAX_BYTES by dropping the least recently
+ * used bundles nobody is reading. */
+static void cache_trim(struct sync *s)
+{
+	for (;;) {
+		size_t n = 0;
+		uint64_t bytes = 0;
+		struct centry *lru = NULL;
+		for (struct centry *c = s->cache; c; c = c->next) {
+			n++;
+			bytes += c->size;
+			if (c->users == 0 && c->state != C_BUILDING &&
+			    (lru == NULL || c->last_used_ms < lru->last_used_ms))
+				lru = c;
+		}
+		if ((n <= CACHE_MAX_ENTRIES && bytes <= CACHE_MAX_BYTES) || lru == NULL)
+			return;
+		centry_unlink(s, lru);
+	}
+}
+
+static void serve_free(struct serve *sv)
+{
+	struct sync *s = sv->s;
+	if (sv->prev)
+		sv->prev->next = sv->next;
+	else
+		s->serves = sv->next;
+	if (sv->next)
+		sv->next->prev = sv->prev;
+	s->nserves--;
+	if (sv->ce != NULL) {
+		if (sv->phase == S_BUILDING) {
+			for (struct serve **pp = &sv->ce->waiting; *pp; pp = &(*pp)->next_waiting) {
+				if (*pp == sv) {
+					*pp = sv->next_waiting;
+					break;
+				}
+			}
+		}
+		centry_release(s, sv->ce);
+	}
+	if (sv->fd >= 0)
+		close(sv->fd);
+	rs_copy_free(&sv->rs);
+	free(sv);
+}
+
+static void serve_error(struct serve *sv, int code, const char *msg)
+{
+	msgpack_sbuffer sb;
+
+	msgpack_sbuffer_init(&sb);
+	if (xmsg_encode_error(&sb, code, msg) == 0 && send_frame(sv->x, &sb) == 0)
+		net_xfer_finish(sv->x);
+	else
+		net_xfer_reset(sv->x, NET_ERR_CANCEL);
+	msgpack_sbuffer_destroy(&sb);
+	sv->phase = S_FINISHED;
+	sv->s->stats.serves_refused++;
+}
+
+/* Sends data while less than PUMP_BYTES is queued; then Done and FIN. */
+static void serve_pump(struct serve *sv)
+{
+	struct centry *ce = sv->ce;
+	msgpack_sbuffer sb;
+	uint8_t *buf;
+
+	if (sv->phase != S_SENDING)
+		return;
+	if ((buf = malloc(SYNC_CHUNK)) == NULL) {
+		net_xfer_reset(sv->x, NET_ERR_CANCEL);
+		return;
+	}
+	msgpack_sbuffer_init(&sb);
+	while (sv->pos < ce->size && net_xfer_queued(sv->x) < PUMP_BYTES) {
+		uint64_t left = ce->size - sv->pos;
+		size_t want = left < SYNC_CHUNK ? (size_t)left : SYNC_CHUNK;
+		ssize_t k = pread(sv->fd, buf, want, (off_t)sv->pos);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0) {
+			log_warn("sync: cannot read %s: %s", ce->path, k < 0 ? strerror(errno) : "EOF");
+			net_xfer_reset(sv->x, NET_ERR_CANCEL);
+			sv->phase = S_FINISHED;
+			goto out;
+		}
+		if (xmsg_encode_data(&sb, buf, (size_t)k) < 0 || send_frame(sv->x, &sb) < 0) {
+			net_xfer_reset(sv->x, NET_ERR_CANCEL);
+			sv->phase = S_FINISHED;
+			goto out;
+		}
+		sv->pos += (uint64_t)k;
+		sv->s->stats.bytes_served += (uint64_t)k;
+	}
+	if (sv->pos == ce->size) {
+		if (xmsg_encode_done(&sb, ce->digest) == 0 && send_frame(sv->x, &sb) == 0)
+			net_xfer_finish(sv->x);
+		else
+			net_xfer_reset(sv->x, NET_ERR_CANCEL);
+		sv->phase = S_FINISHED;
+		goto out;
+	}
+	net_xfer_want_writable(sv->x);
+out:
+	msgpack_sbuffer_destroy(&sb);
+	free(buf);
+}
+
+static void serve_begin(struct serve *sv)
+{
+	struct centry *ce = sv->ce;
+	msgpack_sbuffer sb;
+	char name[96];
+	uint64_t off = 0;
+
+	if (ce->state == C_FAILED) {
+		serve_error(sv, ce->rc < 0 ? ce->rc : ME_EINTERNAL, ce->err);
+		return;
+	}
+	if ((sv->fd = open(ce->path, O_RDONLY | O_CLOEXEC)) < 0) {
+		serve_error(sv, ME_EIO, "cannot open the bundle");
+		return;
+	}
+	if (sv->has_resume && memcmp(sv->resume_digest, ce->digest, XMSG_DIGEST_LEN) == 0 &&
+	    sv->resume_offset <= ce->size)
+		off = sv->resume_offset;
+	fmt(name, sizeof(name), "%.16s-%" PRId64 ".bundle", b58_part(ce->repo_id) + 1,
+		 ce->seq);
+	msgpack_sbuffer_init(&sb);
+	int rc = xmsg_encode_start(&sb, name, ce->size, ce->digest, off, sv->creator_pk, &sv->rs.rs);
+	if (rc == 0)
+		rc = send_frame(sv->x, &sb);
+	msgpack_sbuffer_destroy(&sb);
+	if (rc < 0) {
+		net_xfer_reset(sv->x, NET_ERR_CANCEL);
+		sv->phase = S_FINISHED;
+		return;
+	}
+	sv->pos = off;
+	sv->phase = S_SENDING;
+	log_info("sync: serving %s (state %" PRId64 ", %" PRIu64 " bytes%s) to %s", ce->repo_id,
+		 ce->seq, ce->size, off ? ", resumed" : "", sv->peer_did);
+	serve_pump(sv);
+}
+
+static void build_work(uv_work_t *w)
+{
+	struct centry *ce = (struct centry *)((char *)w - offsetof(struct centry, work));
+	git_repository *src = NULL;
+	char tmp[PATH_MAX + 8];
+	int fd = -1, rc;
+	struct me_sha3 *h = NULL;
+	uint8_t *buf = NULL;
+
+	fmt(tmp, sizeof(tmp), "%s.tmp", ce->path);
+	if (git_repository_open_ext(&src, ce->source, GIT_REPOSITORY_OPEN_NO_SEARCH, NULL) < 0) {
+		rc = ME_EGIT;
+		fmt(ce->err, sizeof(ce->err), "cannot open the repository");
+		goto out;
+	}
+	if ((fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0) {
+		rc = errno == ENOSPC ? ME_ENOSPC : ME_EIO;
+		fmt(ce->err, sizeof(ce->err), "cannot create a bundle: %s", strerror(errno));
+		goto out;
+	}
+	rc = bundle_write(src, ce->tips, ce->ntips, ce->haves, ce->nhaves, fd, NULL, ce->err,
+			  sizeof(ce->err));
+	if (rc < 0)
+		goto out;
+	/* the digest, read back from the page cache */
+	if ((h = me_sha3_new()) == NULL || (buf = malloc(BUNDLE_CHUNK)) == NULL) {
+		rc = ME_ENOMEM;
+		goto out;
+	}
+	ce->size = 0;
+	for (;;) {
+		ssize_t k = pread(fd, buf, BUNDLE_CHUNK, (off_t)ce->size);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0) {
+			rc = ME_EIO;
+			goto out;
+		}
+		if (k == 0)
+			break;
+		me_sha3_update(h, buf, (size_t)k);
+		ce->size += (uint64_t)k;
+	}
+	if ((rc = me_sha3_final(h, ce->digest)) < 0)
+		goto out;
+	if (rename(tmp, ce->path) < 0) {
+		rc = ME_EIO;
+		fmt(ce->err, sizeof(ce->err), "rename: %s", strerror(errno));
+	}
+out:
+	if (rc < 0)
+		unlink(tmp);
+	if (fd >= 0)
+		close(fd);
+	me_sha3_free(h);
+	free(buf);
+	git_repository_free(src);
+	ce->rc = rc;
+}
+
+static void build_done(uv_work_t *w, int status)
+{
+	struct centry *ce = (struct centry *)((char *)w - offsetof(struct centry, work));
+	struct sync *s = ce->s;
+	(void)status;
+
+	s->jobs--;
+	ce->state = ce->rc == 0 ? C_READY : C_FAILED;
+	if (ce->rc < 0)
+		log_warn("sync: cannot build a bundle of %s: %s (%s)", ce->repo_id, ce->err,
+			 me_errname(ce->rc));
+	free(ce->haves);
+	ce->haves = NULL;
+	struct serve *sv = ce->waiting;
+	ce->waiting = NULL;
+	while (sv) {
+		struct serve *nx = sv->next_waiting;
+		sv->phase = S_REQUEST;
+		serve_begin(sv);
+		sv = nx;
+	}
+	if (ce->state == C_FAILED && !ce->stale)
+		centry_unlink(s, ce);
+	else if (ce->stale && ce->users == 0)
+		centry_delete(ce);
+	if (s->closing)
+		sync_free(s);
+	else
+		cache_trim(s);
+}
+
+static int oid_cmp(const void *a, const void *b)
+{
+	return memcmp(a, b, ME_OID_LEN);
+}
+
+/* Finds or starts the bundle of rs for these haves. */
+static int serve_bundle(struct serve *sv, const struct store_repo *sr, const char *source,
+			uint8_t (*haves)[ME_OID_LEN], size_t nhaves)
+{
+	struct sync *s = sv->s;
+	uint8_t key[XMSG_DIGEST_LEN];
+	struct me_sha3 *h = me_sha3_new();
+	uint8_t seqb[8];
+
+	if (h == NULL)
+		return ME_ENOMEM;
+	qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
+	for (int i = 0; i < 8; i++)
+		seqb[i] = (uint8_t)((uint64_t)sr->ref_seq >> (56 - 8 * i));
+	me_sha3_update(h, sr->id, strlen(sr->id) + 1);
+	me_sha3_update(h, seqb, sizeof(seqb));
+	for (size_t i = 0; i < nhaves; i++)
+		if (i == 0 || memcmp(haves[i - 1], haves[i], ME_OID_LEN) != 0)
+			me_sha3_update(h, haves[i], ME_OID_LEN);
+	me_sha3_final(h, key);
+	me_sha3_free(h);
+
+	struct centry *ce;
+	for (ce = s->cache; ce; ce = ce->next)
+		if (memcmp(ce->key, key, sizeof(key)) == 0)
+			break;
+	if (ce == NULL) {
+		char hex[2 * XMSG_DIGEST_LEN + 1];
+		if ((ce = calloc(1, sizeof(*ce))) == NULL)
+			return ME_ENOMEM;
+		memcpy(ce->key, key, sizeof(key));
+		fmt(ce->repo_id, sizeof(ce->repo_id), "%s", sr->id);
+		ce->seq = sr->ref_seq;
+		sodium_bin2hex(hex, sizeof(hex), key, sizeof(key));
+		fmt(ce->path, sizeof(ce->path), "%s/%s.bundle", s->cachedir, hex);
+		fmt(ce->source, sizeof(ce->source), "%s", source);
+		ce->s = s;
+		ce->ntips = sv->rs.rs.nrefs;
+		ce->tips = calloc(ce->ntips ? ce->ntips : 1, sizeof(*ce->tips));
+		ce->haves = calloc(nhaves ? nhaves : 1, sizeof(*ce->haves));
+		if (ce->tips == NULL || ce->haves == NULL) {
+			free(ce->tips);
+			free(ce->haves);
+			free(ce);
+			return ME_ENOMEM;
+		}
+		/* the entry outlives the serve: it keeps a copy of the state for its tips */
+		if (rs_copy_set(&ce->rs, &sv->rs.rs) < 0) {
+			free(ce->tips);
+			free(ce->haves);
+			free(ce);
+			return ME_ENOMEM;
+		}
+		for (size_t i = 0; i < ce->ntips; i++)
+			ce->tips[i] = ce->rs.rs.refs[i];
+		for (size_t i = 0; i < nhaves; i++)
+			git_oid_fromraw(&ce->haves[ce->nhaves++], haves[i]);
+		ce->state = C_BUILDING;
+		ce->next = s->cache;
+		s->cache = ce;
+		s->jobs++;
+		uv_queue_work(s->loop, &ce->work, build_work, build_done);
+	}
+	ce->users++;
+	ce->last_used_ms = me_mono_ms();
+	sv->ce = ce;
+	if (ce->state == C_BUILDING) {
+		sv->phase = S_BUILDING;
+		sv->next_waiting = ce->waiting;
+		ce->waiting = sv;
+		return 0;
+	}
+	serve_begin(sv);
+	return 0;
+}
+
+static void serve_request(struct serve *sv, const struct xmsg *m)
+{
+	struct sync *s = sv->s;
+	struct store_repo sr;
+	char id[ME_DID_REPO_SIZE], source[PATH_MAX];
+	size_t per_peer = 0, active = 0;
+
+	for (struct serve *o = s->serves; o; o = o->next) {
+		if (o == sv || o->phase == S_REQUEST || o->phase == S_FINISHED)
+			continue;
+		active++;
+		per_peer += memcmp(o->peer, sv->peer, ME_PK_LEN) == 0;
+	}
+	if (active >= SYNC_MAX_SERVES || per_peer >= SYNC_MAX_SERVES_PER_PEER) {
+		serve_error(sv, ME_EBUSY, "too many transfers at once");
+		return;
+	}
+	fmt(id, sizeof(id), "%.*s", (int)m->repo_id.len, m->repo_id.ptr);
+	if (store_repo_get(s->node->store, id, &sr) < 0) {
+		serve_error(sv, ME_ENOTFOUND, "unknown repository");
+		return;
+	}
+	if (!sr.is_external && sr.has_ref_sig) {
+		fmt(source, sizeof(source), "%s", sr.path);
+	} else if (sr.is_external && sr.has_ref_sig && sr.mirror_seq > 0 &&
+		   sr.mirror_seq == sr.ref_seq) {
+		if (mirror_path(s->node->cfg->root, id, source, sizeof(source)) < 0) {
+			serve_error(sv, ME_EINTERNAL, "no mirror path");
+			goto out;
+		}
+	} else {
+		serve_error(sv, ME_ENOTFOUND, "no up-to-date copy here");
+		goto out;
+	}
+	if (me_did_key_parse(sr.creator, sv->creator_pk) < 0 || rs_from_store(s, &sr, &sv->rs) < 0) {
+		serve_error(sv, ME_EINTERNAL, "cannot read the ref state");
+		goto out;
+	}
+	sv->has_resume = m->has_resume;
+	memcpy(sv->resume_digest, m->resume_digest, XMSG_DIGEST_LEN);
+	sv->resume_offset = m->resume_offset;
+	if (serve_bundle(sv, &sr, source, m->haves, m->nhaves) < 0)
+		serve_error(sv, ME_ENOMEM, "out of memory");
+out:
+	store_repo_clear(&sr);
+}
+
+static int serve_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, size_t len)
+{
+	struct serve *sv = ud;
+	struct xmsg m;
+	(void)x;
+
+	if (sv->phase != S_REQUEST)
+		return -1; /* one request per stream */
+	if (xmsg_decode(body, len, &m) < 0 || m.type != XMSG_REQUEST) {
+		xmsg_free(&m);
+		sv->s->stats.serves_failed++;
+		return -1;
+	}
+	serve_request(sv, &m);
+	xmsg_free(&m);
+	return 0;
+}
+
+static void serve_on_writable(void *ud, struct net_xfer *x)
+{
+	(void)x;
+	serve_pump(ud);
+}
+
+static void serve_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, const char *why)
+{
+	struct serve *sv = ud;
+	(void)x;
+	if (sv->phase == S_FINISHED && app_error == 0) {
+		if (sv->ce != NULL && sv->pos == sv->ce->size)
+			sv->s->stats.serves_ok++;
+	} else if (sv->phase != S_FINISHED || app_error != 0) {
+		sv->s->stats.serves_failed++;
+		log_info("sync: transfer to %s ended early (%s, code 0x%" PRIx64 ")", sv->peer_did,
+			 why ? why : "", app_error);
+	}
+	sv->x = NULL;
+	serve_free(sv);
+}
+
+static const struct net_xfer_callbacks serve_cb = {
+	.frame = serve_on_frame,
+	.writable = serve_on_writable,
+	.closed = serve_on_closed,
+};
+
+static int null_frame(void *ud, struct net_xfer *x, const uint8_t *b, size_t l)
+{
+	(void)ud, (void)x, (void)b, (void)l;
+	return -1;
+}
+
+static void null_closed(void *ud, struct net_xfer *x, uint64_t e, const char *w)
+{
+	(void)ud, (void)x, (void)e, (void)w;
+}
+
+static const struct net_xfer_callbacks null_cb = { .frame = null_frame, .closed = null_closed };
+
+int sync_xfer_accept(void *ud, struct peer *p, struct net_xfer *x)
+{
+	struct sync *s = ud;
+	struct serve *sv;
+
+	if (s->closing || s->nserves >= 4 * SYNC_MAX_SERVES || (sv = calloc(1, sizeof(*sv))) == NULL)
+		return ME_EBUSY;
+	sv->s = s;
+	sv->x = x;
+	sv->fd = -1;
+	memcpy(sv->peer, net_peer_pk(p), ME_PK_LEN);
+	fmt(sv->peer_did, sizeof(sv->peer_did), "%s", net_peer_did(p));
+	sv->next = s->serves;
+	if (s->serves)
+		s->serves->prev = sv;
+	s->serves = sv;
+	s->nserves++;
+	net_xfer_set_callbacks(x, &serve_cb, sv);
+	return 0;
+}
+
+/* ---- public ---- */
+
+int sync_init(struct sync **out, uv_loop_t *loop, struct node *node, char *err, size_t errsz)
+{
+	struct sync *s = calloc(1, sizeof(*s));
+
+	if (s == NULL) {
+		fmt(err, errsz, "out of memory");
+		return ME_ENOMEM;
+	}
+	s->loop = loop;
+	s->node = node;
+	/* room for "/cache/<64 hex>.bundle.tmp" and "/tmp/<id>.part" under the root */
+	if (strlen(node->cfg->root) + 128 >= PATH_MAX) {
+		fmt(err, errsz, "data root path too long");
+		free(s);
+		return ME_ETOOBIG;
+	}
+	fmt(s->tmpdir, sizeof(s->tmpdir), "%s/tmp", node->cfg->root);
+	fmt(s->cachedir, sizeof(s->cachedir), "%s/cache", node->cfg->root);
+	if (mkdir_0700(s->tmpdir) < 0 || mkdir_0700(s->cachedir) < 0) {
+		fmt(err, errsz, "cannot create %s or %s: %s", s->tmpdir, s->cachedir,
+			 strerror(errno));
+		free(s);
+		return ME_EIO;
+	}
+	uv_timer_init(loop, &s->tick);
+	uv_timer_init(loop, &s->kick);
+	s->tick.data = s;
+	s->kick.data = s;
+	s->handles = 2;
+	*out = s;
+	return 0;
+}
+
+/* Removes what a previous run left: temporary bundles, cached bundles, interrupted applies. */
+static void cleanup_previous_run(struct sync *s)
+{
+	struct store_repo *list;
+	size_t n;
+
+	empty_dir(s->tmpdir);
+	empty_dir(s->cachedir);
+	if (store_repo_list(s->node->store, &list, &n) < 0)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		git_repository *m = NULL;
+		char err[ERRSZ];
+		if (!list[i].is_external)
+			continue;
+		if (mirror_open(s->node->cfg->root, list[i].id, false, &m, err, sizeof(err)) == 0) {
+			if (mirror_cleanup(m, err, sizeof(err)) < 0)
+				log_warn("sync: cleaning the mirror of %s: %s", list[i].id, err);
+			git_repository_free(m);
+		}
+	}
+	store_repo_list_free(list, n);
+}
+
+void sync_start(struct sync *s, struct net *net)
+{
+	s->net = net;
+	cleanup_previous_run(s);
+	s->next_sweep_ms = 0; /* sweep at once: catch up with what the store knows */
+	uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
+	kick(s);
+}
+
+static void on_handle_close(uv_handle_t *h)
+{
+	struct sync *s = h->data;
+	s->handles--;
+	if (s->handles == 0 && s->jobs == 0)
+		sync_free(s);
+}
+
+void sync_free(struct sync *s)
+{
+	if (s == NULL)
+		return;
+	if (!s->closing) {
+		s->closing = 1;
+		uv_timer_stop(&s->tick);
+		uv_timer_stop(&s->kick);
+		uv_close((uv_handle_t *)&s->tick, on_handle_close);
+		uv_close((uv_handle_t *)&s->kick, on_handle_close);
+		for (struct srepo *r = s->repos; r; r = r->next) {
+			waiters_done(r, ME_ESHUTDOWN, "daemon shutting down");
+			struct fetch *f = r->fetch;
+			if (f == NULL)
+				continue;
+			r->fetch = NULL;
+			f->r = NULL;
+			s->nfetches--;
+			if (f->x != NULL) {
+				net_xfer_set_callbacks(f->x, &null_cb, NULL);
+				net_xfer_reset(f->x, NET_ERR_SHUTDOWN);
+				f->x = NULL;
+			}
+			if (f->phase != F_VERIFY)
+				fetch_free(f);
+		}
+		while (s->serves) {
+			struct serve *sv = s->serves;
+			if (sv->x != NULL) {
+				net_xfer_set_callbacks(sv->x, &null_cb, NULL);
+				net_xfer_reset(sv->x, NET_ERR_SHUTDOWN);
+				sv->x = NULL;
+			}
+			serve_free(sv);
+		}
+		return;
+	}
+	if (s->handles > 0 || s->jobs > 0)
+		return; /* called again by the last close callback or job */
+	while (s->repos) {
+		struct srepo *r = s->repos;
+		s->repos = r->next;
+		while (r->holders) {
+			struct holder *h = r->holders;
+			r->holders = h->next;
+			free(h);
+		}
+		free(r);
+	}
+	while (s->cache) {
+		struct centry *ce = s->cache;
+		s->cache = ce->next;
+		centry_delete(ce);
+	}
+	free(s);
+}
+
+void sync_announced(struct sync *s, const uint8_t origin_pk[ME_PK_LEN], const char *repo_id,
+		    int64_t seq)
+{
+	struct srepo *r;
+	struct holder *h;
+
+	if (s == NULL || s->closing || (r = srepo_get(s, repo_id)) == NULL)
+		return;
+	for (h = r->holders; h; h = h->next)
+		if (memcmp(h->pk, origin_pk, ME_PK_LEN) == 0)
+			break;
+	if (h == NULL) {
+		if ((h = calloc(1, sizeof(*h))) == NULL)
+			return;
+		memcpy(h->pk, origin_pk, ME_PK_LEN);
+		h->next = r->holders;
+		r->holders = h;
+	}
+	int newer = seq > h->seq;
+	h->seq = seq;
+	h->seen_ms = me_now_ms();
+	if (newer) {
+		/* a state we may lack: look at once (and give holders that failed a new chance) */
+		r->want = 1;
+		r->retry_at_ms = 0;
+		if (r->fetch == NULL)
+			r->ntried = 0;
+		kick(s);
+	}
+}
+
+int sync_fetch(struct sync *s, const char *repo_id, const struct sync_waiter_cb *cb,
+	       struct sync_waiter **out)
+{
+	struct store_repo sr;
+	struct srepo *r;
+	struct sync_waiter *w;
+	int rc;
+
+	if (s == NULL || s->closing)
+		return ME_ESHUTDOWN;
+	if ((rc = store_repo_get(s->node->store, repo_id, &sr)) < 0)
+		return rc;
+	int local = !sr.is_external;
+	store_repo_clear(&sr);
+	if (local)
+		return ME_EINVAL;
+	if ((r = srepo_get(s, repo_id)) == NULL || (w = calloc(1, sizeof(*w))) == NULL)
+		return ME_ENOMEM;
+	w->r = r;
+	w->cb = *cb;
+	w->since_ms = me_mono_ms();
+	w->next = r->waiters;
+	r->waiters = w;
+	r->want = 1;
+	r->retry_at_ms = 0;
+	if (r->fetch == NULL)
+		r->ntried = 0;
+	if (out)
+		*out = w;
+	kick(s);
+	return 0;
+}
+
+void sync_waiter_cancel(struct sync_waiter *w)
+{
+	if (w == NULL)
+		return;
+	if (w->r == NULL)
+		return;
+	for (struct sync_waiter **pp = &w->r->waiters; *pp; pp = &(*pp)->next) {
+		if (*pp == w) {
+			*pp = w->next;
+			break;
+		}
+	}
+	free(w);
+}
+
+void sync_status(struct sync *s, const char *repo_id, struct sync_status *out)
+{
+	struct store_repo sr;
+	struct srepo *r;
+
+	memset(out, 0, sizeof(*out));
+	if (s == NULL)
+		return;
+	if (store_repo_get(s->node->store, repo_id, &sr) == 0) {
+		out->mirror_seq = sr.mirror_seq;
+		out->last_sync_ms = sr.last_sync_ms;
+		fmt(out->error, sizeof(out->error), "%s", sr.sync_error ? sr.sync_error : "");
+		r = srepo_find(s, repo_id);
+		if (r != NULL) {
+			for (struct holder *h = r->holders; h; h = h->next)
+				out->nholders += h->seq >= sr.ref_seq;
+			if (r->fetch != NULL) {
+				out->state = SYNC_RUNNING;
+				out->done = r->fetch->pos;
+				out->total = r->fetch->total;
+				out->verifying = r->fetch->phase == F_VERIFY;
+			} else if (sr.is_external && (r->want || r->waiters) &&
+				   (sr.mirror_seq < sr.ref_seq || sr.mirror_seq == 0)) {
+				out->state = SYNC_QUEUED;
+			}
+			if (r->error[0] && out->state != SYNC_IDLE)
+				fmt(out->error, sizeof(out->error), "%s", r->error);
+		}
+		store_repo_clear(&sr);
+	}
+}
+
+void sync_local_changed(struct sync *s, const char *repo_id)
+{
+	if (s == NULL)
+		return;
+	for (struct centry *ce = s->cache, *nx; ce; ce = nx) {
+		nx = ce->next;
+		if (strcmp(ce->repo_id, repo_id) == 0 && ce->state != C_BUILDING)
+			centry_unlink(s, ce);
+	}
+}
+
+void sync_get_stats(const struct sync *s, struct sync_stats *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (s != NULL)
+		*out = s->stats;
+}
+
+size_t sync_ntransfers(const struct sync *s)
+{
+	return s == NULL ? 0 : s->nfetches + s->nserves;
+}
