@@ -19,6 +19,9 @@ void out_repo_show(json_t *r);
 void out_repo_remove(json_t *r);
 void out_node_list(json_t *r);
 void out_peer_list(json_t *r);
+void out_repo_sync(json_t *r);
+void out_repo_clone(json_t *r);
+void out_repo_pull(json_t *r);
 
 /* Prints JSON to stdout, indented, keys in the daemon's order. */
 void out_json(json_t *v);
