@@ -726,41 +726,51 @@ static int local_error(const struct opts *o, int code, const char *msg)
 	return print_error(o, code, me_errname(code), msg);
 }
 
-/* An absolute form of p (which may not exist yet) without "." or ".." components where the
- * existing part can be resolved: its parent is resolved with realpath. */
+/* An absolute form of p, which may not exist yet: realpath when it exists, else the current
+ * directory joined with p, with "." and ".." components removed lexically. */
 static int abs_path(const char *p, char *out, size_t sz)
 {
-	char tmp[PATH_MAX], parent[PATH_MAX];
-	const char *base;
-	size_t n;
+	char buf[2 * PATH_MAX], cwd[PATH_MAX];
+	char *parts[PATH_MAX / 2], *save = NULL, *tok;
+	size_t n = 0, len = 0;
 
 	if (realpath(p, out) != NULL)
 		return 0;
 	if (errno != ENOENT)
 		return -1;
-	snprintf(tmp, sizeof(tmp), "%s", p);
-	n = strlen(tmp);
-	while (n > 1 && tmp[n - 1] == '/')
-		tmp[--n] = '\0';
-	char *slash = strrchr(tmp, '/');
-	if (slash == NULL) {
-		base = tmp;
-		snprintf(parent, sizeof(parent), ".");
-	} else {
-		*slash = '\0';
-		base = slash + 1;
-		snprintf(parent, sizeof(parent), "%s", slash == tmp ? "/" : tmp);
+	if (p[0] == '/')
+		snprintf(buf, sizeof(buf), "%s", p);
+	else if (getcwd(cwd, sizeof(cwd)) == NULL)
+		return -1;
+	else
+		snprintf(buf, sizeof(buf), "%s/%s", cwd, p);
+	for (tok = strtok_r(buf, "/", &save); tok != NULL; tok = strtok_r(NULL, "/", &save)) {
+		if (strcmp(tok, ".") == 0)
+			continue;
+		if (strcmp(tok, "..") == 0) {
+			n -= n > 0;
+			continue;
+		}
+		if (n == sizeof(parts) / sizeof(parts[0])) {
+			errno = ENAMETOOLONG;
+			return -1;
+		}
+		parts[n++] = tok;
 	}
-	if (strcmp(base, ".") == 0 || strcmp(base, "..") == 0 || *base == '\0') {
+	if (n == 0) {
 		errno = EINVAL;
 		return -1;
 	}
-	char rp[PATH_MAX];
-	if (realpath(parent, rp) == NULL)
-		return -1;
-	if ((size_t)snprintf(out, sz, "%s/%s", strcmp(rp, "/") ? rp : "", base) >= sz) {
-		errno = ENAMETOOLONG;
-		return -1;
+	out[0] = '\0';
+	for (size_t i = 0; i < n; i++) {
+		size_t l = strlen(parts[i]);
+		if (len + l + 2 > sz) {
+			errno = ENAMETOOLONG;
+			return -1;
+		}
+		out[len++] = '/';
+		memcpy(out + len, parts[i], l + 1);
+		len += l;
 	}
 	return 0;
 }
