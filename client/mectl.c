@@ -484,22 +484,6 @@ static int connect_socket(const char *path, int *fd_out)
 
 /* ---- progress ---- */
 
-static void fmt_bytes(uint64_t n, char *buf, size_t sz)
-{
-	static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB" };
-	double v = (double)n;
-	int u = 0;
-
-	while (v >= 1024 && u < 4) {
-		v /= 1024;
-		u++;
-	}
-	if (u == 0)
-		snprintf(buf, sz, "%llu B", (unsigned long long)n);
-	else
-		snprintf(buf, sz, "%.1f %s", v, unit[u]);
-}
-
 static void progress_show(struct opts *o, const msgpack_object *prog)
 {
 	struct progress_view *pv = &o->pv;
@@ -519,14 +503,15 @@ static void progress_show(struct opts *o, const msgpack_object *prog)
 	double secs = (double)(now - pv->start_ms) / 1000.0;
 	uint64_t rate = secs > 0.2 && done > pv->start_done
 		? (uint64_t)((double)(done - pv->start_done) / secs) : 0;
-	fmt_bytes(done, db, sizeof(db));
-	fmt_bytes(total, tb, sizeof(tb));
-	fmt_bytes(rate, rb, sizeof(rb));
+	out_bytes(done, db, sizeof(db));
+	out_bytes(total, tb, sizeof(tb));
+	out_bytes(rate, rb, sizeof(rb));
+	strncat(rb, "/s", sizeof(rb) - strlen(rb) - 1);
 	if (total > 0)
 		snprintf(pct, sizeof(pct), " (%llu%%)",
 			 (unsigned long long)(done >= total ? 100 : done * 100 / total));
-	fprintf(stderr, "%sfetching: %s of %s%s, %s/s%s", pv->tty ? "\r" : "", db,
-		total ? tb : "?", pct, rb, pv->tty ? "\033[K" : "\n");
+	fprintf(stderr, "%sfetching: %s of %s%s%s%s%s", pv->tty ? "\r" : "", db,
+		total ? tb : "?", pct, rate ? ", " : "", rate ? rb : "", pv->tty ? "\033[K" : "\n");
 	fflush(stderr);
 	pv->shown = 1;
 }

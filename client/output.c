@@ -130,7 +130,7 @@ static void widen(int *w, const char *s)
 		*w = l;
 }
 
-static void fmt_bytes_h(uint64_t n, char *buf, size_t sz)
+void out_bytes(uint64_t n, char *buf, size_t sz)
 {
 	static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB" };
 	double v = (double)n;
@@ -195,8 +195,8 @@ void out_node_status(json_t *r)
 	json_t *s = json_object_get(r, "sync");
 	if (json_is_object(s)) {
 		char f[32], sv[32];
-		fmt_bytes_h((uint64_t)num(s, "bytes_fetched"), f, sizeof(f));
-		fmt_bytes_h((uint64_t)num(s, "bytes_served"), sv, sizeof(sv));
+		out_bytes((uint64_t)num(s, "bytes_fetched"), f, sizeof(f));
+		out_bytes((uint64_t)num(s, "bytes_served"), sv, sizeof(sv));
 		printf("Sync:         %lld fetches (%lld failed, %lld bundles rejected), %s fetched; "
 		       "%lld served (%lld failed, %lld refused), %s served\n", num(s, "fetches_ok"),
 		       num(s, "fetches_failed"), num(s, "rejected_bundles"), f, num(s, "serves_ok"),
