@@ -17,6 +17,7 @@
 #include "daemon/mirror.h"
 #include "daemon/net.h"
 #include "daemon/sync.h"
+#include "daemon/watch.h"
 
 #define ERR(ctx, code, ...) (snprintf((ctx)->err, (ctx)->errsz, __VA_ARGS__), (code))
 
@@ -316,6 +317,7 @@ static int cmd_repo_add(struct cmd_ctx *ctx, const msgpack_object *args, msgpack
 		snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
 		const char *fields[] = { f1, ME_MSGID_REPO_ADDED, NULL };
 		gossip_changed(n->gossip);
+		watch_add(n->watch, id, gi.path); /* new commits are signed and announced */
 		me_log_fields(LOG_INFO, fields, "repository added: %s (%s, %zu refs)", gi.name,
 			      gi.path, gi.nrefs);
 	}
@@ -396,6 +398,7 @@ static int cmd_repo_remove(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
 	const char *fields[] = { f1, ME_MSGID_REPO_REMOVED, NULL };
 	me_log_fields(LOG_INFO, fields, "repository removed: %s", id);
+	watch_remove(ctx->node->watch, id);
 	gossip_changed(ctx->node->gossip);
 	msgpack_pack_map(out, 1);
 	me_mp_pack_kv_str(out, "removed", id);
