@@ -1092,8 +1092,12 @@ static void schedule(struct sync *s)
 	for (struct srepo *r = s->repos; r; r = r->next) {
 		struct fetch *f = r->fetch;
 		if (f != NULL) {
-			if (f->phase != F_VERIFY && mono - f->last_rx_ms > SYNC_STALL_MS)
-				fetch_end(f, ME_ETIMEDOUT, "transfer stalled");
+			/* before Start the server may be building the bundle: a longer wait */
+			int64_t limit = f->phase == F_REQUEST ? SYNC_START_MS : SYNC_STALL_MS;
+			if (f->phase != F_VERIFY && mono - f->last_rx_ms > limit)
+				fetch_end(f, ME_ETIMEDOUT, f->phase == F_REQUEST
+								   ? "no answer to the request"
+								   : "transfer stalled");
 			continue;
 		}
 		schedule_repo(s, r, now, mono);
@@ -1392,7 +1396,8 @@ static int serve_bundle(struct serve *sv, const struct store_repo *sr, const cha
 
 	if (h == NULL)
 		return ME_ENOMEM;
-	qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
+	if (nhaves > 0)
+		qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
 	for (int i = 0; i < 8; i++)
 		seqb[i] = (uint8_t)((uint64_t)sr->ref_seq >> (56 - 8 * i));
 	me_sha3_update(h, sr->id, strlen(sr->id) + 1);
