@@ -192,10 +192,15 @@ __attribute__((format(printf, 3, 4))) static int fmt(char *buf, size_t sz, const
 	return n < 0 || (size_t)n >= sz ? ME_ETOOBIG : 0;
 }
 
+static void on_kick(uv_timer_t *t)
+{
+	schedule(t->data);
+}
+
 static void kick(struct sync *s)
 {
 	if (!s->closing)
-		uv_timer_start(&s->kick, (uv_timer_cb)schedule, 0, 0);
+		uv_timer_start(&s->kick, on_kick, 0, 0);
 }
 
 static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
@@ -1027,6 +1032,8 @@ static void schedule_repo(struct sync *s, struct srepo *r, int64_t now, int64_t 
 		int rc = fetch_begin(s, r, &sr, p);
 		if (rc == 0)
 			goto out;
+		log_debug("sync: cannot fetch %s from %s now: %s", r->id, net_peer_did(p),
+			  me_strerror(rc));
 		if (rc != ME_EBUSY)
 			mark_tried(r, cand[i]->pk);
 		goto out; /* busy: try again on the next tick */
