@@ -1,0 +1,31 @@
+/* A small fixed pair of repositories for the bundle-rx fuzz target and its seed generator,
+ * built with libgit2 from fixed contents and dates (so the object ids never change):
+ *     src     C1 <- C2 on refs/heads/main, annotated tag refs/tags/v1 -> C2
+ *     mirror  C1 on refs/heads/main (a bare repository, what bundle_rx receives into)
+ * expected is the ref state of src (refs/heads/main = C2, refs/tags/v1 = the tag, head
+ * refs/heads/main); its signature is not set (bundle_rx does not check it). */
+#ifndef ME_FUZZ_BUNDLE_FIXTURE_H
+#define ME_FUZZ_BUNDLE_FIXTURE_H
+
+#include <limits.h>
+
+#include <git2.h>
+
+#include "common/gossip_msg.h"
+
+struct bundle_fixture {
+	char dir[PATH_MAX]; /* a temporary directory holding both (base: $TMPDIR or /dev/shm) */
+	git_repository *src;
+	git_repository *mirror;
+	git_oid c1, c2, tag;
+	char repo_id[ME_DID_REPO_SIZE];
+	struct gmsg_ref refs[2];
+	struct gmsg_refstate expected;
+};
+
+/* Initialises libgit2 and builds the fixture; 0 or -1 (with a message on stderr). */
+int bundle_fixture_init(struct bundle_fixture *fx);
+/* Removes the directory; shuts libgit2 down. */
+void bundle_fixture_free(struct bundle_fixture *fx);
+
+#endif
