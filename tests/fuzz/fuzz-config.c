@@ -68,7 +68,8 @@ static void check(const struct me_config *c)
 	FUZZ_ASSERT(c->gossip_interval_ms >= 1000 && c->gossip_interval_ms <= 3600 * 1000);
 	FUZZ_ASSERT(c->gossip_interval_ms % 1000 == 0 && c->max_outbound <= 64);
 	FUZZ_ASSERT(c->max_repo_size >= 1 && c->max_repo_size <= 1ull << 40);
-	FUZZ_ASSERT(c->log_level >= LOG_ERR && c->log_level <= LOG_DEBUG && c->foreground == 0);
+	/* syslog priorities: 0 (emerg) to 7 (debug); numbers are accepted too */
+	FUZZ_ASSERT(c->log_level >= 0 && c->log_level <= LOG_DEBUG && c->foreground == 0);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
