@@ -153,7 +153,8 @@ class Gen:
                 tip = self.commit("main", main, tip, merge=ft, changed=sorted(changed),
                                   msg=f"Merge branch '{name}'")
                 done += 1
-                self.w(f"reset refs/heads/{name}\nfrom 0000000000000000000000000000000000000000\n\n")
+                # gone again, as a merged topic branch is deleted
+                self.w(f"reset refs/heads/{name}\nfrom {'0' * 40}\n\n")
                 continue
             tip = self.commit("main", main, tip)
             done += 1

@@ -44,14 +44,27 @@ cleanup() {
 		kill -TERM "$pypid" 2>/dev/null || true
 		wait "$pypid" 2>/dev/null || true
 	fi
-	# Whatever the helper could not stop: only the processes it started, by pid.
+	# Whatever the helper could not stop: only the processes it started, by pid. They may be
+	# stopping on their own (Ctrl-C reaches the whole process group): give them 10 s.
 	if [ -f "$workdir/pids" ]; then
-		while read -r pid; do
-			if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null &&
-				grep -qaE 'megaengined|git' "/proc/$pid/cmdline" 2>/dev/null; then
-				kill -KILL "$pid" 2>/dev/null || true
+		local left tries=0
+		while :; do
+			left=()
+			while read -r pid; do
+				if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null &&
+					grep -qaE 'megaengined|git' "/proc/$pid/cmdline" 2>/dev/null; then
+					left+=("$pid")
+				fi
+			done <"$workdir/pids"
+			[ "${#left[@]}" -gt 0 ] || break
+			if [ "$tries" -ge 100 ]; then
+				kill -KILL "${left[@]}" 2>/dev/null || true
+				sleep 0.2
+				break
 			fi
-		done <"$workdir/pids"
+			tries=$((tries + 1))
+			sleep 0.1
+		done
 	fi
 	if [ "$keep" = 1 ]; then
 		echo "kept $workdir" >&2
