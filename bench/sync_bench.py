@@ -650,6 +650,7 @@ class Bench:
 
     def measure(self):
         a = self.args
+        self.load0 = os.getloadavg()[0]
         self.source()
         runs = a.git_runs
         gits = [self.git_clone(1)]
@@ -736,7 +737,9 @@ class Bench:
         L.append(f"### Replication benchmark: {si['commits']} commits, {si['objects']} objects, "
                  f"{si['pack_mib']:.1f} MiB packed")
         L.append("")
-        L.append(f"Machine: {os.cpu_count()} CPUs, {cpu}, Linux {platform.release()}; "
+        L.append(f"Machine: {os.cpu_count()} CPUs, {cpu}, Linux {platform.release()}, load "
+                 f"average {self.load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the "
+                 f"end; "
                  f"binaries `{self.build}` ({self.buildtype()}); "
                  f"{self.run(['git', '--version']).stdout.strip()}.")
         L.append(f"Source: {src}: {si['branches']} branches, {si['tags']} tags, "
