@@ -685,7 +685,8 @@ static void test_bad_frames(void **state)
 	(void)state;
 	B.mode = S_HOLD;
 	/* A header announcing more than NET_XFER_MAX_FRAME: refused on its 4 bytes. */
-	const uint8_t big[] = { 0x00, 0x02, 0x00, 0x01, 'x' };
+	const uint8_t big[] = { 0x00, 0x11, 0x00, 0x00, 'x' }; /* 1 MiB + 64 KiB */
+	assert_true(0x110000 > NET_XFER_MAX_FRAME);
 	bad_frame(big, sizeof(big), "frame over the size limit");
 	/* A zero length. */
 	const uint8_t zero[] = { 0, 0, 0, 0, 0, 0, 0, 1, 'y' };
