@@ -24,6 +24,9 @@
 #define NET_BACKOFF_MIN_MS 1000
 #define NET_BACKOFF_MAX_MS 300000
 
+struct net;
+struct peer;
+
 /* Application error codes in CONNECTION_CLOSE / STOP_SENDING. */
 enum {
 	NET_ERR_NONE = 0,
@@ -88,11 +91,6 @@ struct peer *net_xfer_peer(const struct net_xfer *x);
 /* Bytes of frames received / sent (headers included) on this stream. */
 uint64_t net_xfer_bytes_in(const struct net_xfer *x);
 uint64_t net_xfer_bytes_out(const struct net_xfer *x);
-
-struct net;
-struct peer;
-
-struct net_xfer;
 
 struct net_callbacks {
 	/* A connection finished its handshake and is the one kept for this node. */
