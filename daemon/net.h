@@ -3,7 +3,7 @@
  * One connection per pair of nodes. The peer's identity is its certificate's Ed25519 key, fixed
  * by the handshake. Each side sends its messages on one unidirectional stream as length-prefixed
  * msgpack frames (common/frame.h); a malformed or oversized frame shuts that stream with
- * NET_ERR_FRAME, never the daemon. After every read and timer event pending packets are written
+ * NET_ERR_FRAME, never the daemon. Transfers use bidirectional streams (below). After every read and timer event pending packets are written
  * and the connection's single timer is re-armed from ngtcp2's expiry. */
 #ifndef ME_NET_H
 #define ME_NET_H
@@ -41,17 +41,41 @@ enum {
 
 /* ---- transfer streams ----
  * A transfer is one bidirectional QUIC stream opened by the requester. Both directions carry
- * frames of the same codec, each at most NET_XFER_MAX_FRAME bytes of body. A side that sends its
- * last frame calls net_xfer_finish (FIN); either side may abort with net_xfer_reset. Each peer
- * accepts at most NET_XFER_MAX_IN concurrent transfer streams opened by the other side (the QUIC
- * stream limit); a further net_xfer_open fails with ME_EBUSY until one closes. Data queued on a
- * transfer is written after the gossip stream's, so a slow transfer never delays gossip. */
-#define NET_XFER_MAX_FRAME ((1u << 20) + 4096) /* largest frame body on a transfer stream */
+ * frames of the same codec, each at most NET_XFER_MAX_FRAME bytes of body; net.c only moves
+ * frames and checks their length headers. A side that sends its last frame calls
+ * net_xfer_finish (FIN); either side may abort with net_xfer_reset. Each peer accepts at most
+ * NET_XFER_MAX_IN concurrent transfer streams opened by the other side (the QUIC stream limit);
+ * a further net_xfer_open fails with ME_EBUSY until one has closed on both ends and the peer's
+ * MAX_STREAMS has arrived (about one round trip after `closed`: retry later, there is no
+ * callback for it). Data queued on a transfer is written after the gossip stream's, so a slow
+ * transfer never delays gossip; transfers with data share the rest round robin.
+ *
+ * Callbacks: every transfer callback (and xfer_accept) runs from the event loop, never inside
+ * ngtcp2 or inside another net call, so any net function may be called from them, including
+ * net_xfer_reset/send/finish on this or another transfer and net_peer_close. A malformed or
+ * oversized frame, a frame cut short by FIN, or a `frame` callback returning < 0 resets that
+ * stream only, with NET_ERR_FRAME (counted in frames_rejected); the connection stays up.
+ *
+ * `closed` comes exactly once for every transfer that has callbacks (opened by us, or accepted),
+ * and nothing after it:
+ *   0 / "done"                    both directions finished and acknowledged;
+ *   our code / "reset"            after net_xfer_reset (also NET_ERR_FRAME / the reason, when
+ *                                 we rejected the peer's frame);
+ *   the peer's code / "reset by the peer"
+ *                                 the peer reset it (NET_ERR_BUSY when it refused the stream);
+ *   NET_ERR_CANCEL / "the peer stopped reading"
+ *                                 STOP_SENDING without RESET_STREAM (not sent by net.c);
+ *   a code / "connection lost: ..."
+ *                                 the connection is gone: the application code it was closed
+ *                                 with by either side (NET_ERR_SHUTDOWN from net_free, a peer
+ *                                 shutting down, ...), else NET_ERR_SHUTDOWN (idle timeout,
+ *                                 transport error). After net_free (or any connection loss),
+ *                                 these come from the loop's close callbacks: run the loop. */
+#define NET_XFER_MAX_FRAME (128u * 1024) /* largest frame on a transfer stream */
 #define NET_XFER_MAX_IN 4                /* concurrent transfers a peer may open to us */
 #define NET_XFER_LOWAT (256u * 1024)     /* `writable` fires when queued data drops below */
 #define NET_XFER_MAX_QUEUE (4u << 20)    /* net_xfer_send refuses beyond this (ME_EBUSY) */
 
-struct peer;
 struct net_xfer;
 
 struct net_xfer_callbacks {
@@ -68,14 +92,17 @@ struct net_xfer_callbacks {
 	void (*closed)(void *ud, struct net_xfer *x, uint64_t app_error, const char *why);
 };
 
-/* Opens a transfer stream to p. ME_EBUSY when the peer's stream limit is reached, ME_ECONN
- * when p is not up. */
+/* Opens a transfer stream to p. Nothing goes on the wire (and the peer sees nothing) until the
+ * first frame is sent. ME_EBUSY when the peer's stream limit is reached, ME_ECONN when p is not
+ * up. May be called from any callback, including net's gossip `frame`. */
 int net_xfer_open(struct peer *p, const struct net_xfer_callbacks *cb, void *ud,
 		  struct net_xfer **out);
 /* Sets the callbacks of a stream the peer opened (from the accept callback). */
 void net_xfer_set_callbacks(struct net_xfer *x, const struct net_xfer_callbacks *cb, void *ud);
-/* Queues one frame (header included, body <= NET_XFER_MAX_FRAME). ME_EBUSY when more than
- * NET_XFER_MAX_QUEUE bytes would be queued, ME_ECONN after finish/reset/close. */
+/* Queues one frame (header included, body <= NET_XFER_MAX_FRAME; the header is not checked).
+ * ME_ETOOBIG when len exceeds that, ME_EBUSY when more than NET_XFER_MAX_QUEUE bytes would be
+ * queued, ME_ECONN after finish/reset, once the peer reset the stream, or when the connection
+ * is gone. Keep sending while net_xfer_queued() < NET_XFER_LOWAT, then wait for `writable`. */
 int net_xfer_send(struct net_xfer *x, const void *frame, size_t len);
 /* Bytes queued and not yet acknowledged. */
 size_t net_xfer_queued(const struct net_xfer *x);
@@ -84,11 +111,12 @@ size_t net_xfer_queued(const struct net_xfer *x);
 void net_xfer_want_writable(struct net_xfer *x);
 /* Ends our direction once everything queued is sent (FIN). */
 int net_xfer_finish(struct net_xfer *x);
-/* Aborts both directions with app_error (RESET_STREAM + STOP_SENDING); `closed` follows from the
- * event loop with that code. Further calls are no-ops. */
+/* Aborts both directions with app_error (RESET_STREAM + STOP_SENDING; 0 is sent as
+ * NET_ERR_CANCEL); `closed` follows from the event loop with that code, whatever else happened
+ * meanwhile. Frames not yet delivered are dropped. Further calls are no-ops. */
 void net_xfer_reset(struct net_xfer *x, uint64_t app_error);
 struct peer *net_xfer_peer(const struct net_xfer *x);
-/* Bytes of frames received / sent (headers included) on this stream. */
+/* Bytes of frames delivered to `frame` / queued by net_xfer_send (headers included). */
 uint64_t net_xfer_bytes_in(const struct net_xfer *x);
 uint64_t net_xfer_bytes_out(const struct net_xfer *x);
 
@@ -100,8 +128,11 @@ struct net_callbacks {
 	/* One frame body from p. Returning < 0 shuts the stream (NET_ERR_FRAME). */
 	int (*frame)(void *ud, struct peer *p, const uint8_t *body, size_t len);
 	/* The peer opened a transfer stream: set its callbacks with net_xfer_set_callbacks and
-	 * return 0, or return < 0 to refuse it (reset with NET_ERR_BUSY). NULL refuses all. Called
-	 * from the event loop, never inside ngtcp2's callbacks. */
+	 * return 0, or return < 0 to refuse it (reset with NET_ERR_BUSY; x is freed and no
+	 * callback of it runs). NULL refuses all, and so does returning 0 without a `frame`
+	 * callback. Called from the event loop, never inside ngtcp2's callbacks, before any of
+	 * the stream's frames is delivered. Streams opened on a connection that is not the one
+	 * kept for that node are refused without asking. */
 	int (*xfer_accept)(void *xfer_ud, struct peer *p, struct net_xfer *x);
 	void *ud;      /* for peer_up, peer_down, frame */
 	void *xfer_ud; /* for xfer_accept */
@@ -113,7 +144,8 @@ int net_init(struct net **out, uv_loop_t *loop, const struct me_keypair *kp, str
 	     const struct me_sockaddr *addrs, size_t naddrs, const struct net_callbacks *cb,
 	     char *err, size_t errsz);
 /* Sends CONNECTION_CLOSE on every connection and closes all handles; memory is released from
- * close callbacks (run the loop afterwards). NULL-safe. */
+ * close callbacks (run the loop afterwards), and open transfers get `closed` (NET_ERR_SHUTDOWN)
+ * from there too. NULL-safe. */
 void net_free(struct net *n);
 
 /* Keeps a connection to this node: dials now if none, and after a loss re-dials with
@@ -151,7 +183,7 @@ struct net_stats {
 	uint64_t frames_rejected;
 	uint64_t pkts_in, pkts_out;
 	uint64_t bytes_in, bytes_out;
-	uint64_t xfers_opened, xfers_accepted, xfers_refused;
+	uint64_t xfers_opened, xfers_accepted, xfers_refused; /* refused: by us, NET_ERR_BUSY */
 	uint64_t xfer_bytes_in, xfer_bytes_out; /* transfer stream frames, headers included */
 };
 void net_get_stats(const struct net *n, struct net_stats *out);
