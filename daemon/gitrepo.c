@@ -180,21 +180,14 @@ void gitrepo_info_clear(struct gitrepo_info *info)
 	memset(info, 0, sizeof(*info));
 }
 
-int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, size_t errsz)
+/* Opens the repository at path itself (not one above it): its work tree, a git directory, a
+ * bare repository or a linked work tree (.git file). */
+static int repo_open(const char *path, git_repository **repo, char *errbuf, size_t errsz)
 {
-	git_repository *repo = NULL;
-	git_object *commit = NULL;
-	git_oid root;
-	struct refs_acc acc = { NULL, 0, 0 };
-	char *real = NULL;
-	const char *dir;
-	int rc, grc, e;
+	char *real;
+	int grc, e;
 
-	if (errbuf != NULL && errsz > 0)
-		errbuf[0] = '\0';
-	if (out == NULL)
-		return ME_EINVAL;
-	memset(out, 0, sizeof(*out));
+	*repo = NULL;
 	if (path == NULL || path[0] == '\0') {
 		set_err(errbuf, errsz, "no repository path");
 		return ME_EINVAL;
@@ -212,17 +205,115 @@ int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, si
 		return e == EACCES ? ME_EPERM : ME_ENOTREPO;
 	}
 	/* NO_SEARCH: path must be the repository itself, not somewhere inside one. */
-	grc = git_repository_open_ext(&repo, real, GIT_REPOSITORY_OPEN_NO_SEARCH, NULL);
+	grc = git_repository_open_ext(repo, real, GIT_REPOSITORY_OPEN_NO_SEARCH, NULL);
+	free(real);
 	if (grc == GIT_EOWNER) {
 		set_err(errbuf, errsz, "%s is owned by another user (see git's safe.directory)", path);
-		rc = ME_EPERM;
-		goto fail;
+		return ME_EPERM;
 	}
 	if (grc < 0) {
+		git_repository_free(*repo);
+		*repo = NULL;
 		set_err(errbuf, errsz, "%s is not a git repository", path);
-		rc = ME_ENOTREPO;
-		goto fail;
+		return ME_ENOTREPO;
 	}
+	return 0;
+}
+
+/* HEAD's symbolic target and the refs under refs/heads/ and refs/tags/ of an open repository,
+ * sorted by name (bytewise: strcmp compares as unsigned char, like gmsg_ref_cmp). Nothing to
+ * free on failure. */
+static int refs_read(git_repository *repo, char **head, struct store_ref **refs, size_t *n,
+		     char *errbuf, size_t errsz)
+{
+	struct refs_acc acc = { NULL, 0, 0 };
+	int rc;
+
+	if ((rc = head_name(repo, head, errbuf, errsz)) < 0)
+		return rc;
+	if ((rc = refs_collect(repo, "refs/heads/*", &acc, errbuf, errsz)) < 0 ||
+	    (rc = refs_collect(repo, "refs/tags/*", &acc, errbuf, errsz)) < 0) {
+		store_refs_free(acc.arr, acc.n);
+		free(*head);
+		*head = NULL;
+		return rc;
+	}
+	if (acc.n > 1)
+		qsort(acc.arr, acc.n, sizeof(*acc.arr), ref_cmp);
+	*refs = acc.arr;
+	*n = acc.n;
+	return 0;
+}
+
+int gitrepo_read_refs(const char *path, char **head, struct store_ref **refs, size_t *n,
+		      char *errbuf, size_t errsz)
+{
+	git_repository *repo;
+	int rc;
+
+	if (errbuf != NULL && errsz > 0)
+		errbuf[0] = '\0';
+	if (head == NULL || refs == NULL || n == NULL)
+		return ME_EINVAL;
+	*head = NULL;
+	*refs = NULL;
+	*n = 0;
+	if ((rc = repo_open(path, &repo, errbuf, errsz)) < 0)
+		return rc;
+	rc = refs_read(repo, head, refs, n, errbuf, errsz);
+	git_repository_free(repo);
+	return rc;
+}
+
+static char *dir_dup(const char *d)
+{
+	char *p = strdup(d);
+
+	if (p != NULL)
+		strip_slashes(p);
+	return p;
+}
+
+int gitrepo_dirs(const char *path, char **gitdir, char **commondir, char *errbuf, size_t errsz)
+{
+	git_repository *repo;
+	int rc;
+
+	if (errbuf != NULL && errsz > 0)
+		errbuf[0] = '\0';
+	if (gitdir == NULL || commondir == NULL)
+		return ME_EINVAL;
+	*gitdir = *commondir = NULL;
+	if ((rc = repo_open(path, &repo, errbuf, errsz)) < 0)
+		return rc;
+	*gitdir = dir_dup(git_repository_path(repo));
+	*commondir = dir_dup(git_repository_commondir(repo));
+	git_repository_free(repo);
+	if (*gitdir == NULL || *commondir == NULL) {
+		free(*gitdir);
+		free(*commondir);
+		*gitdir = *commondir = NULL;
+		set_err(errbuf, errsz, "out of memory");
+		return ME_ENOMEM;
+	}
+	return 0;
+}
+
+int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, size_t errsz)
+{
+	git_repository *repo = NULL;
+	git_object *commit = NULL;
+	git_oid root;
+	const char *dir;
+	int rc, grc;
+
+	if (errbuf != NULL && errsz > 0)
+		errbuf[0] = '\0';
+	if (out == NULL)
+		return ME_EINVAL;
+	memset(out, 0, sizeof(*out));
+	if ((rc = repo_open(path, &repo, errbuf, errsz)) < 0)
+		return rc;
 
 	dir = git_repository_is_bare(repo) ? git_repository_path(repo) : git_repository_workdir(repo);
 	if (dir == NULL) {
@@ -260,28 +351,19 @@ int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, si
 	memcpy(out->root_oid, root.id, sizeof(out->root_oid));
 	git_oid_tostr(out->root_hex, sizeof(out->root_hex), &root);
 
-	if ((rc = head_name(repo, &out->head, errbuf, errsz)) < 0)
+	/* The same refs as the watcher reads (gitrepo_read_refs). */
+	if ((rc = refs_read(repo, &out->head, &out->refs, &out->nrefs, errbuf, errsz)) < 0)
 		goto fail;
-	if ((rc = refs_collect(repo, "refs/heads/*", &acc, errbuf, errsz)) < 0 ||
-	    (rc = refs_collect(repo, "refs/tags/*", &acc, errbuf, errsz)) < 0)
-		goto fail;
-	if (acc.n > 1)
-		qsort(acc.arr, acc.n, sizeof(*acc.arr), ref_cmp);
-	out->refs = acc.arr;
-	out->nrefs = acc.n;
 
 	git_object_free(commit);
 	git_repository_free(repo);
-	free(real);
 	return 0;
 nomem:
 	set_err(errbuf, errsz, "out of memory");
 	rc = ME_ENOMEM;
 fail:
-	store_refs_free(acc.arr, acc.n);
 	gitrepo_info_clear(out);
 	git_object_free(commit);
 	git_repository_free(repo);
-	free(real);
 	return rc;
 }

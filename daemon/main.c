@@ -14,6 +14,7 @@
 #include "daemon/gitrepo.h"
 #include "daemon/gossip.h"
 #include "daemon/sync.h"
+#include "daemon/watch.h"
 #include "daemon/net.h"
 #include "daemon/node.h"
 #include "daemon/sdglue.h"
@@ -27,6 +28,15 @@ static int fatal;
 static struct me_config cfg; /* the running configuration; SIGHUP updates what it can */
 static int main_argc;
 static char **main_argv;
+
+/* A working repository of ours has a new signed ref state: announce it at once. */
+static void on_watch_changed(void *ud, const char *repo_id)
+{
+	struct node *n = ud;
+
+	sync_local_changed(n->sync, repo_id); /* drop cached bundles of older states */
+	gossip_changed(n->gossip);
+}
 
 /* Starts TLS, gossip and QUIC once the node has an identity (at start-up, or when
  * `mectl auth init` creates it). */
@@ -49,11 +59,16 @@ static void network_start(struct node *n)
 		goto fail;
 	gossip_start(n->gossip, n->net);
 	sync_start(n->sync, n->net);
+	if (watch_init(&n->watch, &loop, n, on_watch_changed, n, err, sizeof(err)) < 0)
+		goto fail;
+	watch_sync_all(n->watch);
 	for (size_t i = 0; i < n->cfg->naddrs; i++)
 		log_info("listening on %s (QUIC)", n->cfg->addrs[i].text);
 	return;
 fail:
 	log_err("network not started: %s", err);
+	watch_free(n->watch);
+	n->watch = NULL;
 	sync_free(n->sync);
 	n->sync = NULL;
 	gossip_free(n->gossip);
@@ -229,6 +244,8 @@ out:
 	uv_close((uv_handle_t *)&status_timer, NULL);
 	uv_close((uv_handle_t *)&watchdog_timer, NULL);
 	control_free(ctl);
+	watch_free(node.watch);
+	node.watch = NULL;
 	sync_free(node.sync); /* before the network: it cancels its transfers */
 	node.sync = NULL;
 	net_free(node.net);

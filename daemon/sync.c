@@ -1810,14 +1810,17 @@ void sync_status(struct sync *s, const char *repo_id, struct sync_status *out)
 		fmt(out->error, sizeof(out->error), "%s", sr.sync_error ? sr.sync_error : "");
 		r = srepo_find(s, repo_id);
 		if (r != NULL) {
-			for (struct holder *h = r->holders; h; h = h->next)
+			size_t useful = 0;
+			for (struct holder *h = r->holders; h; h = h->next) {
 				out->nholders += h->seq >= sr.ref_seq;
+				useful += h->seq > sr.mirror_seq;
+			}
 			if (r->fetch != NULL) {
 				out->state = SYNC_RUNNING;
 				out->done = r->fetch->pos;
 				out->total = r->fetch->total;
 				out->verifying = r->fetch->phase == F_VERIFY;
-			} else if (sr.is_external && (r->want || r->waiters) &&
+			} else if (sr.is_external && (r->waiters || (r->want && useful > 0)) &&
 				   (sr.mirror_seq < sr.ref_seq || sr.mirror_seq == 0)) {
 				out->state = SYNC_QUEUED;
 			}

@@ -249,6 +249,184 @@ static void test_not_repo(void **state)
 	expect_fail(dir, ME_ENOTREPO, "does not exist");
 }
 
+/* What gitrepo_read_refs gives, as "name oid" lines like for-each-ref prints them. */
+static void refs_text(const struct store_ref *refs, size_t n, char *out, size_t outsz)
+{
+	size_t off = 0;
+
+	out[0] = '\0';
+	for (size_t i = 0; i < n; i++) {
+		int k = snprintf(out + off, outsz - off, "%s%s %s", i ? "\n" : "", refs[i].name,
+				 refs[i].oid);
+		assert_true(k > 0 && (size_t)k < outsz - off);
+		off += (size_t)k;
+	}
+}
+
+/* Reads the refs of path and checks them against git's own listing of dir's branches and
+ * tags, and HEAD against want_head. */
+static void expect_read_refs(const char *path, const char *dir, const char *want_head)
+{
+	char want[8192], got[8192], err[256];
+	struct store_ref *refs;
+	char *head;
+	size_t n;
+	int rc;
+
+	rc = gitrepo_read_refs(path, &head, &refs, &n, err, sizeof(err));
+	if (rc != 0)
+		fail_msg("gitrepo_read_refs(%s): %s: %s", path, me_errname(rc), err);
+	assert_string_equal(err, "");
+	assert_string_equal(head, want_head);
+	capture(want, sizeof(want),
+		"git -C '%s' for-each-ref --format='%%(refname) %%(objectname)' refs/heads refs/tags",
+		dir);
+	refs_text(refs, n, got, sizeof(got));
+	assert_string_equal(got, want);
+	for (size_t i = 1; i < n; i++)
+		assert_true(strcmp(refs[i - 1].name, refs[i].name) < 0);
+	free(head);
+	store_refs_free(refs, n);
+}
+
+static void test_read_refs(void **state)
+{
+	char dir[PATH_MAX], err[256];
+	struct gitrepo_info gi;
+	struct store_ref *refs;
+	char *head;
+	size_t n;
+	(void)state;
+
+	path_in(dir, sizeof(dir), "proj-refs");
+	make_repo(dir);
+	/* Refs that are never announced: remote-tracking, notes, stash, other namespaces. */
+	sh("cd '%s' && git update-ref refs/remotes/origin/main HEAD && "
+	   "git update-ref refs/remotes/origin/feature/y HEAD~1 && "
+	   "git notes add -m note HEAD && echo dirty >> a && git stash -q && "
+	   "git update-ref refs/pull/1/head HEAD~1 && git update-ref refs/heads-not/x HEAD", dir);
+	/* Names whose order differs between bytewise and other collations. */
+	sh("cd '%s' && git branch a-b && git branch a/b && git branch B && "
+	   "git branch \"$(printf 'caf\\303\\251')\" && git tag Z HEAD~1", dir);
+	/* A dangling symbolic branch is skipped. */
+	sh("git -C '%s' symbolic-ref refs/heads/dangling refs/heads/nowhere", dir);
+	expect_read_refs(dir, dir, "refs/heads/main");
+
+	assert_int_equal(gitrepo_read_refs(dir, &head, &refs, &n, err, sizeof(err)), 0);
+	for (size_t i = 0; i < n; i++) {
+		assert_true(strncmp(refs[i].name, "refs/heads/", 11) == 0 ||
+			    strncmp(refs[i].name, "refs/tags/", 10) == 0);
+		assert_string_not_equal(refs[i].name, "refs/heads/dangling");
+	}
+	assert_string_equal(refs[0].name, "refs/heads/B");
+	assert_string_equal(refs[1].name, "refs/heads/a-b");
+	assert_string_equal(refs[2].name, "refs/heads/a/b");
+	assert_string_equal(refs[3].name, "refs/heads/alias");
+	assert_string_equal(refs[4].name, "refs/heads/caf\xc3\xa9");
+	/* gitrepo_inspect gives exactly the same head and refs. */
+	inspect_ok(dir, &gi);
+	assert_string_equal(gi.head, head);
+	assert_int_equal(gi.nrefs, n);
+	for (size_t i = 0; i < n; i++) {
+		assert_string_equal(gi.refs[i].name, refs[i].name);
+		assert_string_equal(gi.refs[i].oid, refs[i].oid);
+	}
+	gitrepo_info_clear(&gi);
+	free(head);
+	store_refs_free(refs, n);
+
+	/* Packed refs read the same, and a loose ref overrides its packed value. */
+	sh("git -C '%s' pack-refs --all", dir);
+	sh("cd '%s/.git' && test ! -e refs/heads/main && test ! -e refs/tags/v1.0 && "
+	   "grep -q ' refs/heads/main$' packed-refs", dir);
+	expect_read_refs(dir, dir, "refs/heads/main");
+	sh("git -C '%s' update-ref refs/heads/feature/x HEAD && git -C '%s' tag -d v0.1 >/dev/null",
+	   dir, dir);
+	expect_read_refs(dir, dir, "refs/heads/main");
+
+	/* A detached HEAD, then an unborn branch: HEAD is "" then the branch; no history is
+	 * walked, so a repository without commits is fine. */
+	sh("git -C '%s' checkout -q --detach HEAD~1", dir);
+	expect_read_refs(dir, dir, "");
+	sh("git -C '%s' checkout -q --orphan fresh", dir);
+	expect_read_refs(dir, dir, "refs/heads/fresh");
+	path_in(dir, sizeof(dir), "refs-empty");
+	sh("git init -q -b trunk '%s'", dir);
+	assert_int_equal(gitrepo_read_refs(dir, &head, &refs, &n, err, sizeof(err)), 0);
+	assert_string_equal(head, "refs/heads/trunk");
+	assert_int_equal(n, 0);
+	assert_null(refs);
+	free(head);
+}
+
+static void test_read_refs_layouts(void **state)
+{
+	char dir[PATH_MAX], bare[PATH_MAX], wt[PATH_MAX], sub[PATH_MAX], real[PATH_MAX];
+	char want[PATH_MAX + 32], err[256];
+	char *gitdir, *commondir, *head = (char *)1;
+	struct store_ref *refs = (struct store_ref *)1;
+	size_t n = 7;
+	(void)state;
+
+	path_in(dir, sizeof(dir), "proj-layouts");
+	make_repo(dir);
+	assert_non_null(realpath(dir, real));
+
+	/* A work tree and its git directory. */
+	expect_read_refs(dir, dir, "refs/heads/main");
+	path_in(sub, sizeof(sub), "proj-layouts/.git");
+	expect_read_refs(sub, dir, "refs/heads/main");
+	assert_int_equal(gitrepo_dirs(dir, &gitdir, &commondir, err, sizeof(err)), 0);
+	snprintf(want, sizeof(want), "%s/.git", real);
+	assert_string_equal(gitdir, want);
+	assert_string_equal(commondir, want);
+	free(gitdir);
+	free(commondir);
+
+	/* A bare repository. */
+	path_in(bare, sizeof(bare), "layouts.git");
+	sh("git clone -q --bare '%s' '%s'", dir, bare);
+	expect_read_refs(bare, bare, "refs/heads/main");
+	assert_int_equal(gitrepo_dirs(bare, &gitdir, &commondir, err, sizeof(err)), 0);
+	assert_non_null(realpath(bare, want));
+	assert_string_equal(gitdir, want);
+	assert_string_equal(commondir, want);
+	free(gitdir);
+	free(commondir);
+
+	/* A linked work tree: its own HEAD, the refs of the repository it belongs to. */
+	path_in(wt, sizeof(wt), "layouts-wt");
+	sh("git -C '%s' worktree add -q -b side '%s' HEAD~1", dir, wt);
+	expect_read_refs(wt, dir, "refs/heads/side");
+	expect_read_refs(dir, dir, "refs/heads/main");
+	assert_int_equal(gitrepo_dirs(wt, &gitdir, &commondir, err, sizeof(err)), 0);
+	snprintf(want, sizeof(want), "%s/.git/worktrees/layouts-wt", real);
+	assert_string_equal(gitdir, want);
+	snprintf(want, sizeof(want), "%s/.git", real);
+	assert_string_equal(commondir, want);
+	free(gitdir);
+	free(commondir);
+
+	/* Not a repository (inside one is not one); outputs are cleared. */
+	path_in(sub, sizeof(sub), "proj-layouts/sub");
+	assert_int_equal(gitrepo_read_refs(sub, &head, &refs, &n, err, sizeof(err)), ME_ENOTREPO);
+	snprintf(want, sizeof(want), "%s is not a git repository", sub);
+	assert_string_equal(err, want);
+	assert_null(head);
+	assert_null(refs);
+	assert_int_equal(n, 0);
+	path_in(sub, sizeof(sub), "layouts-gone");
+	assert_int_equal(gitrepo_read_refs(sub, &head, &refs, &n, err, sizeof(err)), ME_ENOTREPO);
+	snprintf(want, sizeof(want), "%s does not exist", sub);
+	assert_string_equal(err, want);
+	assert_int_equal(gitrepo_dirs(sub, &gitdir, &commondir, err, sizeof(err)), ME_ENOTREPO);
+	assert_null(gitdir);
+	assert_null(commondir);
+	assert_int_equal(gitrepo_read_refs("", &head, &refs, &n, err, sizeof(err)), ME_EINVAL);
+	assert_int_equal(gitrepo_read_refs(dir, NULL, &refs, &n, err, sizeof(err)), ME_EINVAL);
+	assert_int_equal(gitrepo_dirs(NULL, &gitdir, &commondir, NULL, 0), ME_EINVAL);
+}
+
 static void test_bad_args(void **state)
 {
 	struct gitrepo_info gi;
@@ -312,6 +490,8 @@ int main(void)
 		cmocka_unit_test(test_bare),
 		cmocka_unit_test(test_empty),
 		cmocka_unit_test(test_not_repo),
+		cmocka_unit_test(test_read_refs),
+		cmocka_unit_test(test_read_refs_layouts),
 		cmocka_unit_test(test_bad_args),
 	};
 
