@@ -51,7 +51,8 @@
 
 /* ---- what requested streams carry (--xsend) ---- */
 
-enum { XS_REQUEST, XS_GARBAGE, XS_START, XS_TRAVERSAL, XS_TWO, XS_HUGE_HAVES, XS_SILENT };
+enum { XS_REQUEST, XS_GARBAGE, XS_START, XS_TRAVERSAL, XS_TWO, XS_HUGE_HAVES, XS_OVERSIZE,
+       XS_SILENT };
 
 static const struct {
 	const char *name, *help;
@@ -61,7 +62,8 @@ static const struct {
 	[XS_START] = { "start", "an unrequested Start, 16 bytes of data and Done" },
 	[XS_TRAVERSAL] = { "traversal", "a request for \"" TRAVERSAL_ID "\"" },
 	[XS_TWO] = { "two", "two requests on one stream" },
-	[XS_HUGE_HAVES] = { "huge-haves", "a request with 20001 haves" },
+	[XS_HUGE_HAVES] = { "huge-haves", "a request with 20001 haves (a 440 KB frame)" },
+	[XS_OVERSIZE] = { "oversize", "a frame header announcing 16 MiB, then 64 KiB" },
 	[XS_SILENT] = { "silent", "nothing: the stream stays open and idle" },
 };
 
@@ -273,9 +275,16 @@ static uint64_t next_ts(struct xstate *xs)
 	return xs->last_ts;
 }
 
+/* Queues sb's bytes and empties it. They normally are whole frames; bytes the transport would
+ * refuse in one piece (a frame whose header announces more than it accepts) go in pieces, so
+ * the peer's reader is what refuses them. */
 static int send_sb(struct net_xfer *x, msgpack_sbuffer *sb)
 {
-	int rc = net_xfer_send(x, sb->data, sb->size);
+	const size_t piece = ME_FRAME_HDR + NET_XFER_MAX_FRAME;
+	int rc = 0;
+
+	for (size_t off = 0; rc == 0 && off < sb->size; off += piece)
+		rc = net_xfer_send(x, sb->data + off, sb->size - off < piece ? sb->size - off : piece);
 	msgpack_sbuffer_clear(sb);
 	return rc;
 }
@@ -379,7 +388,7 @@ static int put_request_raw(msgpack_sbuffer *sb, const char *repo_id, size_t n)
 		msgpack_pack_bin_body(&pk, zero, ME_OID_LEN);
 	}
 	msgpack_pack_nil(&pk);
-	rc = me_frame_end(sb, start, NET_XFER_MAX_FRAME);
+	rc = me_frame_end(sb, start, XMSG_MAX_BODY);
 	if (rc < 0)
 		sb->size = start;
 	return rc;
@@ -854,6 +863,15 @@ static int put_xsend(struct app *a, int kind, msgpack_sbuffer *sb)
 		return put_request_raw(sb, TRAVERSAL_ID, 0);
 	case XS_HUGE_HAVES:
 		return put_request_raw(sb, id, XMSG_MAX_HAVES + 1);
+	case XS_OVERSIZE: {
+		static uint8_t junk[CHUNK];
+		const uint8_t hdr[ME_FRAME_HDR] = { 0x01, 0x00, 0x00, 0x00 };
+		randombytes_buf(junk, sizeof(junk));
+		if (msgpack_sbuffer_write(sb, (const char *)hdr, sizeof(hdr)) != 0 ||
+		    msgpack_sbuffer_write(sb, (const char *)junk, sizeof(junk)) != 0)
+			return ME_ENOMEM;
+		return 0;
+	}
 	case XS_SILENT:
 		return 0;
 	}
