@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <dirent.h>
+#include <ftw.h>
 #include <git2.h>
 #include <sodium.h>
 
@@ -708,6 +709,12 @@ static int check_binding(git_repository *view, const struct gmsg_refstate *rs, v
 	return rc;
 }
 
+static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw)
+{
+	(void)sb, (void)type, (void)ftw;
+	return remove(p) < 0 && errno != ENOENT ? -1 : 0;
+}
+
 static void verify_work(uv_work_t *w)
 {
 	struct fetch *f = (struct fetch *)((char *)w - offsetof(struct fetch, work));
@@ -717,6 +724,12 @@ static void verify_work(uv_work_t *w)
 	int fd = -1, rc;
 	struct bind_arg ba = { f->creator_pk, f->rs.rs.repo_id.ptr };
 	struct bundle_rx_opts o = { .max_bytes = f->max_bytes };
+	char mpath[PATH_MAX];
+	struct stat st;
+	/* A first fetch creates the mirror: when it fails, the mirror goes again, so the data
+	 * root is exactly as before. */
+	int fresh = mirror_path(f->root, f->rs.rs.repo_id.ptr, mpath, sizeof(mpath)) == 0 &&
+		    lstat(mpath, &st) < 0 && errno == ENOENT;
 
 	f->verr[0] = '\0';
 	if (f->mirror_seq <= 0) {
@@ -760,6 +773,8 @@ out:
 	if (fd >= 0)
 		close(fd);
 	git_repository_free(m);
+	if (rc < 0 && fresh)
+		nftw(mpath, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
 	f->vrc = rc;
 }
 
