@@ -283,7 +283,7 @@ class Bench:
         # Every node lists it through the protocol as an external, not fetched repository.
         for i, res in enumerate(self.all_request("repo.list")):
             r = {x["id"]: x for x in res["repos"]}.get(rid)
-            want = "local" if i == self.origin else "not fetched"
+            want = "up to date" if i == self.origin else "not fetched"
             if r is None or r["state"] != want or r["creator"] != self.nodes[self.origin]["did"]:
                 raise SystemExit(f"n{i}: repo.list shows {r!r}")
 

@@ -130,6 +130,22 @@ static void widen(int *w, const char *s)
 		*w = l;
 }
 
+void out_bytes(uint64_t n, char *buf, size_t sz)
+{
+	static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB" };
+	double v = (double)n;
+	int u = 0;
+
+	while (v >= 1024 && u < 4) {
+		v /= 1024;
+		u++;
+	}
+	if (u == 0)
+		snprintf(buf, sz, "%llu B", (unsigned long long)n);
+	else
+		snprintf(buf, sz, "%.1f %s", v, unit[u]);
+}
+
 void out_auth(json_t *r)
 {
 	json_t *created = json_object_get(r, "created");
@@ -176,6 +192,16 @@ void out_node_status(json_t *r)
 			if (json_integer_value(v) > 0)
 				printf("  rejected:   %lld %s\n", (long long)json_integer_value(v), k);
 	}
+	json_t *s = json_object_get(r, "sync");
+	if (json_is_object(s)) {
+		char f[32], sv[32];
+		out_bytes((uint64_t)num(s, "bytes_fetched"), f, sizeof(f));
+		out_bytes((uint64_t)num(s, "bytes_served"), sv, sizeof(sv));
+		printf("Sync:         %lld fetches (%lld failed, %lld bundles rejected), %s fetched; "
+		       "%lld served (%lld failed, %lld refused), %s served\n", num(s, "fetches_ok"),
+		       num(s, "fetches_failed"), num(s, "rejected_bundles"), f, num(s, "serves_ok"),
+		       num(s, "serves_failed"), num(s, "serves_refused"), sv);
+	}
 }
 
 void out_repo_add(json_t *r)
@@ -183,16 +209,43 @@ void out_repo_add(json_t *r)
 	printf("Added repository %s as %s\n", str(r, "name"), str(r, "id"));
 }
 
+/* "you", the creator's alias, else its did:key. */
 static const char *creator_label(json_t *repo)
 {
-	return json_is_true(json_object_get(repo, "mine")) ? "you" : str(repo, "creator");
+	if (json_is_true(json_object_get(repo, "mine")))
+		return "you";
+	return *str(repo, "creator_alias") ? str(repo, "creator_alias") : str(repo, "creator");
+}
+
+/* "up to date", "syncing 42%", "failed: reason"... */
+static void fmt_state(json_t *x, char *buf, size_t sz)
+{
+	const char *st = str(x, "state");
+	json_t *p = json_object_get(x, "progress");
+
+	if (strcmp(st, "failed") == 0 && *str(x, "error"))
+		snprintf(buf, sz, "failed: %s", str(x, "error"));
+	else if (strcmp(st, "syncing") == 0 && json_is_integer(p))
+		snprintf(buf, sz, "syncing %lld%%", (long long)json_integer_value(p));
+	else
+		snprintf(buf, sz, "%s", st);
+}
+
+/* Seconds since the Unix time t (seconds), "-" when null or 0. */
+static void fmt_ago_s(json_t *t, char *buf, size_t sz)
+{
+	if (!json_is_integer(t) || json_integer_value(t) <= 0)
+		snprintf(buf, sz, "-");
+	else
+		fmt_ago((long long)json_integer_value(t) * 1000, buf, sz);
 }
 
 void out_repo_list(json_t *r)
 {
 	json_t *repos = json_object_get(r, "repos");
 	size_t n = json_array_size(repos);
-	int wid = 2, wname = 4, wcre = 7, wal = 5, wst = 5;
+	int wid = 2, wname = 4, wcre = 7, wst = 5;
+	char st[256], ago[32];
 
 	if (n == 0) {
 		printf("No repositories. Add one with: mectl repo add --path DIR\n");
@@ -203,19 +256,81 @@ void out_repo_list(json_t *r)
 		widen(&wid, str(x, "id"));
 		widen(&wname, str(x, "name"));
 		widen(&wcre, creator_label(x));
-		widen(&wal, or_dash(str(x, "creator_alias")));
-		widen(&wst, str(x, "state"));
+		fmt_state(x, st, sizeof(st));
+		widen(&wst, st);
 	}
-	printf("%-*s  %-*s  %-*s  %-*s  %-*s  %s\n", wid, "ID", wname, "NAME", wcre, "CREATOR",
-	       wal, "ALIAS", wst, "STATE", "UPDATED");
+	printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, "ID", wname, "NAME", wcre, "CREATOR", wst,
+	       "STATE", "LAST SYNC");
 	for (size_t i = 0; i < n; i++) {
 		json_t *x = json_array_get(repos, i);
-		char t[32];
-		fmt_time(num(x, "updated_at"), t, sizeof(t));
-		printf("%-*s  %-*s  %-*s  %-*s  %-*s  %s\n", wid, str(x, "id"), wname, str(x, "name"),
-		       wcre, creator_label(x), wal, or_dash(str(x, "creator_alias")), wst,
-		       str(x, "state"), t);
+		fmt_state(x, st, sizeof(st));
+		fmt_ago_s(json_object_get(x, "last_sync"), ago, sizeof(ago));
+		printf("%-*s  %-*s  %-*s  %-*s  %s\n", wid, str(x, "id"), wname, str(x, "name"),
+		       wcre, creator_label(x), wst, st, ago);
 	}
+}
+
+void out_repo_sync(json_t *r)
+{
+	char st[256], ago[32];
+
+	fmt_state(r, st, sizeof(st));
+	fmt_ago_s(json_object_get(r, "last_sync"), ago, sizeof(ago));
+	printf("%s (%s): %s", str(r, "name"), str(r, "id"), st);
+	if (strcmp(ago, "-") != 0)
+		printf(", last sync %s", ago);
+	printf("\n");
+}
+
+void out_repo_clone(json_t *r)
+{
+	printf("Cloned %s into %s\n", str(r, "name"), str(r, "path"));
+	if (json_is_true(json_object_get(r, "head_guessed")))
+		printf("Checked out branch %s (the signed HEAD %s names no branch of it; took the "
+		       "first by name)\n", str(r, "branch"),
+		       *str(r, "signed_head") ? str(r, "signed_head") : "is empty and");
+	else
+		printf("Checked out branch %s\n", str(r, "branch"));
+	printf("%lld branch%s, %lld tag%s; origin is %s\n", num(r, "branches"),
+	       num(r, "branches") == 1 ? "" : "es", num(r, "tags"), num(r, "tags") == 1 ? "" : "s",
+	       str(r, "source"));
+}
+
+void out_repo_pull(json_t *r)
+{
+	json_t *b = json_object_get(r, "branches");
+	int w = 6;
+
+	printf("Pulled into %s from %s\n", str(r, "path"), str(r, "source"));
+	for (size_t i = 0; i < json_array_size(b); i++)
+		widen(&w, str(json_array_get(b, i), "name"));
+	for (size_t i = 0; i < json_array_size(b); i++) {
+		json_t *x = json_array_get(b, i);
+		const char *st = str(x, "status");
+		char o[8], n[8];
+		snprintf(o, sizeof(o), "%.7s", str(x, "old"));
+		snprintf(n, sizeof(n), "%.7s", str(x, "new"));
+		printf("  %-*s  ", w, str(x, "name"));
+		if (strcmp(st, "updated") == 0)
+			printf("updated %s..%s", o, n);
+		else if (strcmp(st, "created") == 0)
+			printf("new branch at %s, tracking origin/%s", n, str(x, "name"));
+		else if (strcmp(st, "ahead") == 0)
+			printf("ahead of origin: left as is");
+		else if (strcmp(st, "diverged") == 0)
+			printf("diverged: left as is (EDIVERGED)");
+		else if (strcmp(st, "dirty") == 0)
+			printf("not updated: %s (EDIRTY)", str(x, "message"));
+		else if (strcmp(st, "failed") == 0)
+			printf("not updated: %s", str(x, "message"));
+		else
+			printf("%s", st);
+		printf("%s\n", json_is_true(json_object_get(x, "checked_out")) ? "  (checked out)" : "");
+	}
+	if (num(r, "tags_kept") > 0)
+		printf("  %lld local tag%s differ%s from origin's: left as %s\n", num(r, "tags_kept"),
+		       num(r, "tags_kept") == 1 ? "" : "s", num(r, "tags_kept") == 1 ? "s" : "",
+		       num(r, "tags_kept") == 1 ? "it is" : "they are");
 }
 
 /* Joins a JSON array of strings with ","; "-" when empty. Caller frees. */
@@ -324,7 +439,17 @@ void out_repo_show(json_t *r)
 	else
 		printf("Creator:      %s\n", str(r, "creator"));
 	printf("Path:         %s\n", *str(r, "path") ? str(r, "path") : "-");
-	printf("State:        %s\n", str(r, "state"));
+	char st[256], ago[32];
+	fmt_state(r, st, sizeof(st));
+	fmt_ago_s(json_object_get(r, "last_sync"), ago, sizeof(ago));
+	printf("State:        %s\n", st);
+	if (*str(r, "error") && strncmp(st, "failed", 6) != 0)
+		printf("Last error:   %s\n", str(r, "error"));
+	printf("Last sync:    %s\n", ago);
+	json_t *cl = json_object_get(r, "clones");
+	for (size_t i = 0; i < json_array_size(cl); i++)
+		printf("Working copy: %s (seq %lld)\n", str(json_array_get(cl, i), "path"),
+		       num(json_array_get(cl, i), "seq"));
 	printf("Root commit:  %s\n", str(r, "root_commit"));
 	printf("HEAD:         %s\n", *str(r, "head") ? str(r, "head") : "(detached)");
 	printf("Created:      %s\n", c);

@@ -19,6 +19,12 @@ void out_repo_show(json_t *r);
 void out_repo_remove(json_t *r);
 void out_node_list(json_t *r);
 void out_peer_list(json_t *r);
+void out_repo_sync(json_t *r);
+void out_repo_clone(json_t *r);
+void out_repo_pull(json_t *r);
+
+/* "123 B", "1.2 KiB", "3.4 MiB"... */
+void out_bytes(uint64_t n, char *buf, size_t sz);
 
 /* Prints JSON to stdout, indented, keys in the daemon's order. */
 void out_json(json_t *v);

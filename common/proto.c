@@ -27,6 +27,21 @@ const struct me_cmdinfo me_cmds[ME_CMD__COUNT] = {
 		{ 0 } } },
 	[ME_CMD_NODE_LIST] = { "node.list", 0, { { 0 } } },
 	[ME_CMD_PEER_LIST] = { "peer.list", 0, { { 0 } } },
+	[ME_CMD_REPO_SYNC] = { "repo.sync", ME_CMDF_WRITE, {
+		{ "repo_id", ME_ARG_STR, true, ID_MAXLEN },
+		{ 0 } } },
+	[ME_CMD_REPO_CLONE] = { "repo.clone", ME_CMDF_WRITE, {
+		{ "repo_id", ME_ARG_STR, true, ID_MAXLEN },
+		{ 0 } } },
+	[ME_CMD_REPO_PULL] = { "repo.pull", ME_CMDF_WRITE, {
+		{ "repo_id", ME_ARG_STR, true, ID_MAXLEN },
+		{ "path", ME_ARG_STR, false, PATH_MAXLEN },
+		{ 0 } } },
+	[ME_CMD_REPO_TRACK] = { "repo.track", ME_CMDF_WRITE, {
+		{ "repo_id", ME_ARG_STR, true, ID_MAXLEN },
+		{ "path", ME_ARG_STR, true, PATH_MAXLEN },
+		{ "seq", ME_ARG_INT, true, 0 },
+		{ 0 } } },
 };
 
 int me_cmd_lookup(const char *name, size_t len)

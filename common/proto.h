@@ -6,6 +6,7 @@
  *          {"v": 1, "id": u32, "kind": "error",    "error": {"code": i, "name": s, "message": s}}
  *          {"v": 1, "id": u32, "kind": "progress", "progress": {...}}   (zero or more, then a final
  *                                                                         result or error)
+ * Replies to different requests of one connection may interleave (match them by id).
  */
 #ifndef ME_PROTO_H
 #define ME_PROTO_H
@@ -33,6 +34,10 @@ enum me_cmd {
 	ME_CMD_REPO_REMOVE,
 	ME_CMD_NODE_LIST,
 	ME_CMD_PEER_LIST,
+	ME_CMD_REPO_SYNC,
+	ME_CMD_REPO_CLONE,
+	ME_CMD_REPO_PULL,
+	ME_CMD_REPO_TRACK,
 	ME_CMD__COUNT
 };
 

@@ -1,28 +1,109 @@
 #include "daemon/cmds.h"
 
+#include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/err.h"
 #include "common/frame.h"
 #include "common/ids.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "daemon/control.h"
 #include "daemon/gitrepo.h"
 #include "daemon/gossip.h"
+#include "daemon/mirror.h"
 #include "daemon/net.h"
+#include "daemon/sync.h"
+#include "daemon/watch.h"
 
 #define ERR(ctx, code, ...) (snprintf((ctx)->err, (ctx)->errsz, __VA_ARGS__), (code))
 
-/* Packs a repository map. creator_alias comes from the nodes table: "" when the creator is this
- * node (so repo.add cannot fail here after adding) or not a known one. 0, or a ME_E* code with
- * ctx->err set. */
+/* What repo.list / repo.show say about a repository's replication. */
+struct repo_view {
+	const char *state;
+	int progress;          /* 0..100, -1: none */
+	const char *error;     /* NULL: none */
+	int64_t last_sync_s;   /* 0: never */
+	int64_t mirror_seq;
+	struct store_clone *clones;
+	size_t nclones;
+};
+
+static int repo_view_get(struct cmd_ctx *ctx, const struct store_repo *r, struct repo_view *v)
+{
+	struct node *n = ctx->node;
+	struct sync_status ss = { .state = SYNC_IDLE };
+	size_t k = 0;
+
+	memset(v, 0, sizeof(*v));
+	v->progress = -1;
+	if (store_clone_list(n->store, r->id, &v->clones, &v->nclones) < 0)
+		return ERR(ctx, ME_EDB, "database: %s", store_errmsg(n->store));
+	/* A working copy that no longer exists is forgotten (the daemon may not see every path:
+	 * only a definite "no such file" counts). */
+	for (size_t i = 0; i < v->nclones; i++) {
+		struct stat st;
+		if (stat(v->clones[i].path, &st) < 0 && errno == ENOENT) {
+			store_clone_remove(n->store, r->id, v->clones[i].path);
+			free(v->clones[i].repo_id);
+			free(v->clones[i].path);
+			continue;
+		}
+		v->clones[k++] = v->clones[i];
+	}
+	v->nclones = k;
+
+	int64_t have = r->is_external ? r->mirror_seq : r->ref_seq;
+	int behind = 0;
+	for (size_t i = 0; i < v->nclones; i++)
+		behind |= v->clones[i].seq < have;
+	v->mirror_seq = have;
+	if (r->sync_error != NULL && r->sync_error[0] != '\0')
+		v->error = r->sync_error;
+	if (!r->is_external) {
+		v->state = behind ? "HAS UPDATES" : "up to date";
+		return 0;
+	}
+	v->last_sync_s = r->last_sync_ms / 1000;
+	if (n->sync != NULL)
+		sync_status(n->sync, r->id, &ss);
+	if (ss.state == SYNC_RUNNING) {
+		v->state = ss.verifying ? "verifying" : "syncing";
+		if (ss.verifying)
+			v->progress = 100;
+		else if (ss.total > 0)
+			v->progress = (int)(ss.done >= ss.total ? 100 : ss.done * 100 / ss.total);
+	} else if (ss.state == SYNC_QUEUED) {
+		v->state = "queued";
+	} else if (r->mirror_seq <= 0) {
+		v->state = v->error ? "failed" : "not fetched";
+	} else if (r->mirror_seq < r->ref_seq) {
+		v->state = v->error ? "failed" : "HAS UPDATES";
+	} else {
+		v->state = behind ? "HAS UPDATES" : "up to date";
+	}
+	return 0;
+}
+
+static void repo_view_clear(struct repo_view *v)
+{
+	store_clone_list_free(v->clones, v->nclones);
+	v->clones = NULL;
+	v->nclones = 0;
+}
+
+/* Packs a repository map. creator_alias: "you" when the creator is this node, else its alias
+ * from the nodes table ("" when unknown). 0, or a ME_E* code with ctx->err set. */
 static int repo_pack(struct cmd_ctx *ctx, msgpack_packer *pk, const struct store_repo *r,
 		     const struct store_ref *refs, size_t nrefs, int with_refs)
 {
 	const struct node *n = ctx->node;
 	int mine = n->has_key && strcmp(r->creator, n->kp.did) == 0;
 	struct store_node cn;
+	struct repo_view v;
 	int rc = ME_ENOTFOUND;
 
 	memset(&cn, 0, sizeof(cn));
@@ -30,17 +111,46 @@ static int repo_pack(struct cmd_ctx *ctx, msgpack_packer *pk, const struct store
 		rc = store_node_get(n->store, r->creator, &cn);
 	if (rc < 0 && rc != ME_ENOTFOUND)
 		return ERR(ctx, rc, "database: %s", store_errmsg(n->store));
-	msgpack_pack_map(pk, with_refs ? 14 : 13);
+	if ((rc = repo_view_get(ctx, r, &v)) < 0) {
+		store_node_clear(&cn);
+		return rc;
+	}
+	msgpack_pack_map(pk, with_refs ? 20 : 19);
 	me_mp_pack_kv_str(pk, "id", r->id);
 	me_mp_pack_kv_str(pk, "name", r->name);
 	me_mp_pack_kv_str(pk, "creator", r->creator);
-	me_mp_pack_kv_str(pk, "creator_alias", rc == 0 ? cn.alias : "");
+	me_mp_pack_kv_str(pk, "creator_alias", mine ? "you" : cn.alias ? cn.alias : "");
 	store_node_clear(&cn);
 	me_mp_pack_kv_bool(pk, "mine", mine);
 	me_mp_pack_kv_str(pk, "description", r->description);
 	me_mp_pack_kv_str(pk, "path", r->path);
 	me_mp_pack_kv_bool(pk, "is_external", r->is_external);
-	me_mp_pack_kv_str(pk, "state", r->is_external ? "not fetched" : "local");
+	me_mp_pack_kv_str(pk, "state", v.state);
+	me_mp_pack_str(pk, "progress");
+	if (v.progress >= 0)
+		msgpack_pack_int(pk, v.progress);
+	else
+		msgpack_pack_nil(pk);
+	me_mp_pack_str(pk, "error");
+	if (v.error != NULL)
+		me_mp_pack_str(pk, v.error);
+	else
+		msgpack_pack_nil(pk);
+	me_mp_pack_str(pk, "last_sync");
+	if (v.last_sync_s > 0)
+		msgpack_pack_int64(pk, v.last_sync_s);
+	else
+		msgpack_pack_nil(pk);
+	me_mp_pack_kv_int(pk, "mirror_seq", v.mirror_seq);
+	me_mp_pack_kv_int(pk, "ref_seq", r->ref_seq);
+	me_mp_pack_str(pk, "clones");
+	msgpack_pack_array(pk, v.nclones);
+	for (size_t i = 0; i < v.nclones; i++) {
+		msgpack_pack_map(pk, 2);
+		me_mp_pack_kv_str(pk, "path", v.clones[i].path);
+		me_mp_pack_kv_int(pk, "seq", v.clones[i].seq);
+	}
+	repo_view_clear(&v);
 	me_mp_pack_kv_str(pk, "root_commit", r->root_commit);
 	me_mp_pack_kv_str(pk, "head", r->head);
 	me_mp_pack_kv_int(pk, "created_at", r->created_at);
@@ -90,7 +200,7 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 
 	if (store_repo_count(n->store, &nrepos) < 0 || store_node_count(n->store, &nnodes) < 0)
 		return ERR(ctx, ME_EDB, "database: %s", store_errmsg(n->store));
-	msgpack_pack_map(out, 12);
+	msgpack_pack_map(out, 13);
 	me_mp_pack_str(out, "did");
 	if (n->has_key)
 		me_mp_pack_str(out, n->kp.did);
@@ -132,6 +242,23 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	me_mp_pack_kv_int(out, "frames_rejected", (int64_t)ns.frames_rejected);
 	me_mp_pack_kv_int(out, "packets_in", (int64_t)ns.pkts_in);
 	me_mp_pack_kv_int(out, "packets_out", (int64_t)ns.pkts_out);
+
+	me_mp_pack_str(out, "sync");
+	if (n->sync == NULL) {
+		msgpack_pack_nil(out);
+		return 0;
+	}
+	struct sync_stats ss;
+	sync_get_stats(n->sync, &ss);
+	msgpack_pack_map(out, 8);
+	me_mp_pack_kv_int(out, "fetches_ok", (int64_t)ss.fetches_ok);
+	me_mp_pack_kv_int(out, "fetches_failed", (int64_t)ss.fetches_failed);
+	me_mp_pack_kv_int(out, "serves_ok", (int64_t)ss.serves_ok);
+	me_mp_pack_kv_int(out, "serves_failed", (int64_t)ss.serves_failed);
+	me_mp_pack_kv_int(out, "serves_refused", (int64_t)ss.serves_refused);
+	me_mp_pack_kv_int(out, "bytes_fetched", (int64_t)ss.bytes_fetched);
+	me_mp_pack_kv_int(out, "bytes_served", (int64_t)ss.bytes_served);
+	me_mp_pack_kv_int(out, "rejected_bundles", (int64_t)ss.rejected_bundles);
 	return 0;
 }
 
@@ -190,6 +317,7 @@ static int cmd_repo_add(struct cmd_ctx *ctx, const msgpack_object *args, msgpack
 		snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
 		const char *fields[] = { f1, ME_MSGID_REPO_ADDED, NULL };
 		gossip_changed(n->gossip);
+		watch_add(n->watch, id, gi.path); /* new commits are signed and announced */
 		me_log_fields(LOG_INFO, fields, "repository added: %s (%s, %zu refs)", gi.name,
 			      gi.path, gi.nrefs);
 	}
@@ -270,10 +398,349 @@ static int cmd_repo_remove(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	snprintf(f1, sizeof(f1), "REPO_ID=%s", id);
 	const char *fields[] = { f1, ME_MSGID_REPO_REMOVED, NULL };
 	me_log_fields(LOG_INFO, fields, "repository removed: %s", id);
+	watch_remove(ctx->node->watch, id);
 	gossip_changed(ctx->node->gossip);
 	msgpack_pack_map(out, 1);
 	me_mp_pack_kv_str(out, "removed", id);
 	return 0;
+}
+
+/* ---- fetching: repo.sync, repo.clone, repo.pull, repo.track ---- */
+
+/* Reads repository id into *r. 0, or a ME_E* code with ctx->err set. */
+static int repo_get_arg(struct cmd_ctx *ctx, const msgpack_object *args, char *id, size_t idsz,
+			struct store_repo *r)
+{
+	int rc;
+
+	if ((rc = repo_id_arg(ctx, args, id, idsz)) < 0)
+		return rc;
+	rc = store_repo_get(ctx->node->store, id, r);
+	if (rc == ME_ENOTFOUND)
+		return ERR(ctx, rc, "no repository %s", id);
+	if (rc < 0)
+		return ERR(ctx, rc, "database: %s", store_errmsg(ctx->node->store));
+	return 0;
+}
+
+/* Optional or required absolute path argument ("" when absent and optional). */
+static int path_arg(struct cmd_ctx *ctx, const msgpack_object *args, char *path, size_t sz)
+{
+	const msgpack_object *o = me_mp_get(args, "path");
+
+	path[0] = '\0';
+	if (o == NULL)
+		return 0;
+	if (me_mp_strcpy(o, path, sz) < 0 || path[0] != '/')
+		return ERR(ctx, ME_EARG, "\"path\" must be an absolute path");
+	return 0;
+}
+
+/* repo.sync result: where the repository stands now. */
+static int pack_sync_result(struct cmd_ctx *ctx, const char *id, msgpack_packer *pk)
+{
+	struct store_repo r;
+	struct repo_view v;
+	int rc = store_repo_get(ctx->node->store, id, &r);
+
+	if (rc < 0)
+		return ERR(ctx, rc, rc == ME_ENOTFOUND ? "repository %s was removed" : "database: %s",
+			   rc == ME_ENOTFOUND ? id : store_errmsg(ctx->node->store));
+	if ((rc = repo_view_get(ctx, &r, &v)) == 0) {
+		msgpack_pack_map(pk, 6);
+		me_mp_pack_kv_str(pk, "id", r.id);
+		me_mp_pack_kv_str(pk, "name", r.name);
+		me_mp_pack_kv_str(pk, "state", v.state);
+		me_mp_pack_kv_int(pk, "mirror_seq", v.mirror_seq);
+		me_mp_pack_kv_int(pk, "ref_seq", r.ref_seq);
+		me_mp_pack_str(pk, "last_sync");
+		if (v.last_sync_s > 0)
+			msgpack_pack_int64(pk, v.last_sync_s);
+		else
+			msgpack_pack_nil(pk);
+		repo_view_clear(&v);
+	}
+	store_repo_clear(&r);
+	return rc;
+}
+
+static void pack_ref_list(msgpack_packer *pk, const struct store_ref *refs, size_t n)
+{
+	me_mp_pack_str(pk, "refs");
+	msgpack_pack_array(pk, n);
+	for (size_t i = 0; i < n; i++) {
+		msgpack_pack_map(pk, 2);
+		me_mp_pack_kv_str(pk, "name", refs[i].name);
+		me_mp_pack_kv_str(pk, "oid", refs[i].oid);
+	}
+}
+
+/* repo.clone / repo.pull result: what the client needs to do the git work itself. A local
+ * repository is served from its working repository at its signed state's seq; one learnt from
+ * a peer from its mirror, with the refs and HEAD the mirror holds. */
+static int pack_source_result(struct cmd_ctx *ctx, const char *id, const char *path,
+			      const char *warning, msgpack_packer *pk)
+{
+	struct node *n = ctx->node;
+	struct store_repo r;
+	struct store_ref *refs = NULL;
+	size_t nrefs = 0;
+	struct mirror_state ms = { 0 };
+	char source[4096], gerr[256];
+	const char *head;
+	int64_t seq, tracked = 0;
+	int rc = store_repo_get(n->store, id, &r);
+
+	if (rc < 0)
+		return ERR(ctx, rc, rc == ME_ENOTFOUND ? "repository %s was removed" : "database: %s",
+			   rc == ME_ENOTFOUND ? id : store_errmsg(n->store));
+	if (!r.is_external) {
+		snprintf(source, sizeof(source), "%s", r.path);
+		head = r.head;
+		seq = r.ref_seq;
+		if (store_refs_get(n->store, id, &refs, &nrefs) < 0) {
+			rc = ERR(ctx, ME_EDB, "database: %s", store_errmsg(n->store));
+			goto out;
+		}
+	} else {
+		git_repository *g = NULL;
+		if (r.mirror_seq <= 0) {
+			rc = ERR(ctx, ME_EUNAVAIL, "%s has not been fetched yet%s%s", id,
+				 warning ? ": " : "", warning ? warning : "");
+			goto out;
+		}
+		if ((rc = mirror_path(n->cfg->root, id, source, sizeof(source))) < 0 ||
+		    (rc = mirror_open(n->cfg->root, id, false, &g, gerr, sizeof(gerr))) < 0 ||
+		    (rc = mirror_state_read(g, &ms, gerr, sizeof(gerr))) < 0) {
+			git_repository_free(g);
+			rc = ERR(ctx, rc, "mirror of %s: %s", id, gerr[0] ? gerr : me_strerror(rc));
+			goto out;
+		}
+		git_repository_free(g);
+		head = ms.head;
+		seq = r.mirror_seq;
+	}
+	if (path[0] != '\0') {
+		struct store_clone *cl;
+		size_t ncl;
+		if (store_clone_list(n->store, id, &cl, &ncl) < 0) {
+			rc = ERR(ctx, ME_EDB, "database: %s", store_errmsg(n->store));
+			goto out;
+		}
+		for (size_t i = 0; i < ncl; i++)
+			if (strcmp(cl[i].path, path) == 0)
+				tracked = cl[i].seq;
+		store_clone_list_free(cl, ncl);
+	}
+	msgpack_pack_map(pk, 9);
+	me_mp_pack_kv_str(pk, "id", r.id);
+	me_mp_pack_kv_str(pk, "name", r.name);
+	me_mp_pack_kv_str(pk, "source", source);
+	me_mp_pack_kv_str(pk, "head", head);
+	me_mp_pack_kv_int(pk, "seq", seq);
+	me_mp_pack_kv_int(pk, "tracked_seq", tracked);
+	me_mp_pack_kv_bool(pk, "is_external", r.is_external);
+	me_mp_pack_str(pk, "warning");
+	if (warning != NULL)
+		me_mp_pack_str(pk, warning);
+	else
+		msgpack_pack_nil(pk);
+	if (!r.is_external) {
+		pack_ref_list(pk, refs, nrefs);
+	} else {
+		char oid[41];
+		me_mp_pack_str(pk, "refs");
+		msgpack_pack_array(pk, ms.nrefs);
+		for (size_t i = 0; i < ms.nrefs; i++) {
+			git_oid o;
+			memcpy(o.id, ms.refs[i].oid, sizeof(o.id));
+			git_oid_tostr(oid, sizeof(oid), &o);
+			msgpack_pack_map(pk, 2);
+			me_mp_pack_str(pk, "name");
+			msgpack_pack_str(pk, ms.refs[i].name.len);
+			msgpack_pack_str_body(pk, ms.refs[i].name.ptr, ms.refs[i].name.len);
+			me_mp_pack_kv_str(pk, "oid", oid);
+		}
+	}
+	rc = 0;
+out:
+	mirror_state_free(&ms);
+	store_refs_free(refs, nrefs);
+	store_repo_clear(&r);
+	return rc;
+}
+
+/* A request waiting for a fetch. */
+struct fetch_req {
+	struct ctl_pending *p;
+	struct sync_waiter *w;
+	struct node *node;
+	int cmd;
+	int starting, done_rc, done_early;
+	char done_msg[256];
+	char id[ME_DID_REPO_SIZE];
+	char path[4097];
+};
+
+struct fetch_result {
+	struct fetch_req *f;
+	const char *warning;
+};
+
+static int fetch_result_pack(void *ud, msgpack_packer *pk, char *err, size_t errsz)
+{
+	struct fetch_result *fr = ud;
+	struct fetch_req *f = fr->f;
+	struct cmd_ctx ctx = { .node = f->node, .err = err, .errsz = errsz };
+
+	if (f->cmd == ME_CMD_REPO_SYNC)
+		return pack_sync_result(&ctx, f->id, pk);
+	return pack_source_result(&ctx, f->id, f->path, fr->warning, pk);
+}
+
+static void fetch_complete(struct fetch_req *f, int rc, const char *msg)
+{
+	struct fetch_result fr = { .f = f };
+	char warn[320];
+
+	if (rc < 0 && f->cmd != ME_CMD_REPO_SYNC) {
+		/* The mirror may still serve: an older state beats none. */
+		snprintf(warn, sizeof(warn), "could not fetch the newest state (%s: %s); using the "
+			 "mirror as it is", me_errname(rc), msg && *msg ? msg : me_strerror(rc));
+		fr.warning = warn;
+		rc = 0;
+	}
+	if (rc < 0)
+		ctl_finish(f->p, rc, msg && *msg ? msg : NULL, NULL, NULL);
+	else
+		ctl_finish(f->p, 0, NULL, fetch_result_pack, &fr);
+	free(f);
+}
+
+static void fetch_on_progress(void *ud, uint64_t done, uint64_t total)
+{
+	struct fetch_req *f = ud;
+	if (!f->starting)
+		ctl_progress(f->p, done, total);
+}
+
+static void fetch_on_done(void *ud, int rc, const char *msg)
+{
+	struct fetch_req *f = ud;
+
+	if (f->starting) { /* called from inside sync_fetch: finish once it has returned */
+		f->done_early = 1;
+		f->done_rc = rc;
+		snprintf(f->done_msg, sizeof(f->done_msg), "%s", msg ? msg : "");
+		return;
+	}
+	fetch_complete(f, rc, msg);
+}
+
+static void fetch_on_cancel(void *ud)
+{
+	struct fetch_req *f = ud;
+
+	if (f->w != NULL)
+		sync_waiter_cancel(f->w);
+	free(f);
+}
+
+/* Fetches the repository now (external ones), then answers per command. */
+static int fetch_then_reply(struct cmd_ctx *ctx, const struct store_repo *r, const char *path,
+			    msgpack_packer *out)
+{
+	struct node *n = ctx->node;
+	struct fetch_req *f;
+	struct sync_waiter *w = NULL;
+
+	if (!r->is_external || n->sync == NULL) {
+		/* A local repository has nothing to fetch: it is its own source. */
+		const char *warn = r->is_external ? "replication is not running on this node; "
+			"using the mirror as it is" : NULL;
+		if (ctx->cmd == ME_CMD_REPO_SYNC) {
+			if (r->is_external)
+				return ERR(ctx, n->has_key ? ME_EUNAVAIL : ME_ENOKEY,
+					   "replication is not running on this node%s",
+					   n->has_key ? "" : ": run 'mectl auth init'");
+			return pack_sync_result(ctx, r->id, out);
+		}
+		return pack_source_result(ctx, r->id, path, warn, out);
+	}
+	if ((f = calloc(1, sizeof(*f))) == NULL)
+		return ERR(ctx, ME_ENOMEM, "out of memory");
+	f->node = n;
+	f->cmd = ctx->cmd;
+	snprintf(f->id, sizeof(f->id), "%s", r->id);
+	snprintf(f->path, sizeof(f->path), "%s", path);
+	if ((f->p = ctl_defer(ctx, fetch_on_cancel, f)) == NULL) {
+		free(f);
+		return ctx->defer_error;
+	}
+	struct sync_waiter_cb cb = { fetch_on_progress, fetch_on_done, f };
+	f->starting = 1;
+	int rc = sync_fetch(n->sync, r->id, &cb, &w);
+	f->starting = 0;
+	if (rc < 0) {
+		fetch_complete(f, rc, rc == ME_EINVAL ? "a local repository has nothing to fetch"
+						      : NULL);
+		return CMD_DEFERRED;
+	}
+	if (f->done_early) {
+		fetch_complete(f, f->done_rc, f->done_msg);
+		return CMD_DEFERRED;
+	}
+	f->w = w;
+	return CMD_DEFERRED;
+}
+
+static int cmd_repo_fetch(struct cmd_ctx *ctx, const msgpack_object *args, msgpack_packer *out)
+{
+	char id[ME_DID_REPO_SIZE], path[4097];
+	struct store_repo r;
+	int rc;
+
+	if ((rc = path_arg(ctx, args, path, sizeof(path))) < 0)
+		return rc;
+	if ((rc = repo_get_arg(ctx, args, id, sizeof(id), &r)) < 0)
+		return rc;
+	rc = fetch_then_reply(ctx, &r, path, out);
+	store_repo_clear(&r);
+	return rc;
+}
+
+static int cmd_repo_track(struct cmd_ctx *ctx, const msgpack_object *args, msgpack_packer *out)
+{
+	char id[ME_DID_REPO_SIZE], path[4097];
+	struct store_repo r;
+	const msgpack_object *seq = me_mp_get(args, "seq");
+	int rc;
+
+	if ((rc = path_arg(ctx, args, path, sizeof(path))) < 0)
+		return rc;
+	if (seq->type != MSGPACK_OBJECT_POSITIVE_INTEGER || seq->via.u64 > (uint64_t)INT64_MAX)
+		return ERR(ctx, ME_EARG, "\"seq\" must be a non-negative integer");
+	if (strstr(path, "/../") || strstr(path, "/./") || strcmp(path, "/") == 0)
+		return ERR(ctx, ME_EARG, "\"path\" must be a canonical absolute path");
+	if ((rc = repo_get_arg(ctx, args, id, sizeof(id), &r)) < 0)
+		return rc;
+	int64_t known = r.ref_seq > r.mirror_seq ? r.ref_seq : r.mirror_seq;
+	if ((int64_t)seq->via.u64 > known) {
+		rc = ERR(ctx, ME_EARG, "\"seq\" %llu is newer than any state of %s this node knows",
+			 (unsigned long long)seq->via.u64, id);
+		goto out;
+	}
+	if (store_clone_set(ctx->node->store, id, path, (int64_t)seq->via.u64) < 0) {
+		rc = ERR(ctx, ME_EDB, "database: %s", store_errmsg(ctx->node->store));
+		goto out;
+	}
+	log_info("working copy of %s at %s is at seq %llu", id, path,
+		 (unsigned long long)seq->via.u64);
+	store_repo_clear(&r);
+	return pack_sync_result(ctx, id, out);
+out:
+	store_repo_clear(&r);
+	return rc;
 }
 
 /* Packs a comma-separated address list as an array of its non-empty items. */
@@ -367,6 +834,10 @@ const struct cmd_handler cmd_table[ME_CMD__COUNT] = {
 	[ME_CMD_REPO_REMOVE] = { cmd_repo_remove, 0 },
 	[ME_CMD_NODE_LIST] = { cmd_node_list, 0 },
 	[ME_CMD_PEER_LIST] = { cmd_peer_list, 0 },
+	[ME_CMD_REPO_SYNC] = { cmd_repo_fetch, 0 },
+	[ME_CMD_REPO_CLONE] = { cmd_repo_fetch, 0 },
+	[ME_CMD_REPO_PULL] = { cmd_repo_fetch, 0 },
+	[ME_CMD_REPO_TRACK] = { cmd_repo_track, 0 },
 };
 
 int cmd_dispatch(struct cmd_ctx *ctx, const struct me_request *req, msgpack_packer *out)

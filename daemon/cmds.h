@@ -14,9 +14,18 @@ struct cmd_ctx {
 	char *err;        /* message for an error reply */
 	size_t errsz;
 	size_t nconns;    /* live control connections, for status */
+	void *conn;       /* the control connection (for ctl_defer, daemon/control.h) */
+	uint32_t req_id;
+	int cmd;          /* enum me_cmd */
+	int defer_error;  /* why ctl_defer failed */
 };
 
-/* Packs the result into out and returns 0, or returns a ME_E* code with ctx->err set. */
+/* A handler's return value when it took a pending request with ctl_defer: the reply follows
+ * later through ctl_finish. */
+#define CMD_DEFERRED 1
+
+/* Packs the result into out and returns 0, returns a ME_E* code with ctx->err set, or returns
+ * CMD_DEFERRED. */
 typedef int (*cmd_fn)(struct cmd_ctx *ctx, const msgpack_object *args, msgpack_packer *out);
 
 struct cmd_handler {

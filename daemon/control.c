@@ -16,9 +16,26 @@
 #include "common/frame.h"
 #include "common/log.h"
 #include "common/proto.h"
+#include "common/util.h"
 #include "daemon/cmds.h"
 
 #define READ_CHUNK 65536
+
+struct wreq;
+
+/* A request whose reply is deferred (see control.h). */
+struct ctl_pending {
+	struct conn *cn;
+	uint32_t id;
+	int cmd;
+	ctl_cancel_fn cancel;
+	void *ud;
+	uint64_t done, total; /* newest progress not sent yet (when dirty) */
+	int dirty;
+	int64_t last_ms;      /* monotonic ms of the last progress frame sent */
+	struct wreq *inflight; /* the progress frame queued and not yet written */
+	struct ctl_pending *prev, *next;
+};
 
 struct conn {
 	uv_pipe_t pipe;
@@ -29,6 +46,8 @@ struct conn {
 	int closing;
 	uid_t uid;
 	pid_t pid;
+	struct ctl_pending *deferred;
+	size_t ndeferred;
 	struct conn *prev, *next;
 };
 
@@ -43,6 +62,8 @@ struct control {
 	gid_t group;
 	struct conn *conns;
 	size_t nconns;
+	size_t ndeferred;
+	uv_timer_t progress_timer; /* sends progress held back by the rate limit */
 	int handles; /* open libuv handles, for the deferred free */
 	int closing;
 	char rbuf[READ_CHUNK];
@@ -51,9 +72,43 @@ struct control {
 struct wreq {
 	uv_write_t req;
 	struct conn *c;
+	struct ctl_pending *progress_of; /* a progress frame of this request (NULL: other) */
 	size_t len;
 	char *data;
 };
+
+static void pending_release(struct ctl_pending *p)
+{
+	struct conn *cn = p->cn;
+
+	if (p->prev)
+		p->prev->next = p->next;
+	else
+		cn->deferred = p->next;
+	if (p->next)
+		p->next->prev = p->prev;
+	cn->ndeferred--;
+	cn->ctl->ndeferred--;
+	if (p->inflight)
+		p->inflight->progress_of = NULL;
+	free(p);
+}
+
+/* The client is gone (or the control plane stops): tell every owner, then forget. */
+static void conn_cancel_deferred(struct conn *cn)
+{
+	while (cn->deferred) {
+		struct ctl_pending *p = cn->deferred;
+		ctl_cancel_fn fn = p->cancel;
+		void *ud = p->ud;
+
+		log_debug("control: pid %ld: %s (id %u) cancelled: the client went away",
+			  (long)cn->pid, me_cmds[p->cmd].name, p->id);
+		pending_release(p);
+		if (fn)
+			fn(ud);
+	}
+}
 
 static void control_maybe_release(struct control *c)
 {
@@ -66,6 +121,9 @@ static void conn_on_close(uv_handle_t *h)
 	struct conn *cn = h->data;
 	struct control *c = cn->ctl;
 
+	/* Every write callback has run by now (libuv cancels pending writes before the close
+	 * callback), so no wreq refers to a pending request any more. */
+	conn_cancel_deferred(cn);
 	me_frame_reader_free(&cn->rd);
 	free(cn);
 	c->handles--;
@@ -89,24 +147,35 @@ static void conn_close(struct conn *cn)
 	uv_close((uv_handle_t *)&cn->pipe, conn_on_close);
 }
 
+static void progress_flush(struct ctl_pending *p);
+static void on_progress_timer(uv_timer_t *t);
+
 static void on_write(uv_write_t *req, int status)
 {
 	struct wreq *w = (struct wreq *)req;
 	struct conn *cn = w->c;
+	struct ctl_pending *p = w->progress_of;
 
 	cn->pending_write -= w->len;
 	free(w->data);
 	free(w);
-	if (status < 0 || (cn->close_after_write && cn->pending_write == 0))
+	if (p != NULL)
+		p->inflight = NULL;
+	if (status < 0 || (cn->close_after_write && cn->pending_write == 0)) {
 		conn_close(cn);
+		return;
+	}
+	if (p != NULL && p->dirty)
+		progress_flush(p);
 }
 
-/* Queues a frame; takes ownership of sb's data. */
-static void conn_send(struct conn *cn, msgpack_sbuffer *sb)
+/* Queues a frame; takes ownership of sb's data. Returns the write request (NULL when nothing
+ * was queued; the connection may then be closing). */
+static struct wreq *conn_send(struct conn *cn, msgpack_sbuffer *sb)
 {
 	if (cn->closing || sb->size == 0) {
 		msgpack_sbuffer_destroy(sb);
-		return;
+		return NULL;
 	}
 	/* One reply of any size is fine; replies piling up unread are not. */
 	if (cn->pending_write > 0 && cn->pending_write + sb->size > CONTROL_MAX_PENDING_WRITE) {
@@ -114,13 +183,13 @@ static void conn_send(struct conn *cn, msgpack_sbuffer *sb)
 			 (long)cn->pid);
 		msgpack_sbuffer_destroy(sb);
 		conn_close(cn);
-		return;
+		return NULL;
 	}
 	struct wreq *w = calloc(1, sizeof(*w));
 	if (w == NULL) {
 		msgpack_sbuffer_destroy(sb);
 		conn_close(cn);
-		return;
+		return NULL;
 	}
 	w->c = cn;
 	w->len = sb->size;
@@ -133,7 +202,9 @@ static void conn_send(struct conn *cn, msgpack_sbuffer *sb)
 		free(w->data);
 		free(w);
 		conn_close(cn);
+		return NULL;
 	}
+	return w;
 }
 
 static void send_error(struct conn *cn, uint32_t id, int code, const char *msg)
@@ -146,6 +217,141 @@ static void send_error(struct conn *cn, uint32_t id, int code, const char *msg)
 		return;
 	}
 	conn_send(cn, &sb);
+}
+
+/* ---- deferred replies ---- */
+
+struct ctl_pending *ctl_defer(struct cmd_ctx *ctx, ctl_cancel_fn cancel, void *ud)
+{
+	struct conn *cn = ctx->conn;
+	struct ctl_pending *p;
+
+	if (cn->ndeferred >= CONTROL_MAX_DEFERRED) {
+		snprintf(ctx->err, ctx->errsz, "%d requests of this connection are already in "
+			 "progress; wait for one to finish", CONTROL_MAX_DEFERRED);
+		ctx->defer_error = ME_EBUSY;
+		return NULL;
+	}
+	if ((p = calloc(1, sizeof(*p))) == NULL) {
+		snprintf(ctx->err, ctx->errsz, "out of memory");
+		ctx->defer_error = ME_ENOMEM;
+		return NULL;
+	}
+	p->cn = cn;
+	p->id = ctx->req_id;
+	p->cmd = ctx->cmd;
+	p->cancel = cancel;
+	p->ud = ud;
+	p->last_ms = me_mono_ms() - CONTROL_PROGRESS_MIN_MS;
+	p->next = cn->deferred;
+	if (cn->deferred)
+		cn->deferred->prev = p;
+	cn->deferred = p;
+	cn->ndeferred++;
+	cn->ctl->ndeferred++;
+	return p;
+}
+
+static void arm_progress_timer(struct control *c)
+{
+	if (!c->closing && !uv_is_active((uv_handle_t *)&c->progress_timer))
+		uv_timer_start(&c->progress_timer, on_progress_timer, CONTROL_PROGRESS_MIN_MS, 0);
+}
+
+/* Sends the held progress of p when allowed: nothing of it unsent and the interval over. */
+static void progress_flush(struct ctl_pending *p)
+{
+	struct conn *cn = p->cn;
+	msgpack_sbuffer body, sb;
+	msgpack_packer pk;
+
+	if (!p->dirty || p->inflight != NULL || cn->closing)
+		return;
+	int64_t now = me_mono_ms();
+	if (now - p->last_ms < CONTROL_PROGRESS_MIN_MS) {
+		arm_progress_timer(cn->ctl);
+		return;
+	}
+	msgpack_sbuffer_init(&body);
+	msgpack_packer_init(&pk, &body, msgpack_sbuffer_write);
+	msgpack_pack_map(&pk, 2);
+	me_mp_pack_str(&pk, "done");
+	msgpack_pack_uint64(&pk, p->done);
+	me_mp_pack_str(&pk, "total");
+	msgpack_pack_uint64(&pk, p->total);
+	msgpack_sbuffer_init(&sb);
+	int rc = me_reply_pack_result(&sb, p->id, "progress", body.data, body.size);
+	msgpack_sbuffer_destroy(&body);
+	p->dirty = 0;
+	p->last_ms = now;
+	if (rc < 0) {
+		msgpack_sbuffer_destroy(&sb);
+		return;
+	}
+	/* conn_send may close the connection; p stays valid until the close callback. */
+	struct wreq *w = conn_send(cn, &sb);
+	if (w != NULL) {
+		w->progress_of = p;
+		p->inflight = w;
+	}
+}
+
+static void on_progress_timer(uv_timer_t *t)
+{
+	struct control *c = t->data;
+
+	for (struct conn *cn = c->conns; cn != NULL; cn = cn->next)
+		for (struct ctl_pending *p = cn->deferred; p != NULL; p = p->next)
+			progress_flush(p);
+}
+
+void ctl_progress(struct ctl_pending *p, uint64_t done, uint64_t total)
+{
+	p->done = done;
+	p->total = total;
+	p->dirty = 1;
+	progress_flush(p);
+}
+
+void ctl_finish(struct ctl_pending *p, int rc, const char *msg, ctl_result_fn fn, void *ud)
+{
+	struct conn *cn = p->cn;
+	char err[512] = "";
+	uint32_t id = p->id;
+	int cmd = p->cmd;
+
+	pending_release(p);
+	if (cn->closing)
+		return;
+	if (rc >= 0) {
+		msgpack_sbuffer result, sb;
+		msgpack_packer pk;
+
+		msgpack_sbuffer_init(&result);
+		msgpack_packer_init(&pk, &result, msgpack_sbuffer_write);
+		rc = fn ? fn(ud, &pk, err, sizeof(err)) : (msgpack_pack_nil(&pk), 0);
+		msg = err[0] ? err : NULL;
+		if (rc >= 0) {
+			msgpack_sbuffer_init(&sb);
+			if (me_reply_pack_result(&sb, id, "result", result.data, result.size) < 0) {
+				msgpack_sbuffer_destroy(&sb);
+				rc = ME_ETOOBIG;
+				msg = "reply too large";
+			} else {
+				conn_send(cn, &sb);
+			}
+		}
+		msgpack_sbuffer_destroy(&result);
+	}
+	log_debug("control: pid %ld: %s (id %u, deferred) -> %s", (long)cn->pid,
+		  me_cmds[cmd].name, id, me_errname(rc < 0 ? rc : 0));
+	if (rc < 0)
+		send_error(cn, id, rc, msg);
+}
+
+size_t control_ndeferred(const struct control *c)
+{
+	return c ? c->ndeferred : 0;
 }
 
 /* A protocol violation that leaves the stream unusable: answer once, then hang up. */
@@ -191,11 +397,13 @@ static void handle_request(struct conn *cn, const uint8_t *body, size_t len)
 	msgpack_packer_init(&pk, &result, msgpack_sbuffer_write);
 	err[0] = '\0';
 	struct cmd_ctx ctx = { .node = c->node, .err = err, .errsz = sizeof(err),
-			       .nconns = c->nconns };
+			       .nconns = c->nconns, .conn = cn, .req_id = req.id, .cmd = req.cmd };
 	rc = cmd_dispatch(&ctx, &req, &pk);
-	log_debug("control: pid %ld: %s -> %s", (long)cn->pid, me_cmds[req.cmd].name,
-		  me_errname(rc));
-	if (rc < 0) {
+	log_debug("control: pid %ld: %s (id %u) -> %s", (long)cn->pid, me_cmds[req.cmd].name,
+		  req.id, rc == CMD_DEFERRED ? "deferred" : me_errname(rc));
+	if (rc == CMD_DEFERRED) {
+		/* the reply comes from ctl_finish */
+	} else if (rc < 0) {
 		send_error(cn, req.id, rc, err[0] ? err : NULL);
 	} else {
 		msgpack_sbuffer sb;
@@ -382,6 +590,13 @@ static void server_on_close(uv_handle_t *h)
 	control_maybe_release(c);
 }
 
+static void control_close_handles(struct control *c)
+{
+	c->closing = 1;
+	uv_close((uv_handle_t *)&c->progress_timer, server_on_close);
+	uv_close((uv_handle_t *)&c->server, server_on_close);
+}
+
 int control_init(struct control **out, uv_loop_t *loop, struct node *node, int listen_fd,
 		 char *err, size_t errsz)
 {
@@ -407,9 +622,11 @@ int control_init(struct control **out, uv_loop_t *loop, struct node *node, int l
 		c->has_group = 1;
 	}
 
+	uv_timer_init(loop, &c->progress_timer);
+	c->progress_timer.data = c;
 	uv_pipe_init(loop, &c->server, 0);
 	c->server.data = c;
-	c->handles = 1;
+	c->handles = 2;
 	if (listen_fd >= 0) {
 		rc = uv_pipe_open(&c->server, listen_fd);
 		if (rc < 0) {
@@ -468,8 +685,7 @@ fail:
 	rc = ME_EIO;
 fail_me:
 	unlink_own_path(c);
-	c->closing = 1;
-	uv_close((uv_handle_t *)&c->server, server_on_close);
+	control_close_handles(c);
 	return rc;
 }
 
@@ -478,10 +694,13 @@ void control_free(struct control *c)
 	if (c == NULL)
 		return;
 	c->closing = 1;
+	/* Now, not from the close callbacks: the planes the requests wait on are freed next. */
+	for (struct conn *cn = c->conns; cn != NULL; cn = cn->next)
+		conn_cancel_deferred(cn);
 	while (c->conns)
 		conn_close(c->conns);
 	unlink_own_path(c);
-	uv_close((uv_handle_t *)&c->server, server_on_close);
+	control_close_handles(c);
 }
 
 size_t control_nconns(const struct control *c)

@@ -6,7 +6,8 @@
 
 Besides request(), the Connection has raw helpers for tests: send_raw() (bytes as they are),
 send_body() (one frame around given bytes), send_obj() (one frame around a packed object),
-send_request() (a request without waiting), read_frame() and is_closed().
+send_request() (a request without waiting), read_frame(), request_progress() (a request whose
+progress frames are kept) and is_closed().
 """
 
 import select
@@ -164,6 +165,23 @@ class Connection:
         """Sends a request and returns its result, or raises MeError."""
         rid = self.send_request(cmd, args, v=v)
         return self.result_of(self.read_reply(rid, timeout))
+
+    def request_progress(self, cmd, args=None, timeout=None):
+        """Sends a request and returns (result, [its progress maps in arrival order]) once its
+        final reply arrives; raises MeError on an error reply. Frames of other ids are
+        skipped."""
+        rid = self.send_request(cmd, args)
+        progress = []
+        while True:
+            r = self.read_frame(timeout)
+            if r.get("kind") == "error" and r.get("id") in (rid, 0):
+                return self.result_of(r), progress
+            if r.get("id") != rid:
+                continue
+            if r.get("kind") == "progress":
+                progress.append(r.get("progress"))
+                continue
+            return self.result_of(r), progress
 
     def is_closed(self, timeout=5.0):
         """True when the daemon closes the connection within timeout (frames still buffered

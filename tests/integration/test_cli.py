@@ -23,9 +23,11 @@ DID_REPO_RE = re.compile(r"did:repo:z[1-9A-HJ-NP-Za-km-z]+")
 KEY_HEADER = "megaengine-keypair-v1"
 
 MECTL_COMMANDS = ["auth init", "auth show", "node id", "node status", "repo add", "repo list",
-                  "repo show", "repo remove", "node list", "peer list"]
+                  "repo show", "repo remove", "node list", "peer list", "repo sync", "repo clone",
+                  "repo pull"]
 MECTL_OPTIONS = ["--root", "--socket", "--json", "--timeout", "--help", "--version",
-                 "--path", "--description", "--repo-id", "MEGAENGINE_ROOT", "MEGAENGINE_SOCKET"]
+                 "--path", "--description", "--repo-id", "--output", "--progress",
+                 "MEGAENGINE_ROOT", "MEGAENGINE_SOCKET"]
 DAEMON_OPTIONS = ["--root", "--alias", "--addr", "--bootstrap-node", "--cert-path", "--socket",
                   "--socket-group", "--log-level", "--foreground", "--help", "--version",
                   "MEGAENGINE_ROOT", "MEGAENGINE_LOG"]
@@ -127,6 +129,15 @@ def test_versions(daemon_factory):
     (["--timeout", "0", "repo", "list"], "--timeout"),
     (["--timeout", "x", "repo", "list"], "--timeout"),
     (["--root"], "--root needs"),
+    (["repo", "sync"], "needs"),
+    (["repo", "clone"], "needs"),
+    (["repo", "clone", "did:repo:zX"], "needs DIR"),
+    (["repo", "clone", "--output", "d"], "needs ID"),
+    (["repo", "clone", "a", "b", "c"], "unexpected argument"),
+    (["repo", "clone", "a", "b", "--output", "c"], "given twice"),
+    (["repo", "sync", "a", "--progress=yes"], "takes no value"),
+    (["repo", "pull", "a", "b"], "unexpected argument"),
+    (["repo", "pull", "--path"], "needs a value"),
 ])
 def test_mectl_usage_errors(daemon_factory, args, needle):
     r = daemon_factory.mectl(*args, check=False)
@@ -284,7 +295,9 @@ def test_repo_add_id_matches_independent_computation(daemon, git_repo):
     assert j["creator"] == me and j["mine"] is True
     assert j["path"] == str(repo.resolve())
     assert j["root_commit"] == git_repo.root_commit(repo)
-    assert j["state"] == "local"
+    assert j["state"] == "up to date" and j["creator_alias"] == "you"
+    assert j["clones"] == [] and j["error"] is None and j["progress"] is None
+    assert j["last_sync"] is None and j["mirror_seq"] == j["ref_seq"]
 
 
 def test_repo_add_positional_relative_path(daemon, git_repo, tmp_path):
@@ -346,13 +359,13 @@ def test_repo_list(daemon, git_repo):
     idb = daemon.mectl("repo", "add", b, json=True).json["id"]
 
     lines = daemon.mectl("repo", "list").stdout.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "CREATOR", "ALIAS", "STATE", "UPDATED"]
+    assert lines[0].split() == ["ID", "NAME", "CREATOR", "STATE", "LAST", "SYNC"]
     assert len(lines) == 3
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {ida, idb}
-    assert rows[ida][1:5] == ["aaa", "you", "-", "local"]
-    assert rows[idb][1:5] == ["bbb", "you", "-", "local"]
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d", rows[ida][5]), lines
+    # A local repository is never synced: its LAST SYNC is "-".
+    assert rows[ida][1:] == ["aaa", "you", "up", "to", "date", "-"]
+    assert rows[idb][1:] == ["bbb", "you", "up", "to", "date", "-"]
 
     j = daemon.mectl("repo", "list", json=True).json
     me = daemon.mectl("auth", "show").stdout.strip()
@@ -362,9 +375,11 @@ def test_repo_list(daemon, git_repo):
     assert repos[ida]["name"] == "aaa" and repos[ida]["path"] == str(a.resolve())
     assert repos[ida]["description"] == "first" and repos[idb]["description"] == ""
     for x in j["repos"]:
-        assert x["creator"] == me and x["mine"] is True and x["creator_alias"] == ""
+        assert x["creator"] == me and x["mine"] is True and x["creator_alias"] == "you"
         assert isinstance(x["updated_at"], int) and x["updated_at"] > 0
         assert "refs" not in x
+        assert x["state"] == "up to date" and x["clones"] == [] and x["last_sync"] is None
+        assert x["ref_seq"] > 0 and x["mirror_seq"] == x["ref_seq"]
 
 
 def test_repo_show_refs(daemon, git_repo):

@@ -190,7 +190,7 @@ def test_chain_propagates_node_and_repo(daemon_factory, git_repo):
     assert r["path"] == ""
     cols = c.mectl("repo", "list").stdout
     line = next(ln for ln in cols.splitlines() if ln.startswith(rid))
-    assert "not fetched" in line and a.did in line and "alpha" in line
+    assert "not fetched" in line and "alpha" in line  # CREATOR shows the alias
 
     shown = c.j("repo", "show", rid)
     want = sorted(({"name": ref, "oid": oid} for oid, ref in git_repo.refs(path)),
@@ -202,7 +202,7 @@ def test_chain_propagates_node_and_repo(daemon_factory, git_repo):
     # B, the relay, has it too; A does not list its own repository twice or as external.
     assert b.repos()[rid]["state"] == "not fetched"
     mine = a.repos()[rid]
-    assert mine["state"] == "local" and mine["mine"] is True
+    assert mine["state"] == "up to date" and mine["mine"] is True
     assert len(a.repos()) == 1
     assert a.did not in a.nodes(), "a node does not list itself"
     # C learnt A and dials it (max-outbound): still one connection per pair everywhere.

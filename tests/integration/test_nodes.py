@@ -192,22 +192,22 @@ def test_external_repo_is_not_fetched(daemon_factory, git_repo):
     ext2, _ = insert_external_repo(d.root, stranger, stranger_pk, "unknown")
 
     d = daemon_factory.start(d.root)
-    cols = ["ID", "NAME", "CREATOR", "ALIAS", "STATE", "UPDATED"]
+    cols = ["ID", "NAME", "CREATOR", "STATE", "LAST SYNC"]
     rows = {r["ID"]: r for r in parse_table(d.mectl("repo", "list").stdout, cols)}
     assert set(rows) == {local, ext, ext2}
-    assert rows[ext]["NAME"] == "theirs" and rows[ext]["CREATOR"] == peer
-    assert rows[ext]["ALIAS"] == "bob"
-    assert rows[ext]["STATE"] == "not fetched"
-    assert rows[ext2]["CREATOR"] == stranger and rows[ext2]["ALIAS"] == "-"
+    # CREATOR: "you", the creator's alias, else its did:key.
+    assert rows[ext]["NAME"] == "theirs" and rows[ext]["CREATOR"] == "bob"
+    assert rows[ext]["STATE"] == "not fetched" and rows[ext]["LAST SYNC"] == "-"
+    assert rows[ext2]["CREATOR"] == stranger
     assert rows[ext2]["STATE"] == "not fetched"
-    assert rows[local]["CREATOR"] == "you" and rows[local]["STATE"] == "local"
+    assert rows[local]["CREATOR"] == "you" and rows[local]["STATE"] == "up to date"
 
     repos = {r["id"]: r for r in d.mectl("repo", "list", json=True).json["repos"]}
     x = repos[ext]
     assert x["is_external"] is True and x["state"] == "not fetched" and x["mine"] is False
     assert x["path"] == "" and x["creator_alias"] == "bob" and x["root_commit"] == root_commit
     assert repos[ext2]["creator_alias"] == ""
-    assert repos[local]["creator_alias"] == "" and repos[local]["state"] == "local"
+    assert repos[local]["creator_alias"] == "you" and repos[local]["state"] == "up to date"
 
     shown = d.mectl("repo", "show", ext, json=True).json
     assert shown["refs"] == [{"name": "refs/heads/main", "oid": "ab" * 20}]

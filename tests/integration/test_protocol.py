@@ -150,7 +150,7 @@ def test_repo_lifecycle(proto_daemon, honest, repos):
     assert added["creator"] == node_did and added["mine"] is True
     assert added["description"] == "héllo"
     assert added["path"] == os.path.realpath(path)
-    assert added["is_external"] is False and added["state"] == "local"
+    assert added["is_external"] is False and added["state"] == "up to date"
     assert added["root_commit"] == root_commit
     assert added["head"] == "refs/heads/main"
     assert isinstance(added["created_at"], int) and isinstance(added["updated_at"], int)

@@ -134,6 +134,60 @@ static void test_id_survives_errors(void **state)
 	assert_non_null(w);
 }
 
+/* A request for cmd whose args map is given as raw msgpack bytes. */
+static int decode_args(const char *cmd, const char *args, size_t alen)
+{
+	char buf[512];
+	size_t n = 0, cl = strlen(cmd);
+	struct me_request r;
+	const char *w;
+
+	static const char head[] = "\x84\xa1v\x01\xa2id\x05\xa3" "cmd";
+
+	memcpy(buf + n, head, sizeof(head) - 1);
+	n += sizeof(head) - 1;
+	buf[n++] = (char)(0xa0 | cl);
+	memcpy(buf + n, cmd, cl);
+	n += cl;
+	memcpy(buf + n, "\xa4" "args", 5);
+	n += 5;
+	memcpy(buf + n, args, alen);
+	n += alen;
+	return decode_raw(buf, n, &r, &w);
+}
+
+#define ARGS(cmd, a, expect) assert_int_equal(decode_args(cmd, a, sizeof(a) - 1), expect)
+#define RID "\xa7repo_id\xa3" "did"
+
+static void test_fetch_commands(void **state)
+{
+	(void)state;
+	static const char *const names[] = { "repo.sync", "repo.clone", "repo.pull", "repo.track" };
+	static const int cmds[] = { ME_CMD_REPO_SYNC, ME_CMD_REPO_CLONE, ME_CMD_REPO_PULL,
+				    ME_CMD_REPO_TRACK };
+	for (int i = 0; i < 4; i++) {
+		assert_int_equal(me_cmd_lookup(names[i], strlen(names[i])), cmds[i]);
+		assert_true(me_cmds[cmds[i]].flags & ME_CMDF_WRITE);
+		assert_int_equal(decode_args(names[i], "\x80", 1), ME_EARG); /* repo_id missing */
+		/* repo_id of the wrong type */
+		assert_int_equal(decode_args(names[i], "\x81\xa7repo_id\x07", 10), ME_EARG);
+	}
+	ARGS("repo.sync", "\x81" RID, 0);
+	ARGS("repo.sync", "\x82" RID "\xa4path\xa1/", ME_EARG); /* no path for sync */
+	ARGS("repo.clone", "\x81" RID, 0);
+	ARGS("repo.pull", "\x81" RID, 0);
+	ARGS("repo.pull", "\x82" RID "\xa4path\xa2/x", 0);
+	ARGS("repo.pull", "\x82" RID "\xa4path\xc3", ME_EARG);
+	/* track: path and an integer seq are required */
+	ARGS("repo.track", "\x83" RID "\xa4path\xa2/x\xa3seq\x05", 0);
+	ARGS("repo.track", "\x83" RID "\xa4path\xa2/x\xa3seq\xff", 0); /* sign: the handler's */
+	ARGS("repo.track", "\x82" RID "\xa4path\xa2/x", ME_EARG);
+	ARGS("repo.track", "\x82" RID "\xa3seq\x05", ME_EARG);
+	ARGS("repo.track", "\x83" RID "\xa4path\xa2/x\xa3seq\xa1" "5", ME_EARG);
+	ARGS("repo.track", "\x83" RID "\xa4path\xa2/x\xa3seq\xcb\x3f\xf0\0\0\0\0\0\0", ME_EARG);
+	ARGS("repo.track", "\x83" RID "\xa4path\xa2/x\xa3seq\xc0", ME_EARG);
+}
+
 static void test_error_reply(void **state)
 {
 	(void)state;
@@ -174,6 +228,7 @@ int main(void)
 		cmocka_unit_test(test_every_command_has_a_unique_name),
 		cmocka_unit_test(test_hostile_requests),
 		cmocka_unit_test(test_id_survives_errors),
+		cmocka_unit_test(test_fetch_commands),
 		cmocka_unit_test(test_error_reply),
 		cmocka_unit_test(test_errnames_are_unique),
 	};
