@@ -33,12 +33,13 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import BUILD_DIR, git
-from test_peers_hostile import MePeer, start_node, wait_for
+from test_peers_hostile import MePeer, start_node
 
 MEPEER = BUILD_DIR / "tests" / "me-peer"
 STALL_WAIT = 45.0  # the daemon gives up on a transfer after 15 s without data
@@ -88,6 +89,20 @@ def peers(daemon_factory):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+def wait_for(pred, what, timeout=20.0, interval=0.05):
+    """Polls pred() until it returns something true, and returns that. what (a string, or a
+    function giving one, called only on failure) says what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for "
+                        f"{what() if callable(what) else what}")
+        time.sleep(interval)
+
 
 def b58(rid):
     return rid[len("did:repo:"):]
@@ -153,13 +168,20 @@ def wait_signed(d, rid, repos, repo):
     """Waits until the creator d has signed the repository's current refs."""
     want = sorted(repos.refs(repo))
     wait_for(lambda: (db_row(d, rid) or {}).get("ref_seq", 0) > 0 and db_refs(d, rid) == want,
-             f"{d.root} to sign the refs of {repo}: {db_refs(d, rid)} vs {want}")
+             lambda: f"{d.root} to sign the refs of {repo}: {db_refs(d, rid)} vs {want}")
     return db_row(d, rid)["ref_seq"]
 
 
 def tmp_files(d):
     t = d.root / "tmp"
     return sorted(p.name for p in t.iterdir()) if t.exists() else []
+
+
+def repo_entry(d, rid):
+    """rid's entry in `mectl --json repo list`."""
+    got = [r for r in d.mectl("repo", "list", json=True).json["repos"] if r["id"] == rid]
+    assert len(got) == 1, got
+    return got[0]
 
 
 def fetch_failures(d, rid, did):
@@ -216,12 +238,14 @@ def announced(p, gen):
 
 def next_generation(p, gen):
     p.proc.send_signal(signal.SIGUSR1)
-    return wait_for(lambda: announced(p, gen), f"me-peer to announce state {gen}\n{p.info()}")
+    return wait_for(lambda: announced(p, gen),
+                    lambda: f"me-peer to announce state {gen}\n{p.info()}")
 
 
 def wait_mirror_seq(d, rid, seq, what, timeout=30.0):
     wait_for(lambda: (db_row(d, rid) or {}).get("mirror_seq") == seq,
-             f"{what}: mirror at state {seq}\nrow: {db_row(d, rid)}\nlog:\n{d.stderr()[-4000:]}",
+             lambda: f"{what() if callable(what) else what}: mirror at state {seq}\n"
+                     f"row: {db_row(d, rid)}\nlog:\n{d.stderr()[-4000:]}",
              timeout=timeout)
 
 
@@ -229,17 +253,17 @@ def wait_rejected(d, rid, did, n0, reason, timeout):
     """Waits until d has failed one more fetch of rid from did, recorded the reason in its row
     and has no fetch of it running."""
     wait_for(lambda: fetch_failures(d, rid, did) > n0,
-             f"{did} rejected\nlog:\n{d.stderr()[-4000:]}", timeout=timeout)
+             lambda: f"{did} rejected\nlog:\n{d.stderr()[-4000:]}", timeout=timeout)
     wait_for(lambda: reason in ((db_row(d, rid) or {}).get("sync_error") or ""),
-             f"sync_error with '{reason}'\nrow: {db_row(d, rid)}\nlog:\n{d.stderr()[-3000:]}",
-             timeout=timeout)
+             lambda: f"sync_error with '{reason}'\nrow: {db_row(d, rid)}\n"
+                     f"log:\n{d.stderr()[-3000:]}", timeout=timeout)
     line = [ln for ln in d.stderr().splitlines()
             if f"sync: fetch of {rid} from {did} failed: " in ln][-1]
     assert reason in line, line
 
 
 def make_repo(git_repo):
-    return git_repo(commits=3, branches=("dev", "feature/x"), tags=("v1",),
+    return git_repo(commits=3, branches=("dev", "feature/one"), tags=("v1",),
                     annotated_tags=("v2",))
 
 
@@ -265,6 +289,13 @@ def reject_stage(v, p, rid, reason, before, outside, env, slow):
     row = db_row(v, rid)
     for c in SYNC_COLS:
         assert row[c] == before["row"][c], (c, row, before["row"])
+    # What mectl shows: the reason, and the mirror's state as before.
+    e = repo_entry(v, rid)
+    assert reason in (e["error"] or ""), e
+    assert e["state"] in ("failed", "queued"), e
+    assert e["mirror_seq"] == before["row"]["mirror_seq"], e
+    last = before["row"]["last_sync_ms"]
+    assert e["last_sync"] == (last // 1000 if last else None), e
     for c in KEPT_COLS:
         if before["row"] is not None and c in before["row"]:
             assert row[c] == before["row"][c], (c, row, before["row"])
@@ -297,7 +328,7 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     repo = make_repo(git_repo)
     p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo,
               "--serve", f"{mode},honest,{mode},honest", "--wait", "300")
-    rid, seq0 = wait_for(lambda: announced(p, 0), f"me-peer to announce\n{p.info()}")
+    rid, seq0 = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
     stats0 = sync_stats(v)
 
     # 0: the variant, first fetch.
@@ -334,6 +365,8 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     assert "refs/tags/v1" not in [r[1] for r in mirror_refs(v, rid, env)]
     assert tmp_files(v) == []
     assert db_row(v, rid)["sync_error"] == ""
+    e = repo_entry(v, rid)
+    assert e["state"] == "up to date" and e["error"] is None, e
 
     stats = sync_stats(v)
     if stats is not None:
@@ -343,7 +376,8 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
             assert stats["rejected_bundles"] - stats0["rejected_bundles"] == 2, stats
 
     # V serves an honest peer that knows only V.
-    w, _ = start_node(daemon_factory, "witness", ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+    w, _ = start_node(daemon_factory, "witness",
+                      ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
     wait_mirror_seq(w, rid, seq3, "W from V")
     assert_mirror_is(w, rid, git_repo, repo)
     outside.assert_unchanged()
@@ -361,7 +395,7 @@ def test_file_name_is_informational(daemon_factory, peers, git_repo):
     repo = make_repo(git_repo)
     p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo,
               "--serve", "file-traversal", "--wait", "120")
-    rid, seq0 = wait_for(lambda: announced(p, 0), f"me-peer to announce\n{p.info()}")
+    rid, seq0 = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
     wait_mirror_seq(v, rid, seq0, "file-traversal")
     assert_mirror_is(v, rid, git_repo, repo)
     assert tmp_files(v) == []
@@ -388,7 +422,7 @@ def test_hostile_relay(mode, daemon_factory, peers, git_repo):
     outside = Outside(v)
     p = peers("--dial", f"{a_did}@127.0.0.1:{a.port}", "--dial", f"{v_did}@127.0.0.1:{v.port}",
               "--relay", rid, "--serve", f"{mode},honest", "--wait", "300")
-    wait_for(lambda: p.lines("relaying"), f"me-peer to fetch from A\n{p.info()}")
+    wait_for(lambda: p.lines("relaying"), lambda: f"me-peer to fetch from A\n{p.info()}")
     relay = [j for j in json_lines(p) if j.get("relay")]
     assert relay and relay[0]["result"] == "done" and relay[0]["signature_ok"], p.info()
     seq = relay[0]["seq"]
@@ -508,7 +542,7 @@ def test_server_unknown_repositories(server, peers, git_repo, tmp_path, daemon_f
     other = git_repo(name="other", commits=2)
     q = peers("--dial", f"{a_did}@127.0.0.1:{a.port}", "--repo-path", other, "--serve", "silent",
               "--wait", "60")
-    orid, _ = wait_for(lambda: announced(q, 0), f"me-peer to announce\n{q.info()}")
+    orid, _ = wait_for(lambda: announced(q, 0), lambda: f"me-peer to announce\n{q.info()}")
     wait_for(lambda: db_row(a, orid) is not None, "A to learn the other repository")
     p, res = fetch(peers, a, a_did, orid)
     assert [(r["result"], r["code"]) for r in res] == [("error", -10)], p.info()
@@ -609,8 +643,9 @@ def test_server_idle_streams(server, peers, git_repo, tmp_path, daemon_factory):
     a, a_did, rid, repo = server
     p = peers("--dial", f"{a_did}@127.0.0.1:{a.port}", "--fetch", rid, "--xsend", "silent",
               "--streams", "4", "--wait", "120")
-    wait_for(lambda: len(p.lines("opened")) == 4, f"me-peer to open 4 streams\n{p.info()}")
-    w, _ = start_node(daemon_factory, "witness", ["--bootstrap-node", f"{a_did}@127.0.0.1:{a.port}"])
+    wait_for(lambda: len(p.lines("opened")) == 4, lambda: f"me-peer to open 4 streams\n{p.info()}")
+    w, _ = start_node(daemon_factory, "witness",
+                      ["--bootstrap-node", f"{a_did}@127.0.0.1:{a.port}"])
     seq = wait_for(lambda: (db_row(w, rid) or {}).get("ref_seq"), "W to learn the repository")
     wait_mirror_seq(w, rid, seq, "W from A")
     assert_mirror_is(w, rid, git_repo, repo)
@@ -634,7 +669,7 @@ def test_large_ref_state_replicates(daemon_factory, git_repo):
     rid = a.mectl("repo", "add", repo, json=True).json["id"]
     b, _ = start_node(daemon_factory, "beta", ["--bootstrap-node", f"{a_did}@127.0.0.1:{a.port}"])
     seq = wait_for(lambda: (db_row(b, rid) or {}).get("ref_seq"), "B to learn the repository")
-    wait_mirror_seq(b, rid, seq, f"B from A\nA's log:\n{a.stderr()[-3000:]}")
+    wait_mirror_seq(b, rid, seq, lambda: f"B from A\nA's log:\n{a.stderr()[-3000:]}")
     assert_mirror_is(b, rid, git_repo, repo)
     b.stop()
     a.stop()
