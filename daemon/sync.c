@@ -1407,7 +1407,8 @@ static int serve_bundle(struct serve *sv, const struct store_repo *sr, const cha
 
 	if (h == NULL)
 		return ME_ENOMEM;
-	qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
+	if (nhaves > 1) /* haves is NULL when there are none: qsort wants a pointer */
+		qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
 	for (int i = 0; i < 8; i++)
 		seqb[i] = (uint8_t)((uint64_t)sr->ref_seq >> (56 - 8 * i));
 	me_sha3_update(h, sr->id, strlen(sr->id) + 1);
