@@ -48,11 +48,12 @@
 #define TRAVERSAL_ID "did:repo:../../x"
 #define TRAVERSAL_NAME "../../x"
 #define EXTRA_REF "refs/heads/zz-mepeer-extra"
+#define TRICKLE_MS 2000
 
 /* ---- what requested streams carry (--xsend) ---- */
 
 enum { XS_REQUEST, XS_GARBAGE, XS_START, XS_TRAVERSAL, XS_TWO, XS_HUGE_HAVES, XS_OVERSIZE,
-       XS_SILENT };
+       XS_SILENT, XS_PARTIAL };
 
 static const struct {
 	const char *name, *help;
@@ -64,7 +65,8 @@ static const struct {
 	[XS_TWO] = { "two", "two requests on one stream" },
 	[XS_HUGE_HAVES] = { "huge-haves", "a request with 20001 haves (a 440 KB frame)" },
 	[XS_OVERSIZE] = { "oversize", "a frame header announcing 16 MiB, then 64 KiB" },
-	[XS_SILENT] = { "silent", "nothing: the stream stays open and idle" },
+	[XS_SILENT] = { "silent", "nothing (QUIC shows the peer no stream until data flows)" },
+	[XS_PARTIAL] = { "partial", "3 bytes of a frame header, then nothing: an idle stream" },
 };
 
 /* ---- how requests are answered (--serve) ---- */
@@ -75,7 +77,7 @@ enum rs_kind { RS_CREATOR, RS_OTHER_SIGNER, RS_CLAIM_CREATOR, RS_OTHER_REPO, RS_
 enum total_kind { T_EXACT, T_HUGE, T_SHORT };
 enum digest_kind { D_OK, D_WRONG_DONE, D_WRONG_BOTH };
 enum order { O_NORMAL, O_DATA_FIRST, O_TWO_STARTS, O_DONE_FIRST };
-enum cut { CUT_NONE, CUT_STALL, CUT_SHORT };
+enum cut { CUT_NONE, CUT_STALL, CUT_SHORT, CUT_TRICKLE };
 
 struct serve_mode {
 	const char *name, *help;
@@ -85,7 +87,8 @@ struct serve_mode {
 	enum total_kind total;
 	enum digest_kind digest;
 	enum order order;
-	enum cut cut; /* after half the data: nothing more (stall) or Done (short) */
+	enum cut cut; /* after half the data: nothing more (stall) or Done (short); or from the
+			 start one byte every TRICKLE_MS (trickle) */
 	const char *file_name; /* NULL: "<name>.bundle" */
 };
 
@@ -115,6 +118,8 @@ static const struct serve_mode modes[] = {
 	{ .name = "stall", .cut = CUT_STALL,
 	  .help = "Start and half the data, then nothing (the stream stays open)" },
 	{ .name = "short", .cut = CUT_SHORT, .help = "Start, half the data, then Done" },
+	{ .name = "trickle", .cut = CUT_TRICKLE,
+	  .help = "Start, then one byte of data every 2 s: never quite a stall, never done" },
 	{ .name = "data-first", .order = O_DATA_FIRST, .help = "a Data frame before Start" },
 	{ .name = "two-starts", .order = O_TWO_STARTS, .help = "Start twice, then the data" },
 	{ .name = "done-first", .order = O_DONE_FIRST, .help = "Start, then Done at once" },
@@ -165,6 +170,8 @@ struct xserve {
 	size_t len;
 	uint64_t pos, end;
 	uint8_t done_digest[XMSG_DIGEST_LEN];
+	uv_timer_t trickle;
+	int timer_on;
 	struct xserve *next;
 };
 
@@ -874,6 +881,8 @@ static int put_xsend(struct app *a, int kind, msgpack_sbuffer *sb)
 	}
 	case XS_SILENT:
 		return 0;
+	case XS_PARTIAL:
+		return msgpack_sbuffer_write(sb, "\0\0\0", 3) != 0 ? ME_ENOMEM : 0;
 	}
 	return ME_EINVAL;
 }
@@ -989,6 +998,11 @@ static void relay_loaded(struct app *a, struct xfetch *f)
 
 /* ---- serving ---- */
 
+static void on_trickle_closed(uv_handle_t *h)
+{
+	free(h->data);
+}
+
 static void serve_free(struct xserve *sv)
 {
 	struct xstate *xs = sv->a->xs;
@@ -1000,7 +1014,11 @@ static void serve_free(struct xserve *sv)
 	}
 	xs->nserves--;
 	free(sv->buf);
-	free(sv);
+	sv->buf = NULL;
+	if (sv->timer_on) /* the memory goes with the timer's handle */
+		uv_close((uv_handle_t *)&sv->trickle, on_trickle_closed);
+	else
+		free(sv);
 }
 
 /* Key of a bundle: the tips and the haves. */
@@ -1162,6 +1180,20 @@ static void serve_pump(struct xserve *sv)
 	msgpack_sbuffer_destroy(&sb);
 }
 
+/* One more byte, forever (well, until the bundle's end). */
+static void on_trickle(uv_timer_t *t)
+{
+	struct xserve *sv = t->data;
+	msgpack_sbuffer sb;
+
+	if (sv->x == NULL || sv->pos >= sv->len)
+		return;
+	msgpack_sbuffer_init(&sb);
+	if (xmsg_encode_data(&sb, sv->buf + sv->pos, 1) == 0 && send_sb(sv->x, &sb) == 0)
+		sv->pos++;
+	msgpack_sbuffer_destroy(&sb);
+}
+
 /* Answers a request with a bundle, as the mode says. */
 static int serve_bundle(struct xserve *sv, const struct xmsg *req)
 {
@@ -1233,7 +1265,17 @@ static int serve_bundle(struct xserve *sv, const struct xmsg *req)
 	sv->pos = off;
 	sv->end = md->order == O_DONE_FIRST ? off : md->cut != CUT_NONE ? off + (sv->len - off) / 2
 									  : sv->len;
-	sv->send_done = md->cut != CUT_STALL;
+	sv->send_done = md->cut != CUT_STALL && md->cut != CUT_TRICKLE;
+	if (md->cut == CUT_TRICKLE) {
+		sv->end = off;
+		sv->finished = 1;
+		uv_timer_init(&a->loop, &sv->trickle);
+		sv->trickle.data = sv;
+		sv->timer_on = 1;
+		uv_timer_start(&sv->trickle, on_trickle, TRICKLE_MS, TRICKLE_MS);
+		printf("trickling %s %s to %s\n", md->name, xs->id, sv->peer_did);
+		return 0;
+	}
 	serve_pump(sv);
 	return 0;
 }

@@ -811,6 +811,7 @@ out:
 	net_free(a.net);
 	uv_run(&a.loop, UV_RUN_DEFAULT);
 	xfer_free(&a);
+	uv_run(&a.loop, UV_RUN_DEFAULT); /* handles xfer_free closed */
 	tls_free(a.tls);
 	if (uv_loop_close(&a.loop) != 0)
 		fprintf(stderr, "me-peer: event loop closed with handles still open\n");
