@@ -673,3 +673,45 @@ def test_large_ref_state_replicates(daemon_factory, git_repo):
     assert_mirror_is(b, rid, git_repo, repo)
     b.stop()
     a.stop()
+
+
+def test_server_drops_idle_streams(server, peers, git_repo, tmp_path):
+    """Peers that open streams and never finish their request (3 bytes of a frame header) are
+    dropped like any transfer without data for 15 s: eight of them, four streams each, fill the
+    daemon's 32 slots for a moment, not for ever."""
+    a, a_did, rid, repo = server
+    idle = [peers("--dial", f"{a_did}@127.0.0.1:{a.port}", "--fetch", rid, "--xsend", "partial",
+                  "--streams", "4", "--wait", "300") for _ in range(8)]
+    for p in idle:
+        wait_for(lambda: len(p.lines("opened")) == 4, lambda: f"4 streams\n{p.info()}")
+    for p in idle:
+        wait_for(lambda: len(json_lines(p)) == 4,
+                 lambda: f"the daemon to drop me-peer's idle streams\n{p.info()}\n"
+                         f"{a.stderr()[-2000:]}", timeout=STALL_WAIT)
+        assert {r["result"] for r in json_lines(p)} == {"reset"}, p.info()
+    assert_serves_honestly(peers, a, a_did, rid, repo, git_repo, tmp_path)
+    for p in idle:
+        p.stop()
+    a.stop()
+
+
+def test_trickling_peers_do_not_block_replication(daemon_factory, peers, git_repo):
+    """Four peers each serving a repository of their own one byte every 2 s (never quiet for
+    15 s, never done) must not keep a daemon from replicating an honest repository."""
+    v, v_did = start_node(daemon_factory, "victim")
+    slow = [peers("--dial", f"{v_did}@127.0.0.1:{v.port}",
+                  "--repo-path", git_repo(name=f"slow{i}", commits=2),
+                  "--serve", "trickle", "--wait", "300") for i in range(4)]
+    for p in slow:
+        wait_for(lambda: p.lines("trickling"), lambda: f"V to fetch from me-peer\n{p.info()}")
+    a, _ = start_node(daemon_factory, "alpha", ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+    repo = make_repo(git_repo)
+    rid = a.mectl("repo", "add", repo, json=True).json["id"]
+    seq = wait_signed(a, rid, git_repo, repo)
+    wait_for(lambda: db_row(v, rid) is not None, "V to learn the honest repository")
+    wait_mirror_seq(v, rid, seq, "V from A while four peers trickle", timeout=60.0)
+    assert_mirror_is(v, rid, git_repo, repo)
+    for p in slow:
+        p.stop()
+    a.stop()
+    v.stop()
