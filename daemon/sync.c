@@ -152,6 +152,8 @@ struct serve {
 	uint64_t resume_offset;
 	uint8_t creator_pk[ME_PK_LEN];
 	struct rs_copy rs;
+	int64_t active_ms; /* monotonic: accepted, or the last time data moved */
+	size_t queued;     /* bytes queued at the last look */
 	struct serve *next_waiting;
 	struct serve *prev, *next;
 };
@@ -1094,12 +1096,36 @@ static void sweep(struct sync *s)
 	store_repo_list_free(list, n);
 }
 
+/* Served transfers without progress for SYNC_STALL_MS are dropped, as fetches are: a peer that
+ * never completes its request or never reads would otherwise hold a slot for ever. Data moves
+ * when the queue drains (the reader reads) or the pump adds to it. */
+static void serves_expire(struct sync *s, int64_t mono)
+{
+	for (struct serve *sv = s->serves; sv; sv = sv->next) {
+		if (sv->x == NULL || (sv->phase != S_REQUEST && sv->phase != S_SENDING))
+			continue;
+		if (sv->phase == S_SENDING) {
+			size_t q = net_xfer_queued(sv->x);
+			if (q < sv->queued)
+				sv->active_ms = mono;
+			sv->queued = q;
+		}
+		if (mono - sv->active_ms > SYNC_STALL_MS) {
+			log_info("sync: transfer to %s stalled (%s); dropped", sv->peer_did,
+				 sv->phase == S_REQUEST ? "no request" : "no data moved");
+			net_xfer_reset(sv->x, NET_ERR_CANCEL); /* closed follows from the loop */
+			sv->phase = S_FINISHED;
+		}
+	}
+}
+
 static void schedule(struct sync *s)
 {
 	int64_t now = me_now_ms(), mono = me_mono_ms();
 
 	if (s->closing)
 		return;
+	serves_expire(s, mono);
 	if (mono >= s->next_sweep_ms) {
 		s->next_sweep_ms = mono + SYNC_SWEEP_MS;
 		sweep(s);
@@ -1248,7 +1274,9 @@ static void serve_pump(struct serve *sv)
 		}
 		sv->pos += (uint64_t)k;
 		sv->s->stats.bytes_served += (uint64_t)k;
+		sv->active_ms = me_mono_ms();
 	}
+	sv->queued = net_xfer_queued(sv->x);
 	if (sv->pos == ce->size) {
 		if (xmsg_encode_done(&sb, ce->digest) == 0 && send_frame(sv->x, &sb) == 0)
 			net_xfer_finish(sv->x);
@@ -1591,6 +1619,7 @@ int sync_xfer_accept(void *ud, struct peer *p, struct net_xfer *x)
 	sv->fd = -1;
 	memcpy(sv->peer, net_peer_pk(p), ME_PK_LEN);
 	fmt(sv->peer_did, sizeof(sv->peer_did), "%s", net_peer_did(p));
+	sv->active_ms = me_mono_ms();
 	sv->next = s->serves;
 	if (s->serves)
 		s->serves->prev = sv;
