@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <dirent.h>
+#include <ftw.h>
 #include <git2.h>
 #include <sodium.h>
 
@@ -151,6 +152,8 @@ struct serve {
 	uint64_t resume_offset;
 	uint8_t creator_pk[ME_PK_LEN];
 	struct rs_copy rs;
+	int64_t active_ms; /* monotonic: accepted, or the last time data moved */
+	size_t queued;     /* bytes queued at the last look */
 	struct serve *next_waiting;
 	struct serve *prev, *next;
 };
@@ -714,6 +717,12 @@ static int check_binding(git_repository *view, const struct gmsg_refstate *rs, v
 	return rc;
 }
 
+static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw)
+{
+	(void)sb, (void)type, (void)ftw;
+	return remove(p) < 0 && errno != ENOENT ? -1 : 0;
+}
+
 static void verify_work(uv_work_t *w)
 {
 	struct fetch *f = (struct fetch *)((char *)w - offsetof(struct fetch, work));
@@ -723,6 +732,12 @@ static void verify_work(uv_work_t *w)
 	int fd = -1, rc;
 	struct bind_arg ba = { f->creator_pk, f->rs.rs.repo_id.ptr };
 	struct bundle_rx_opts o = { .max_bytes = f->max_bytes };
+	char mpath[PATH_MAX];
+	struct stat st;
+	/* A first fetch creates the mirror: when it fails, the mirror goes again, so the data
+	 * root is exactly as before. */
+	int fresh = mirror_path(f->root, f->rs.rs.repo_id.ptr, mpath, sizeof(mpath)) == 0 &&
+		    lstat(mpath, &st) < 0 && errno == ENOENT;
 
 	f->verr[0] = '\0';
 	if (f->mirror_seq <= 0) {
@@ -766,6 +781,8 @@ out:
 	if (fd >= 0)
 		close(fd);
 	git_repository_free(m);
+	if (rc < 0 && fresh)
+		nftw(mpath, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
 	f->vrc = rc;
 }
 
@@ -1087,12 +1104,36 @@ static void sweep(struct sync *s)
 	store_repo_list_free(list, n);
 }
 
+/* Served transfers without progress for SYNC_STALL_MS are dropped, as fetches are: a peer that
+ * never completes its request or never reads would otherwise hold a slot for ever. Data moves
+ * when the queue drains (the reader reads) or the pump adds to it. */
+static void serves_expire(struct sync *s, int64_t mono)
+{
+	for (struct serve *sv = s->serves; sv; sv = sv->next) {
+		if (sv->x == NULL || (sv->phase != S_REQUEST && sv->phase != S_SENDING))
+			continue;
+		if (sv->phase == S_SENDING) {
+			size_t q = net_xfer_queued(sv->x);
+			if (q < sv->queued)
+				sv->active_ms = mono;
+			sv->queued = q;
+		}
+		if (mono - sv->active_ms > SYNC_STALL_MS) {
+			log_info("sync: transfer to %s stalled (%s); dropped", sv->peer_did,
+				 sv->phase == S_REQUEST ? "no request" : "no data moved");
+			net_xfer_reset(sv->x, NET_ERR_CANCEL); /* closed follows from the loop */
+			sv->phase = S_FINISHED;
+		}
+	}
+}
+
 static void schedule(struct sync *s)
 {
 	int64_t now = me_now_ms(), mono = me_mono_ms();
 
 	if (s->closing)
 		return;
+	serves_expire(s, mono);
 	if (mono >= s->next_sweep_ms) {
 		s->next_sweep_ms = mono + SYNC_SWEEP_MS;
 		sweep(s);
@@ -1245,7 +1286,9 @@ static void serve_pump(struct serve *sv)
 		}
 		sv->pos += (uint64_t)k;
 		sv->s->stats.bytes_served += (uint64_t)k;
+		sv->active_ms = me_mono_ms();
 	}
+	sv->queued = net_xfer_queued(sv->x);
 	if (sv->pos == ce->size) {
 		if (xmsg_encode_done(&sb, ce->digest) == 0 && send_frame(sv->x, &sb) == 0)
 			net_xfer_finish(sv->x);
@@ -1404,7 +1447,7 @@ static int serve_bundle(struct serve *sv, const struct store_repo *sr, const cha
 
 	if (h == NULL)
 		return ME_ENOMEM;
-	if (nhaves > 0)
+	if (nhaves > 1) /* haves is NULL when there are none: qsort wants a pointer */
 		qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
 	for (int i = 0; i < 8; i++)
 		seqb[i] = (uint8_t)((uint64_t)sr->ref_seq >> (56 - 8 * i));
@@ -1588,6 +1631,7 @@ int sync_xfer_accept(void *ud, struct peer *p, struct net_xfer *x)
 	sv->fd = -1;
 	memcpy(sv->peer, net_peer_pk(p), ME_PK_LEN);
 	fmt(sv->peer_did, sizeof(sv->peer_did), "%s", net_peer_did(p));
+	sv->active_ms = me_mono_ms();
 	sv->next = s->serves;
 	if (s->serves)
 		s->serves->prev = sv;

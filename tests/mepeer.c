@@ -1,11 +1,14 @@
 /* me-peer: a hostile (or honest) test peer for the integration tests. It runs the real transport
- * (net.c, tls.c) with its own identity and sends one kind of input to the node it dials.
+ * (net.c, tls.c) with its own identity, sends one kind of gossip to the nodes it dials, and
+ * requests or serves repositories on transfer streams (mepeer-xfer.c).
  *
- *   me-peer --root DIR --addr IP:PORT --dial DID@IP:PORT --send KIND [--count N] [--wait SEC]
+ *   me-peer --root DIR --addr IP:PORT --dial DID@IP:PORT [--dial ...] [--send KIND] [...]
  *   me-peer --root DIR --addr IP:PORT --listen [--wait SEC]
  *
- *   --root DIR          identity (DIR/keypair, created when absent) and DIR/certs
+ *   --root DIR          identity (DIR/keypair, created when absent), DIR/certs, scratch files
  *   --key-from DIR      use the keypair of DIR instead (DIR/keypair must exist)
+ *   --dial DID@IP:PORT  a node to connect to (up to 4; gossip and announcements go to each,
+ *                       --fetch streams to the first)
  *   --impersonate X     the node forged content claims: a did:key, or a data root whose public
  *                       key is used (its secret key is never used); default: a random key
  *   --alias NAME        alias in the NodeAnnouncements sent (default "mepeer")
@@ -15,18 +18,43 @@
  *   --log-level LEVEL   transport log on stderr (default info)
  *
  * KIND: honest-node, forged-node, forged-sig, replay, future, stale, ttl (alias ttl255),
- * ttl-raw255, oversize, garbage, forged-refstate, flood, none (only connect).
+ * ttl-raw255, oversize, garbage, forged-refstate, flood, none (only connect; the default).
+ *
+ * Transfers (docs/peer-protocol.md section 3; the modes are listed by --help):
+ *   --fetch ID          request ID (or "random": a valid id nobody has) from the first dialed
+ *                       node on --streams N streams (default 1, at most 8), each carrying
+ *                       --xsend XSEND (default "request"); --have HEX (repeatable) and
+ *                       --resume DIGEST:OFFSET go into the request; --out FILE receives the
+ *                       bundle (stream i > 0: FILE.i). One JSON line per stream when it
+ *                       closes; me-peer exits once every stream has closed.
+ *   --repo-path DIR     serve DIR, a git repository we are the creator of (did:repo from its
+ *                       root commit and our key, state signed by us, --seq N to fix its seq)
+ *   --relay ID          serve ID, learnt by gossip from a dialed node (the creator's signed
+ *                       state; a full bundle fetched from that node)
+ *   --serve MODE,...    how requests are answered: the first state announced with the first
+ *                       mode; SIGUSR1 signs a newer state (re-reading DIR), announces it and
+ *                       serves it with the next mode (the last repeats). Default "honest".
+ *   --max-bundle BYTES  largest bundle held or accepted (default 64 MiB)
  *
  * stdout, one line per event (line-buffered):
  *   me DID                              first line: our own did:key
  *   listening IP:PORT
  *   up DID ADDR inbound|outbound
- *   sent KIND FRAMES BYTES              what was queued to the dialed node
+ *   sent KIND FRAMES BYTES              what was queued to a dialed node
  *   frame node|repo|type=N ORIGIN_DID from PEER_DID [alias=... | repos=N]
  *   frame invalid ERROR from PEER_DID
  *   down DID REASON
- * Exit: 0 done (after --wait, or SIGINT/SIGTERM once up), 1 the dialed node never came up (or a
- * handshake failed), 2 usage, 3 the dialed node closed the connection (reason on stderr). */
+ *   repo ID NAME seq=N refs=N head=REF  the repository we created (--repo-path)
+ *   learnt / relaying / announced ...   the repository we relay, our announcements
+ *   request ID haves=N resume=0|1 offset=N mode=MODE from DID
+ *   start / served / stalled MODE ...   what we answered
+ *   closed serve MODE app_error=0xN sent=N from DID (WHY)
+ *   opened stream N XSEND to DID
+ *   {"stream":N,"result":...}           a requested stream closed (JSON)
+ * Exit: 0 done (after --wait, every --fetch stream closed, or SIGINT/SIGTERM once up), 1 no
+ * dialed node came up (or a handshake failed), 2 usage, 3 a dialed node closed the connection
+ * (gossip kinds only; reason on stderr). */
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -46,6 +74,7 @@
 #include "daemon/config.h"
 #include "daemon/net.h"
 #include "daemon/tls.h"
+#include "tests/mepeer.h"
 
 #define MIN_MS 60000LL
 #define OVERSIZE_LEN (16u << 20)
@@ -87,43 +116,24 @@ static const struct {
 	{ "flood", K_FLOOD },
 };
 
-struct app {
-	uv_loop_t loop;
-	struct net *net;
-	struct tls_ctx *tls;
-	struct me_keypair kp;
-	uv_timer_t wait_timer, poll_timer;
-	uv_signal_t sigint, sigterm;
-
-	/* options */
-	const char *root, *key_from, *alias, *kind_name;
-	struct me_sockaddr addr;
-	struct me_bootstrap dial;
-	int dialing, listening;
-	enum kind kind;
-	unsigned long count;
-	uint64_t wait_ms;
-	uint8_t imp_pk[ME_PK_LEN];
-	char imp_did[ME_DID_KEY_SIZE];
-
-	/* state */
-	int target_up, sent, stopping;
-	int exit_code;
-};
-
 static int usage(void)
 {
 	fprintf(stderr,
-		"usage: me-peer --root DIR --addr IP:PORT --dial DID@IP:PORT --send KIND\n"
-		"               [--key-from DIR] [--impersonate DID|DIR] [--alias NAME]\n"
-		"               [--count N] [--wait SEC] [--log-level LEVEL]\n"
+		"usage: me-peer --root DIR --addr IP:PORT --dial DID@IP:PORT [--dial ...]\n"
+		"               [--send KIND] [--key-from DIR] [--impersonate DID|DIR]\n"
+		"               [--alias NAME] [--count N] [--wait SEC] [--log-level LEVEL]\n"
+		"               [--fetch ID|random [--streams N] [--xsend XSEND] [--have HEX]...\n"
+		"                [--resume DIGEST:OFFSET] [--out FILE]]\n"
+		"               [--repo-path DIR | --relay ID] [--serve MODE[,MODE...]] [--seq N]\n"
+		"               [--max-bundle BYTES]\n"
 		"       me-peer --root DIR --addr IP:PORT --listen [--wait SEC]\n"
 		"KIND: honest-node forged-node forged-sig replay future stale ttl ttl-raw255\n"
 		"      oversize garbage forged-refstate flood none\n");
+	xfer_usage(stderr);
 	return 2;
 }
 
-static void stop(struct app *a, int code)
+void mepeer_stop(struct app *a, int code)
 {
 	if (a->stopping)
 		return;
@@ -135,7 +145,7 @@ static void stop(struct app *a, int code)
 /* ---- building messages ---- */
 
 /* Appends one framed envelope signed by kp. */
-static int put_envelope(const struct me_keypair *kp, uint64_t ts, unsigned ttl, unsigned type,
+int mepeer_envelope(const struct me_keypair *kp, uint64_t ts, unsigned ttl, unsigned type,
 			const msgpack_sbuffer *pl, msgpack_sbuffer *out)
 {
 	size_t start = out->size;
@@ -176,7 +186,7 @@ static int honest_node(const struct app *a, uint64_t ts, unsigned ttl, const cha
 	msgpack_sbuffer_init(&pl);
 	rc = node_payload(a, a->kp.pk, alias, &pl);
 	if (rc == 0)
-		rc = put_envelope(&a->kp, ts, ttl, GMSG_NODE_ANN, &pl, out);
+		rc = mepeer_envelope(&a->kp, ts, ttl, GMSG_NODE_ANN, &pl, out);
 	msgpack_sbuffer_destroy(&pl);
 	return rc;
 }
@@ -225,7 +235,7 @@ static int forged_refstate(const struct app *a, msgpack_sbuffer *out)
 	msgpack_sbuffer_init(&pl);
 	rc = gmsg_repo_ann_encode(&ann, &pl);
 	if (rc == 0)
-		rc = put_envelope(&a->kp, (uint64_t)me_now_ms(), GMSG_MAX_TTL, GMSG_REPO_ANN, &pl,
+		rc = mepeer_envelope(&a->kp, (uint64_t)me_now_ms(), GMSG_MAX_TTL, GMSG_REPO_ANN, &pl,
 				  out);
 	msgpack_sbuffer_destroy(&pl);
 	for (int i = 0; i < 2; i++)
@@ -254,7 +264,7 @@ static int build(const struct app *a, msgpack_sbuffer *out, unsigned long *nfram
 		msgpack_sbuffer_init(&pl);
 		rc = node_payload(a, a->imp_pk, a->alias, &pl);
 		if (rc == 0)
-			rc = put_envelope(&a->kp, now, GMSG_MAX_TTL, GMSG_NODE_ANN, &pl, out);
+			rc = mepeer_envelope(&a->kp, now, GMSG_MAX_TTL, GMSG_NODE_ANN, &pl, out);
 		msgpack_sbuffer_destroy(&pl);
 		return rc;
 	case K_FORGED_SIG:
@@ -321,13 +331,17 @@ static int build(const struct app *a, msgpack_sbuffer *out, unsigned long *nfram
 	return ME_EINVAL;
 }
 
+int mepeer_honest_node(const struct app *a, uint64_t ts, msgpack_sbuffer *out)
+{
+	return honest_node(a, ts, GMSG_MAX_TTL, a->alias, out);
+}
+
 static void send_kind(struct app *a, struct peer *p)
 {
 	msgpack_sbuffer out;
 	unsigned long nframes = 0;
 	int rc;
 
-	a->sent = 1;
 	msgpack_sbuffer_init(&out);
 	rc = build(a, &out, &nframes);
 	if (rc == 0 && out.size > 0)
@@ -335,7 +349,7 @@ static void send_kind(struct app *a, struct peer *p)
 	if (rc < 0) {
 		fprintf(stderr, "me-peer: cannot send %s: %s\n", a->kind_name, me_strerror(rc));
 		msgpack_sbuffer_destroy(&out);
-		stop(a, 1);
+		mepeer_stop(a, 1);
 		return;
 	}
 	printf("sent %s %lu %zu\n", a->kind_name, nframes, out.size);
@@ -346,39 +360,57 @@ static void send_kind(struct app *a, struct peer *p)
 
 static void on_wait(uv_timer_t *t);
 
-static int is_target(const struct app *a, const struct peer *p)
+int mepeer_target(const struct app *a, const struct peer *p)
 {
 	uint8_t pk[ME_PK_LEN];
 
-	return a->dialing && me_did_key_parse(a->dial.did, pk) == 0 &&
-	       memcmp(pk, net_peer_pk(p), ME_PK_LEN) == 0;
+	for (size_t i = 0; i < a->ndial; i++)
+		if (me_did_key_parse(a->dial[i].did, pk) == 0 &&
+		    memcmp(pk, net_peer_pk(p), ME_PK_LEN) == 0)
+			return (int)i;
+	return -1;
+}
+
+static int any_target_up(const struct app *a)
+{
+	for (size_t i = 0; i < a->ndial; i++)
+		if (a->target_up[i])
+			return 1;
+	return 0;
 }
 
 static void on_peer_up(void *ud, struct peer *p)
 {
 	struct app *a = ud;
+	int idx = mepeer_target(a, p);
 
 	printf("up %s %s %s\n", net_peer_did(p), net_peer_addr(p),
 	       net_peer_outbound(p) ? "outbound" : "inbound");
-	if (!is_target(a, p))
+	if (idx < 0)
 		return;
-	a->target_up = 1;
+	a->target_up[idx] = 1;
 	/* From now on the connection is kept open for --wait. */
 	uv_timer_start(&a->wait_timer, on_wait, a->wait_ms, 0);
-	if (!a->sent)
+	if (!a->sent[idx]) {
+		a->sent[idx] = 1;
 		send_kind(a, p);
+	}
+	xfer_target_up(a, p, idx);
 }
 
 static void on_peer_down(void *ud, struct peer *p, const char *why)
 {
 	struct app *a = ud;
+	int idx = mepeer_target(a, p);
 
 	if (a->stopping)
 		return;
 	printf("down %s %s\n", net_peer_did(p), why);
-	if (is_target(a, p)) {
+	if (idx >= 0)
+		a->target_up[idx] = 0;
+	if (idx >= 0 && !xfer_enabled(a)) {
 		fprintf(stderr, "me-peer: %s closed the connection: %s\n", net_peer_did(p), why);
-		stop(a, 3);
+		mepeer_stop(a, 3);
 	}
 }
 
@@ -386,7 +418,6 @@ static int on_frame(void *ud, struct peer *p, const uint8_t *body, size_t len)
 {
 	struct gmsg_envelope e;
 	int rc = gmsg_envelope_decode(body, len, &e);
-	(void)ud;
 
 	if (rc < 0) {
 		printf("frame invalid %s from %s\n", me_strerror(rc), net_peer_did(p));
@@ -411,6 +442,7 @@ static int on_frame(void *ud, struct peer *p, const uint8_t *body, size_t len)
 	} else {
 		printf("frame type=%u %s from %s\n", e.type, e.origin_did, net_peer_did(p));
 	}
+	xfer_gossip(ud, p, &e);
 	return 0;
 }
 
@@ -420,12 +452,12 @@ static void on_wait(uv_timer_t *t)
 {
 	struct app *a = t->data;
 
-	if (a->dialing && !a->target_up) {
-		fprintf(stderr, "me-peer: no connection to %s within the wait\n", a->dial.did);
-		stop(a, 1);
+	if (a->dialing && !any_target_up(a)) {
+		fprintf(stderr, "me-peer: no connection to %s within the wait\n", a->dial[0].did);
+		mepeer_stop(a, 1);
 		return;
 	}
-	stop(a, 0);
+	mepeer_stop(a, 0);
 }
 
 static void on_poll(uv_timer_t *t)
@@ -433,20 +465,23 @@ static void on_poll(uv_timer_t *t)
 	struct app *a = t->data;
 	struct net_stats st;
 
-	if (!a->dialing || a->target_up)
+	if (!a->dialing || any_target_up(a))
 		return;
 	net_get_stats(a->net, &st);
 	if (st.handshakes_failed > 0) {
-		fprintf(stderr, "me-peer: the handshake with %s failed\n", a->dial.addr.text);
-		stop(a, 1);
+		fprintf(stderr, "me-peer: the handshake with %s failed\n", a->dial[0].addr.text);
+		mepeer_stop(a, 1);
 	}
 }
 
 static void on_signal(uv_signal_t *h, int signum)
 {
 	struct app *a = h->data;
-	(void)signum;
-	stop(a, a->dialing && !a->target_up ? 1 : 0);
+	if (signum == SIGUSR1) {
+		xfer_signal(a);
+		return;
+	}
+	mepeer_stop(a, a->dialing && !any_target_up(a) ? 1 : 0);
 }
 
 /* ---- main ---- */
@@ -479,10 +514,33 @@ static int load_impersonated(struct app *a, const char *s)
 	return me_did_key_from_pk(a->imp_pk, a->imp_did, sizeof(a->imp_did)) < 0 ? -1 : 0;
 }
 
+static int parse_hex(const char *s, uint8_t *out, size_t n)
+{
+	size_t got = 0;
+	if (strlen(s) != 2 * n || sodium_hex2bin(out, n, s, 2 * n, NULL, &got, NULL) != 0 ||
+	    got != n)
+		return -1;
+	return 0;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+	char *end;
+	if (*s < '0' || *s > '9')
+		return -1;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno != 0 || *end != '\0')
+		return -1;
+	*out = v;
+	return 0;
+}
+
 static int parse_args(struct app *a, int argc, char **argv)
 {
 	enum { O_ROOT = 256, O_ADDR, O_KEYFROM, O_IMP, O_DIAL, O_SEND, O_COUNT, O_WAIT, O_LISTEN,
-	       O_ALIAS, O_LOG };
+	       O_ALIAS, O_LOG, O_FETCH, O_OUT, O_HAVE, O_RESUME, O_STREAMS, O_XSEND, O_SERVE,
+	       O_REPO, O_RELAY, O_SEQ, O_MAXB };
 	static const struct option opts[] = {
 		{ "root", required_argument, NULL, O_ROOT },
 		{ "addr", required_argument, NULL, O_ADDR },
@@ -495,6 +553,17 @@ static int parse_args(struct app *a, int argc, char **argv)
 		{ "listen", no_argument, NULL, O_LISTEN },
 		{ "alias", required_argument, NULL, O_ALIAS },
 		{ "log-level", required_argument, NULL, O_LOG },
+		{ "fetch", required_argument, NULL, O_FETCH },
+		{ "out", required_argument, NULL, O_OUT },
+		{ "have", required_argument, NULL, O_HAVE },
+		{ "resume", required_argument, NULL, O_RESUME },
+		{ "streams", required_argument, NULL, O_STREAMS },
+		{ "xsend", required_argument, NULL, O_XSEND },
+		{ "serve", required_argument, NULL, O_SERVE },
+		{ "repo-path", required_argument, NULL, O_REPO },
+		{ "relay", required_argument, NULL, O_RELAY },
+		{ "seq", required_argument, NULL, O_SEQ },
+		{ "max-bundle", required_argument, NULL, O_MAXB },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -505,6 +574,8 @@ static int parse_args(struct app *a, int argc, char **argv)
 	a->alias = "mepeer";
 	a->count = 100;
 	a->wait_ms = 5000;
+	a->xo.streams = 1;
+	a->xo.max_bundle = 64u << 20;
 	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (c) {
 		case O_ROOT:
@@ -522,10 +593,13 @@ static int parse_args(struct app *a, int argc, char **argv)
 			imp = optarg;
 			break;
 		case O_DIAL:
-			if (me_bootstrap_parse(optarg, &a->dial) < 0) {
-				fprintf(stderr, "me-peer: --dial wants DID@IP:PORT\n");
+			if (a->ndial == MEPEER_MAX_DIALS ||
+			    me_bootstrap_parse(optarg, &a->dial[a->ndial]) < 0) {
+				fprintf(stderr, "me-peer: --dial wants DID@IP:PORT (at most %d)\n",
+					MEPEER_MAX_DIALS);
 				return usage();
 			}
+			a->ndial++;
 			a->dialing = 1;
 			break;
 		case O_SEND:
@@ -552,10 +626,85 @@ static int parse_args(struct app *a, int argc, char **argv)
 				return usage();
 			me_log_set_level(lvl);
 			break;
+		case O_FETCH:
+			a->xo.fetch_id = optarg;
+			break;
+		case O_OUT:
+			a->xo.out = optarg;
+			break;
+		case O_HAVE:
+			if (a->xo.nhaves == MEPEER_MAX_HAVES ||
+			    parse_hex(optarg, a->xo.haves[a->xo.nhaves], ME_OID_LEN) < 0)
+				return usage();
+			a->xo.nhaves++;
+			break;
+		case O_RESUME: {
+			char *colon = strchr(optarg, ':');
+			if (colon == NULL || (*colon = '\0', 0) ||
+			    parse_hex(optarg, a->xo.resume_digest, XMSG_DIGEST_LEN) < 0 ||
+			    parse_u64(colon + 1, &a->xo.resume_offset) < 0)
+				return usage();
+			a->xo.has_resume = 1;
+			break;
+		}
+		case O_STREAMS:
+			a->xo.streams = (unsigned)strtoul(optarg, &end, 10);
+			if (*optarg < '0' || *optarg > '9' || *end != '\0' || a->xo.streams < 1 ||
+			    a->xo.streams > MEPEER_MAX_STREAMS)
+				return usage();
+			break;
+		case O_XSEND:
+			if ((a->xo.xsend = xfer_xsend_parse(optarg)) < 0) {
+				fprintf(stderr, "me-peer: unknown --xsend '%s'\n", optarg);
+				return usage();
+			}
+			break;
+		case O_SERVE: {
+			size_t n;
+			if (xfer_modes_parse(optarg, NULL, 16, &n) < 0) {
+				fprintf(stderr, "me-peer: bad --serve '%s'\n", optarg);
+				return usage();
+			}
+			a->xo.serve_list = optarg;
+			break;
+		}
+		case O_REPO:
+			a->xo.repo_path = optarg;
+			break;
+		case O_RELAY:
+			if (!me_did_repo_valid(optarg))
+				return usage();
+			a->xo.relay_id = optarg;
+			break;
+		case O_SEQ:
+			if (parse_u64(optarg, &a->xo.seq) < 0 || a->xo.seq == 0)
+				return usage();
+			break;
+		case O_MAXB:
+			if (parse_u64(optarg, &a->xo.max_bundle) < 0 || a->xo.max_bundle == 0 ||
+			    a->xo.max_bundle > (1ull << 32))
+				return usage();
+			break;
 		default:
 			return usage();
 		}
 	}
+	if (a->xo.fetch_id != NULL && strcmp(a->xo.fetch_id, "random") == 0) {
+		static char rid[ME_DID_REPO_SIZE];
+		uint8_t root[ME_OID_LEN], pk[ME_PK_LEN];
+		randombytes_buf(root, sizeof(root));
+		randombytes_buf(pk, sizeof(pk));
+		me_did_repo_compute(root, pk, rid, sizeof(rid));
+		a->xo.fetch_id = rid;
+	}
+	/* the honest encoder refuses a malformed id: --xsend traversal sends one */
+	if (a->xo.fetch_id != NULL && !me_did_repo_valid(a->xo.fetch_id)) {
+		fprintf(stderr, "me-peer: --fetch wants a did:repo\n");
+		return usage();
+	}
+	if ((a->xo.repo_path != NULL && a->xo.relay_id != NULL) ||
+	    (xfer_enabled(a) && !a->dialing))
+		return usage();
 	if (optind != argc || a->root == NULL || !have_addr || a->dialing == a->listening)
 		return usage();
 	if (a->dialing && a->kind_name == NULL)
@@ -585,7 +734,8 @@ int main(int argc, char **argv)
 {
 	static struct app a;
 	struct net_callbacks cb = { .peer_up = on_peer_up, .peer_down = on_peer_down,
-				    .frame = on_frame, .ud = &a };
+				    .frame = on_frame, .xfer_accept = xfer_accept, .ud = &a,
+				    .xfer_ud = &a };
 	char err[512] = "", certs[4200];
 	int rc, created;
 
@@ -612,6 +762,11 @@ int main(int argc, char **argv)
 	printf("me %s\n", a.kp.did);
 	if (a.kind == K_FORGED_NODE || a.kind == K_FORGED_REFSTATE)
 		printf("impersonating %s\n", a.imp_did);
+	if (xfer_init(&a) < 0) {
+		xfer_free(&a);
+		me_keypair_wipe(&a.kp);
+		return 2;
+	}
 
 	uv_loop_init(&a.loop);
 	if (tls_init(&a.tls, &a.kp, certs, err, sizeof(err)) < 0 ||
@@ -629,13 +784,16 @@ int main(int argc, char **argv)
 	uv_timer_start(&a.poll_timer, on_poll, 20, 20);
 	uv_signal_init(&a.loop, &a.sigint);
 	uv_signal_init(&a.loop, &a.sigterm);
-	a.sigint.data = a.sigterm.data = &a;
+	uv_signal_init(&a.loop, &a.sigusr1);
+	a.sigint.data = a.sigterm.data = a.sigusr1.data = &a;
 	uv_signal_start(&a.sigint, on_signal, SIGINT);
 	uv_signal_start(&a.sigterm, on_signal, SIGTERM);
-	if (a.dialing) {
+	uv_signal_start(&a.sigusr1, on_signal, SIGUSR1);
+	for (size_t i = 0; i < a.ndial && !a.stopping; i++) {
 		uint8_t pk[ME_PK_LEN];
-		if (me_did_key_parse(a.dial.did, pk) < 0 || net_want(a.net, pk, &a.dial.addr) < 0) {
-			fprintf(stderr, "me-peer: cannot dial %s\n", a.dial.did);
+		if (me_did_key_parse(a.dial[i].did, pk) < 0 ||
+		    net_want(a.net, pk, &a.dial[i].addr) < 0) {
+			fprintf(stderr, "me-peer: cannot dial %s\n", a.dial[i].did);
 			a.exit_code = 2;
 			a.stopping = 1;
 		}
@@ -648,9 +806,12 @@ int main(int argc, char **argv)
 	uv_close((uv_handle_t *)&a.poll_timer, NULL);
 	uv_close((uv_handle_t *)&a.sigint, NULL);
 	uv_close((uv_handle_t *)&a.sigterm, NULL);
+	uv_close((uv_handle_t *)&a.sigusr1, NULL);
 out:
 	net_free(a.net);
 	uv_run(&a.loop, UV_RUN_DEFAULT);
+	xfer_free(&a);
+	uv_run(&a.loop, UV_RUN_DEFAULT); /* handles xfer_free closed */
 	tls_free(a.tls);
 	if (uv_loop_close(&a.loop) != 0)
 		fprintf(stderr, "me-peer: event loop closed with handles still open\n");

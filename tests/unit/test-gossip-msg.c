@@ -1,5 +1,7 @@
 /* Gossip message codec: round trips, canonical bytes, signatures (envelope and ref state), ttl
- * rewriting, forged node announcements, limits, ref names and addresses, hostile input. */
+ * rewriting, forged node announcements, limits, ref names and addresses, hostile input; and the
+ * transfer messages (request, start, data, done, error) likewise. */
+#include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1670,6 +1672,1269 @@ static void test_random_garbage(void **state)
 		      ok[2]);
 }
 
+/* ======================================================================================== */
+/* transfer messages (docs/peer-protocol.md §3)                                             */
+/* ======================================================================================== */
+
+/* The body of the one frame an encoder appended to sb (its header checked). */
+static const uint8_t *xbody(const msgpack_sbuffer *sb, size_t *len)
+{
+	const uint8_t *w = (const uint8_t *)sb->data;
+
+	assert_true(sb->size > 4);
+	*len = sb->size - 4;
+	assert_int_equal(((uint32_t)w[0] << 24 | (uint32_t)w[1] << 16 | (uint32_t)w[2] << 8 | w[3]),
+			 *len);
+	assert_true(*len <= XMSG_MAX_BODY);
+	return w + 4;
+}
+
+/* Decodes the frame in sb, expecting rc; a failed decode leaves *m empty. */
+static void xdecode_sb(const msgpack_sbuffer *sb, struct xmsg *m, int rc)
+{
+	size_t n;
+	const uint8_t *b = xbody(sb, &n);
+
+	assert_int_equal(xmsg_decode(b, n, m), rc);
+	if (rc < 0) {
+		assert_null(m->haves);
+		assert_null(m->refstate.refs);
+		assert_int_equal(m->type, 0);
+	}
+}
+
+/* A real ref state: refs3 signed by kp1 for a repository kp1 created. */
+static char xrs_id[ME_DID_REPO_SIZE];
+
+static void xrs_make(struct gmsg_refstate *rs)
+{
+	repo_id_of(&kp1, 7, xrs_id);
+	memset(rs, 0, sizeof(*rs));
+	rs->repo_id = gmsg_str(xrs_id);
+	rs->seq = 1700000000000ull;
+	rs->head = gmsg_str("refs/heads/main");
+	rs->refs = refs3;
+	rs->nrefs = 3;
+	assert_int_equal(gmsg_refstate_sign(&kp1, rs), 0);
+}
+
+static void assert_rs_equal(const struct gmsg_refstate *x, const struct gmsg_refstate *y)
+{
+	assert_true(gmsg_str_eq(x->repo_id, y->repo_id));
+	assert_true(x->seq == y->seq);
+	assert_true(gmsg_str_eq(x->head, y->head));
+	assert_int_equal(x->nrefs, y->nrefs);
+	for (size_t k = 0; k < x->nrefs; k++) {
+		assert_true(gmsg_str_eq(x->refs[k].name, y->refs[k].name));
+		assert_memory_equal(x->refs[k].oid, y->refs[k].oid, 20);
+	}
+	assert_memory_equal(x->sig, y->sig, 64);
+}
+
+static void fill_bytes(uint8_t *p, size_t n, uint8_t seed)
+{
+	for (size_t i = 0; i < n; i++)
+		p[i] = (uint8_t)(seed + i * 13 + (i >> 8));
+}
+
+static void test_xmsg_request_roundtrip(void **state)
+{
+	(void)state;
+	static const size_t counts[] = { 0, 1, 2, XMSG_MAX_HAVES };
+	uint8_t (*haves)[ME_OID_LEN] = calloc(XMSG_MAX_HAVES, ME_OID_LEN);
+	uint8_t digest[XMSG_DIGEST_LEN];
+	char id[ME_DID_REPO_SIZE];
+	msgpack_sbuffer sb;
+	struct xmsg m;
+
+	assert_non_null(haves);
+	for (size_t i = 0; i < XMSG_MAX_HAVES; i++)
+		fill_bytes(haves[i], ME_OID_LEN, (uint8_t)i);
+	fill_bytes(digest, sizeof(digest), 0xd1);
+	repo_id_of(&kp2, 3, id);
+	for (size_t c = 0; c < sizeof(counts) / sizeof(counts[0]); c++) {
+		for (int resume = 0; resume < 2; resume++) {
+			uint64_t off = resume ? (c == 1 ? UINT64_MAX : 65536 * c + 1) : 0;
+			msgpack_sbuffer_init(&sb);
+			assert_int_equal(xmsg_encode_request(&sb, id,
+							     (const uint8_t(*)[ME_OID_LEN])haves,
+							     counts[c], resume ? digest : NULL, off),
+					 0);
+			xdecode_sb(&sb, &m, 0);
+			assert_int_equal(m.type, XMSG_REQUEST);
+			assert_true(gmsg_str_eq(m.repo_id, gmsg_str(id)));
+			assert_int_equal(m.nhaves, counts[c]);
+			if (counts[c] > 0)
+				assert_memory_equal(m.haves, haves, counts[c] * ME_OID_LEN);
+			else
+				assert_null(m.haves);
+			assert_int_equal(m.has_resume, resume);
+			if (resume) {
+				assert_memory_equal(m.resume_digest, digest, XMSG_DIGEST_LEN);
+				assert_true(m.resume_offset == off);
+			}
+			xmsg_free(&m);
+			assert_null(m.haves);
+			xmsg_free(&m); /* twice is harmless */
+			msgpack_sbuffer_destroy(&sb);
+		}
+	}
+	xmsg_free(NULL);
+	free(haves);
+}
+
+static void test_xmsg_start_roundtrip(void **state)
+{
+	(void)state;
+	static const struct {
+		const char *name;
+		uint64_t total, offset;
+	} cases[] = {
+		{ "abc-1700000000000.bundle", 123456, 0 },
+		{ "", 0, 0 },
+		{ "x", 65536, 65536 },
+		{ "../../x", UINT64_MAX, UINT64_MAX - 1 }, /* informational: any text is allowed */
+	};
+	char longname[XMSG_MAX_FILENAME + 1];
+	struct gmsg_refstate rs, empty;
+	uint8_t digest[XMSG_DIGEST_LEN];
+	msgpack_sbuffer sb;
+	struct xmsg m;
+
+	xrs_make(&rs);
+	fill_bytes(digest, sizeof(digest), 0x5a);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		msgpack_sbuffer_init(&sb);
+		assert_int_equal(xmsg_encode_start(&sb, cases[i].name, cases[i].total, digest,
+						   cases[i].offset, kp1.pk, &rs),
+				 0);
+		xdecode_sb(&sb, &m, 0);
+		assert_int_equal(m.type, XMSG_START);
+		assert_true(gmsg_str_eq(m.file_name, gmsg_str(cases[i].name)));
+		assert_true(m.total_size == cases[i].total);
+		assert_true(m.offset == cases[i].offset);
+		assert_memory_equal(m.digest, digest, XMSG_DIGEST_LEN);
+		assert_memory_equal(m.creator_pk, kp1.pk, ME_PK_LEN);
+		assert_rs_equal(&m.refstate, &rs);
+		/* The decoded state is the creator's, and only the creator's. */
+		assert_int_equal(gmsg_refstate_verify(&m.refstate, kp1.pk), 0);
+		assert_int_equal(gmsg_refstate_verify(&m.refstate, kp2.pk), ME_EPERM);
+		xmsg_free(&m);
+		assert_null(m.refstate.refs);
+		msgpack_sbuffer_destroy(&sb);
+	}
+	/* The longest file name; a state without refs and without head. */
+	memset(longname, 'n', XMSG_MAX_FILENAME);
+	longname[XMSG_MAX_FILENAME] = '\0';
+	empty = rs;
+	empty.refs = NULL;
+	empty.nrefs = 0;
+	empty.head = gmsg_str("");
+	assert_int_equal(gmsg_refstate_sign(&kp1, &empty), 0);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_start(&sb, longname, 10, digest, 3, kp1.pk, &empty), 0);
+	xdecode_sb(&sb, &m, 0);
+	assert_int_equal(m.file_name.len, XMSG_MAX_FILENAME);
+	assert_int_equal(m.refstate.nrefs, 0);
+	assert_int_equal(m.refstate.head.len, 0);
+	assert_int_equal(gmsg_refstate_verify(&m.refstate, kp1.pk), 0);
+	xmsg_free(&m);
+	msgpack_sbuffer_destroy(&sb);
+}
+
+static void test_xmsg_data_done_error_roundtrip(void **state)
+{
+	(void)state;
+	static const size_t sizes[] = { 1, 2, 255, 256, 65535, XMSG_MAX_DATA };
+	uint8_t *p = malloc(XMSG_MAX_DATA);
+	uint8_t digest[XMSG_DIGEST_LEN];
+	msgpack_sbuffer sb;
+	struct xmsg m;
+
+	assert_non_null(p);
+	fill_bytes(p, XMSG_MAX_DATA, 0x11);
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		msgpack_sbuffer_init(&sb);
+		assert_int_equal(xmsg_encode_data(&sb, p, sizes[i]), 0);
+		xdecode_sb(&sb, &m, 0);
+		assert_int_equal(m.type, XMSG_DATA);
+		assert_int_equal(m.len, sizes[i]);
+		assert_memory_equal(m.data, p, sizes[i]);
+		/* Data borrows the frame: no copy of 64 KiB per chunk. */
+		size_t n;
+		const uint8_t *b = xbody(&sb, &n);
+		assert_true(m.data > b && m.data + m.len == b + n);
+		xmsg_free(&m);
+		msgpack_sbuffer_destroy(&sb);
+	}
+	free(p);
+
+	fill_bytes(digest, sizeof(digest), 0xee);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_done(&sb, digest), 0);
+	xdecode_sb(&sb, &m, 0);
+	assert_int_equal(m.type, XMSG_DONE);
+	assert_memory_equal(m.digest, digest, XMSG_DIGEST_LEN);
+	xmsg_free(&m);
+	msgpack_sbuffer_destroy(&sb);
+
+	static const struct {
+		int code;
+		const char *msg;
+	} errs[] = {
+		{ ME_ENOTFOUND, "unknown repository" },
+		{ ME_EBUSY, "too many transfers at once" },
+		{ ME_EPROTO, "" },
+		{ -1, "x" },
+		{ INT32_MIN, "min" },
+	};
+	for (size_t i = 0; i < sizeof(errs) / sizeof(errs[0]); i++) {
+		msgpack_sbuffer_init(&sb);
+		assert_int_equal(xmsg_encode_error(&sb, errs[i].code, errs[i].msg), 0);
+		xdecode_sb(&sb, &m, 0);
+		assert_int_equal(m.type, XMSG_ERROR);
+		assert_true(m.code == errs[i].code);
+		assert_true(gmsg_str_eq(m.message, gmsg_str(errs[i].msg)));
+		xmsg_free(&m);
+		msgpack_sbuffer_destroy(&sb);
+	}
+	/* A message longer than the limit is cut by the encoder, so it still decodes. */
+	char longmsg[1000];
+	memset(longmsg, 'e', sizeof(longmsg) - 1);
+	longmsg[sizeof(longmsg) - 1] = '\0';
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_error(&sb, ME_EIO, longmsg), 0);
+	xdecode_sb(&sb, &m, 0);
+	assert_int_equal(m.message.len, XMSG_MAX_ERRMSG);
+	xmsg_free(&m);
+	msgpack_sbuffer_destroy(&sb);
+}
+
+/* Byte-exact canonical frames, written out by hand from docs/peer-protocol.md §3. */
+static size_t kat_put(uint8_t *out, size_t n, const void *p, size_t len)
+{
+	memcpy(out + n, p, len);
+	return n + len;
+}
+
+static void assert_frame_is(const msgpack_sbuffer *sb, const uint8_t *body, size_t n)
+{
+	assert_int_equal(sb->size, n + 4);
+	const uint8_t *w = (const uint8_t *)sb->data;
+	assert_int_equal(w[0], (uint8_t)(n >> 24));
+	assert_int_equal(w[1], (uint8_t)(n >> 16));
+	assert_int_equal(w[2], (uint8_t)(n >> 8));
+	assert_int_equal(w[3], (uint8_t)n);
+	assert_memory_equal(w + 4, body, n);
+}
+
+static void test_xmsg_canonical(void **state)
+{
+	(void)state;
+	uint8_t kat[1024], digest[32], have[2][20];
+	struct gmsg_refstate rs;
+	msgpack_sbuffer sb;
+	size_t n, idlen;
+	char id[ME_DID_REPO_SIZE];
+
+	fill_bytes(digest, 32, 0x42);
+	fill_bytes(have[0], 20, 1);
+	fill_bytes(have[1], 20, 2);
+	repo_id_of(&kp1, 9, id);
+	idlen = strlen(id);
+	assert_true(idlen >= 32 && idlen < 256);
+
+	/* request: [1, id, [have, have], [digest, 70000]] */
+	n = 0;
+	kat[n++] = 0x94;
+	kat[n++] = 0x01;
+	kat[n++] = 0xd9;
+	kat[n++] = (uint8_t)idlen;
+	n = kat_put(kat, n, id, idlen);
+	kat[n++] = 0x92;
+	for (int i = 0; i < 2; i++) {
+		kat[n++] = 0xc4;
+		kat[n++] = 20;
+		n = kat_put(kat, n, have[i], 20);
+	}
+	kat[n++] = 0x92;
+	kat[n++] = 0xc4;
+	kat[n++] = 32;
+	n = kat_put(kat, n, digest, 32);
+	kat[n++] = 0xce; /* 70000: uint32 */
+	n = kat_put(kat, n, "\x00\x01\x11\x70", 4);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_request(&sb, id, (const uint8_t(*)[20])have, 2, digest, 70000),
+			 0);
+	assert_frame_is(&sb, kat, n);
+	msgpack_sbuffer_destroy(&sb);
+
+	/* request without haves nor resume: [1, id, [], nil] */
+	n = 0;
+	kat[n++] = 0x94;
+	kat[n++] = 0x01;
+	kat[n++] = 0xd9;
+	kat[n++] = (uint8_t)idlen;
+	n = kat_put(kat, n, id, idlen);
+	kat[n++] = 0x90;
+	kat[n++] = 0xc0;
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_request(&sb, id, NULL, 0, NULL, 0), 0);
+	assert_frame_is(&sb, kat, n);
+	msgpack_sbuffer_destroy(&sb);
+
+	/* start: [2, "f.bundle", 1000, digest, 0, pk, [id, seq, head, [[name, oid]...], sig]] */
+	xrs_make(&rs);
+	size_t rlen = strlen(rs.repo_id.ptr);
+	n = 0;
+	kat[n++] = 0x97;
+	kat[n++] = 0x02;
+	kat[n++] = 0xa8;
+	n = kat_put(kat, n, "f.bundle", 8);
+	kat[n++] = 0xcd;
+	kat[n++] = 0x03;
+	kat[n++] = 0xe8;
+	kat[n++] = 0xc4;
+	kat[n++] = 32;
+	n = kat_put(kat, n, digest, 32);
+	kat[n++] = 0x00;
+	kat[n++] = 0xc4;
+	kat[n++] = 32;
+	n = kat_put(kat, n, kp1.pk, 32);
+	kat[n++] = 0x95;
+	kat[n++] = 0xd9;
+	kat[n++] = (uint8_t)rlen;
+	n = kat_put(kat, n, rs.repo_id.ptr, rlen);
+	kat[n++] = 0xcf;
+	for (int i = 0; i < 8; i++)
+		kat[n++] = (uint8_t)(rs.seq >> (56 - 8 * i));
+	kat[n++] = 0xaf;
+	n = kat_put(kat, n, "refs/heads/main", 15);
+	kat[n++] = 0x93;
+	for (int i = 0; i < 3; i++) {
+		kat[n++] = 0x92;
+		kat[n++] = (uint8_t)(0xa0 | refs3[i].name.len);
+		n = kat_put(kat, n, refs3[i].name.ptr, refs3[i].name.len);
+		kat[n++] = 0xc4;
+		kat[n++] = 20;
+		n = kat_put(kat, n, refs3[i].oid, 20);
+	}
+	kat[n++] = 0xc4;
+	kat[n++] = 64;
+	n = kat_put(kat, n, rs.sig, 64);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_start(&sb, "f.bundle", 1000, digest, 0, kp1.pk, &rs), 0);
+	assert_frame_is(&sb, kat, n);
+	msgpack_sbuffer_destroy(&sb);
+
+	/* data: [3, bin8 "abc"]; 65536 bytes take a bin32 header */
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_data(&sb, "abc", 3), 0);
+	assert_frame_is(&sb, (const uint8_t *)"\x92\x03\xc4\x03" "abc", 7);
+	msgpack_sbuffer_destroy(&sb);
+	uint8_t *big = calloc(1, XMSG_MAX_DATA);
+	assert_non_null(big);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_data(&sb, big, XMSG_MAX_DATA), 0);
+	assert_int_equal(sb.size, 4 + 2 + 5 + XMSG_MAX_DATA);
+	assert_memory_equal(sb.data + 4, "\x92\x03\xc6\x00\x01\x00\x00", 7);
+	msgpack_sbuffer_destroy(&sb);
+	free(big);
+
+	/* done: [4, digest] */
+	n = 0;
+	kat[n++] = 0x92;
+	kat[n++] = 0x04;
+	kat[n++] = 0xc4;
+	kat[n++] = 32;
+	n = kat_put(kat, n, digest, 32);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_done(&sb, digest), 0);
+	assert_frame_is(&sb, kat, n);
+	msgpack_sbuffer_destroy(&sb);
+
+	/* error: [5, -10 (negative fixint), "nope"]; -20 too; INT32_MIN is an int32 */
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_error(&sb, ME_ENOTFOUND, "nope"), 0);
+	assert_frame_is(&sb, (const uint8_t *)"\x93\x05\xf6\xa4nope", 8);
+	msgpack_sbuffer_destroy(&sb);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_error(&sb, INT32_MIN, ""), 0);
+	assert_frame_is(&sb, (const uint8_t *)"\x93\x05\xd2\x80\x00\x00\x00\xa0", 8);
+	msgpack_sbuffer_destroy(&sb);
+}
+
+static void test_xmsg_encoder_refusals(void **state)
+{
+	(void)state;
+	uint8_t digest[32] = { 0 }, have[1][20] = { { 0 } };
+	char id[ME_DID_REPO_SIZE], name[XMSG_MAX_FILENAME + 2];
+	struct gmsg_refstate rs, bad;
+	msgpack_sbuffer sb;
+	uint8_t *big = calloc(1, XMSG_MAX_DATA + 1);
+
+	assert_non_null(big);
+	repo_id_of(&kp1, 1, id);
+	xrs_make(&rs);
+	memset(name, 'n', sizeof(name) - 1);
+	name[sizeof(name) - 1] = '\0'; /* 256 bytes */
+	msgpack_sbuffer_init(&sb);
+	msgpack_sbuffer_write(&sb, "keep", 4);
+
+	assert_int_equal(xmsg_encode_request(&sb, "did:repo:../../x", NULL, 0, NULL, 0), ME_EINVAL);
+	assert_int_equal(xmsg_encode_request(&sb, "../x", NULL, 0, NULL, 0), ME_EINVAL);
+	assert_int_equal(xmsg_encode_request(&sb, kp1.did, NULL, 0, NULL, 0), ME_EINVAL);
+	assert_int_equal(xmsg_encode_request(&sb, NULL, NULL, 0, NULL, 0), ME_EINVAL);
+	assert_int_equal(xmsg_encode_request(&sb, id, NULL, 1, NULL, 0), ME_EINVAL);
+	assert_int_equal(xmsg_encode_request(&sb, id, (const uint8_t(*)[20])have,
+					     XMSG_MAX_HAVES + 1, NULL, 0), ME_EINVAL);
+	assert_int_equal(xmsg_encode_request(NULL, id, NULL, 0, NULL, 0), ME_EINVAL);
+
+	assert_int_equal(xmsg_encode_start(&sb, name, 1, digest, 0, kp1.pk, &rs), ME_EINVAL);
+	assert_int_equal(xmsg_encode_start(&sb, "f", 1, digest, 2, kp1.pk, &rs), ME_EINVAL);
+	assert_int_equal(xmsg_encode_start(&sb, NULL, 1, digest, 0, kp1.pk, &rs), ME_EINVAL);
+	assert_int_equal(xmsg_encode_start(&sb, "f", 1, NULL, 0, kp1.pk, &rs), ME_EINVAL);
+	assert_int_equal(xmsg_encode_start(&sb, "f", 1, digest, 0, NULL, &rs), ME_EINVAL);
+	assert_int_equal(xmsg_encode_start(&sb, "f", 1, digest, 0, kp1.pk, NULL), ME_EINVAL);
+	bad = rs;
+	bad.repo_id = gmsg_str("did:repo:../../x");
+	assert_int_equal(xmsg_encode_start(&sb, "f", 1, digest, 0, kp1.pk, &bad), ME_EINVAL);
+	bad = rs;
+	bad.head = gmsg_str("../HEAD");
+	assert_int_equal(xmsg_encode_start(&sb, "f", 1, digest, 0, kp1.pk, &bad), ME_EINVAL);
+
+	assert_int_equal(xmsg_encode_data(&sb, big, 0), ME_EINVAL);
+	assert_int_equal(xmsg_encode_data(&sb, big, XMSG_MAX_DATA + 1), ME_EINVAL);
+	assert_int_equal(xmsg_encode_data(&sb, NULL, 1), ME_EINVAL);
+	assert_int_equal(xmsg_encode_done(&sb, NULL), ME_EINVAL);
+	assert_int_equal(xmsg_encode_error(&sb, 0, "x"), ME_EINVAL);
+	assert_int_equal(xmsg_encode_error(&sb, 1, "x"), ME_EINVAL);
+	assert_int_equal(xmsg_encode_error(&sb, -1, NULL), ME_EINVAL);
+	/* out is untouched by every refusal */
+	assert_int_equal(sb.size, 4);
+	assert_memory_equal(sb.data, "keep", 4);
+	/* and a later message is appended after what was there */
+	assert_int_equal(xmsg_encode_done(&sb, digest), 0);
+	assert_int_equal(sb.size, 4 + 4 + 2 + 2 + 32);
+	msgpack_sbuffer_destroy(&sb);
+	free(big);
+}
+
+/* ---- hostile input ---- */
+
+static int xdecode_raw(const void *p, size_t n)
+{
+	struct xmsg m;
+	int rc = xmsg_decode(p, n, &m);
+
+	if (rc < 0) {
+		assert_null(m.haves);
+		assert_null(m.refstate.refs);
+		assert_int_equal(m.type, 0);
+		assert_int_equal(m.nhaves, 0);
+	}
+	xmsg_free(&m);
+	return rc;
+}
+
+static int xdecode_pk(const msgpack_sbuffer *sb)
+{
+	return xdecode_raw(sb->data, sb->size);
+}
+
+/* Hand-packed messages: the valid form of each type, with one field replaced (by one of the
+ * wrong values), an element dropped or added, or fields given by the caller. */
+enum { XT_REQ, XT_START, XT_DATA, XT_DONE, XT_ERR, XT_COUNT };
+static const unsigned xt_type[XT_COUNT] = { 1, 2, 3, 4, 5 };
+static const unsigned xt_arity[XT_COUNT] = { 4, 7, 2, 2, 3 };
+
+struct xraw {
+	int kind;          /* XT_* */
+	int field;         /* field to replace (0 = the type), -1 none */
+	int wrong;         /* W_* packed in its place */
+	int arity_delta;   /* -1: last element dropped, +1: a nil appended */
+	/* overrides for the valid form (NULL/0: the default) */
+	const char *repo_id;      /* request id, start refstate id */
+	size_t nhaves;            /* with have_len bytes each */
+	size_t have_len;
+	const char *file_name;    /* start */
+	size_t file_name_len;
+	uint64_t total, offset;   /* start, when total is not 0 */
+	size_t data_len;          /* data; SIZE_MAX: 0 bytes */
+	int64_t code;             /* error, when not 0 */
+	const char *message;
+	size_t message_len;
+	int rs_sign;              /* sign the start's state properly (with kp1) */
+};
+
+static void pk_raw_refstate(msgpack_packer *pk, const char *id, int sign)
+{
+	struct gmsg_refstate rs;
+
+	xrs_make(&rs);
+	if (id == NULL)
+		id = xrs_id;
+	msgpack_pack_array(pk, 5);
+	pk_str(pk, id);
+	msgpack_pack_uint64(pk, rs.seq);
+	pk_str(pk, "refs/heads/main");
+	msgpack_pack_array(pk, 3);
+	for (int i = 0; i < 3; i++) {
+		msgpack_pack_array(pk, 2);
+		pk_str(pk, refs3[i].name.ptr);
+		pk_bin(pk, refs3[i].oid, 20);
+	}
+	if (!sign)
+		memset(rs.sig, 0x5e, sizeof(rs.sig));
+	pk_bin(pk, rs.sig, 64);
+}
+
+static void pack_xraw(msgpack_sbuffer *sb, const struct xraw *r)
+{
+	static uint8_t zeros[XMSG_MAX_DATA + 1];
+	uint8_t d32[32];
+	msgpack_packer pk;
+	char id[ME_DID_REPO_SIZE];
+	unsigned n = xt_arity[r->kind];
+
+	fill_bytes(d32, 32, 0x33);
+	repo_id_of(&kp1, 5, id);
+	msgpack_sbuffer_init(sb);
+	msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+	msgpack_pack_array(&pk, (uint32_t)((int)n + r->arity_delta));
+	for (unsigned f = 0; f < n; f++) {
+		if (r->arity_delta < 0 && f == n - 1)
+			break;
+		if ((int)f == r->field) {
+			pack_wrong(&pk, r->wrong);
+			continue;
+		}
+		if (f == 0) {
+			msgpack_pack_unsigned_int(&pk, xt_type[r->kind]);
+			continue;
+		}
+		switch (r->kind * 8 + (int)f) {
+		case XT_REQ * 8 + 1:
+			pk_str(&pk, r->repo_id ? r->repo_id : id);
+			break;
+		case XT_REQ * 8 + 2: {
+			size_t nh = r->have_len ? r->nhaves : 2, hl = r->have_len ? r->have_len : 20;
+			msgpack_pack_array(&pk, (uint32_t)nh);
+			for (size_t i = 0; i < nh; i++)
+				pk_bin(&pk, zeros, hl);
+			break;
+		}
+		case XT_REQ * 8 + 3:
+			msgpack_pack_array(&pk, 2);
+			pk_bin(&pk, d32, 32);
+			msgpack_pack_uint64(&pk, 5);
+			break;
+		case XT_START * 8 + 1:
+			if (r->file_name) {
+				msgpack_pack_str(&pk, r->file_name_len);
+				msgpack_pack_str_body(&pk, r->file_name, r->file_name_len);
+			} else {
+				pk_str(&pk, "f.bundle");
+			}
+			break;
+		case XT_START * 8 + 2:
+			msgpack_pack_uint64(&pk, r->total ? r->total : 1000);
+			break;
+		case XT_START * 8 + 3:
+			pk_bin(&pk, d32, 32);
+			break;
+		case XT_START * 8 + 4:
+			msgpack_pack_uint64(&pk, r->total ? r->offset : 0);
+			break;
+		case XT_START * 8 + 5:
+			pk_bin(&pk, kp1.pk, 32);
+			break;
+		case XT_START * 8 + 6:
+			pk_raw_refstate(&pk, r->repo_id, r->rs_sign);
+			break;
+		case XT_DATA * 8 + 1:
+			pk_bin(&pk, zeros, r->data_len == SIZE_MAX ? 0 : r->data_len ? r->data_len : 10);
+			break;
+		case XT_DONE * 8 + 1:
+			pk_bin(&pk, d32, 32);
+			break;
+		case XT_ERR * 8 + 1:
+			msgpack_pack_int64(&pk, r->code ? r->code : ME_ENOTFOUND);
+			break;
+		case XT_ERR * 8 + 2:
+			if (r->message) {
+				msgpack_pack_str(&pk, r->message_len);
+				msgpack_pack_str_body(&pk, r->message, r->message_len);
+			} else {
+				pk_str(&pk, "no");
+			}
+			break;
+		}
+	}
+	if (r->arity_delta > 0)
+		msgpack_pack_nil(&pk);
+}
+
+static int xraw_rc(const struct xraw *r)
+{
+	msgpack_sbuffer sb;
+
+	pack_xraw(&sb, r);
+	int rc = xdecode_pk(&sb);
+	msgpack_sbuffer_destroy(&sb);
+	return rc;
+}
+
+/* Wrong values a field accepts anyway (they are of the right type and in range). */
+static bool wrong_fits(int kind, int field, int w)
+{
+	switch (kind * 8 + field) {
+	case XT_REQ * 8 + 2: return w == W_ARRAY;            /* no haves */
+	case XT_REQ * 8 + 3: return w == W_NIL;              /* no resume */
+	case XT_START * 8 + 1: return w == W_STR;            /* another file name */
+	case XT_START * 8 + 2: return w == W_UINT;           /* total 7, offset 0 */
+	case XT_START * 8 + 4: return w == W_UINT;           /* offset 7 <= 1000 */
+	case XT_DATA * 8 + 1: return w == W_BIN;             /* 3 bytes */
+	case XT_ERR * 8 + 1: return w == W_NEG;              /* code -1 */
+	case XT_ERR * 8 + 2: return w == W_STR;
+	}
+	return false;
+}
+
+static void test_xmsg_hostile_shapes(void **state)
+{
+	(void)state;
+	struct xraw r;
+
+	/* The valid forms decode (the start's state is signed or not: not checked here). */
+	for (int k = 0; k < XT_COUNT; k++) {
+		memset(&r, 0, sizeof(r));
+		r.kind = k;
+		r.field = -1;
+		assert_int_equal(xraw_rc(&r), 0);
+		r.rs_sign = 1;
+		assert_int_equal(xraw_rc(&r), 0);
+	}
+	/* Every field of every type replaced by every wrong value. */
+	for (int k = 0; k < XT_COUNT; k++) {
+		for (int f = 0; f < (int)xt_arity[k]; f++) {
+			for (int w = W_NIL; w < W_COUNT; w++) {
+				memset(&r, 0, sizeof(r));
+				r.kind = k;
+				r.field = f;
+				r.wrong = w;
+				int want = f > 0 && wrong_fits(k, f, w) ? 0 : ME_EPROTO;
+				if (xraw_rc(&r) != want)
+					fail_msg("type %u field %d wrong %d: want %d", xt_type[k], f,
+						 w, want);
+			}
+		}
+		/* One element fewer or more. */
+		memset(&r, 0, sizeof(r));
+		r.kind = k;
+		r.field = -1;
+		r.arity_delta = -1;
+		assert_int_equal(xraw_rc(&r), ME_EPROTO);
+		r.arity_delta = 1;
+		assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	}
+	/* Unknown types, with the arity of each known type (the other elements nil). */
+	static const uint64_t types[] = { 0, 6, 7, 127, 128, 255, 256, 65536, UINT64_MAX };
+	for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
+		for (int k = 0; k < XT_COUNT; k++) {
+			msgpack_sbuffer sb;
+			msgpack_packer pk;
+			msgpack_sbuffer_init(&sb);
+			msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+			msgpack_pack_array(&pk, xt_arity[k]);
+			msgpack_pack_uint64(&pk, types[t]);
+			for (unsigned f = 1; f < xt_arity[k]; f++)
+				msgpack_pack_nil(&pk);
+			assert_int_equal(xdecode_pk(&sb), ME_EPROTO);
+			msgpack_sbuffer_destroy(&sb);
+		}
+	}
+	/* Types as negative fixints, or as other kinds of values. */
+	uint8_t body[3] = { 0x92, 0x00, 0xc0 };
+	static const uint8_t tbytes[] = { 0x00, 0x06, 0x7f, 0xff /* -1 */, 0xe0 /* -32 */,
+		0xc0, 0xc2, 0xc3, 0x90, 0x80, 0xa0 };
+	for (size_t i = 0; i < sizeof(tbytes); i++) {
+		body[1] = tbytes[i];
+		assert_int_equal(xdecode_raw(body, 3), ME_EPROTO);
+	}
+	/* [255, nil...] of every arity up to 8, and the empty array */
+	for (uint8_t a = 0; a <= 8; a++) {
+		uint8_t b[16] = { (uint8_t)(0x90 | a), 0xcc, 0xff };
+		for (uint8_t i = 1; i < a; i++)
+			b[2 + i] = 0xc0;
+		assert_int_equal(xdecode_raw(b, a == 0 ? 1 : (size_t)a + 2), ME_EPROTO);
+	}
+	/* Not an array at all. */
+	static const uint8_t *const notarr[] = { (const uint8_t *)"\x01", (const uint8_t *)"\xc0",
+		(const uint8_t *)"\x80", (const uint8_t *)"\xa1x", (const uint8_t *)"\x91\x01" };
+	static const size_t notarr_len[] = { 1, 1, 1, 2, 2 };
+	for (size_t i = 0; i < 5; i++)
+		assert_int_equal(xdecode_raw(notarr[i], notarr_len[i]), ME_EPROTO);
+	/* A map shaped like a request. */
+	{
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_map(&pk, 2);
+		msgpack_pack_uint64(&pk, 1);
+		msgpack_pack_nil(&pk);
+		msgpack_pack_uint64(&pk, 2);
+		msgpack_pack_nil(&pk);
+		assert_int_equal(xdecode_pk(&sb), ME_EPROTO);
+		msgpack_sbuffer_destroy(&sb);
+	}
+}
+
+static void test_xmsg_hostile_values(void **state)
+{
+	(void)state;
+	char id[ME_DID_REPO_SIZE], buf[600];
+	struct xraw r;
+
+	repo_id_of(&kp1, 5, id);
+	/* Repository ids: traversal, other did methods, almost-valid ids. */
+	char tail_slash[80], nul_id[80], cut[80], bad_char[80];
+	snprintf(tail_slash, sizeof(tail_slash), "%s/../../x", id);
+	snprintf(cut, sizeof(cut), "%.*s", (int)strlen(id) - 1, id);
+	snprintf(bad_char, sizeof(bad_char), "%s", id);
+	bad_char[strlen(bad_char) - 1] = '0'; /* not base58 */
+	const char *bad_ids[] = { "did:repo:../../x", "../../x", "did:repo:", "", "did:repo",
+		"did:repo:z../../../etc/passwd", kp1.did, tail_slash, cut, bad_char,
+		"DID:REPO:zQm", "/etc/passwd" };
+	for (size_t i = 0; i < sizeof(bad_ids) / sizeof(bad_ids[0]); i++) {
+		memset(&r, 0, sizeof(r));
+		r.field = -1;
+		r.kind = XT_REQ;
+		r.repo_id = bad_ids[i];
+		if (xraw_rc(&r) != ME_EPROTO)
+			fail_msg("request for '%s' accepted", bad_ids[i]);
+		r.kind = XT_START;
+		r.rs_sign = 1;
+		if (xraw_rc(&r) != ME_EPROTO)
+			fail_msg("start with a state of '%s' accepted", bad_ids[i]);
+	}
+	/* An id with a NUL byte inside (str with explicit length). */
+	{
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		size_t n = strlen(id);
+		memcpy(nul_id, id, n);
+		nul_id[5] = '\0';
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_array(&pk, 4);
+		msgpack_pack_uint64(&pk, 1);
+		msgpack_pack_str(&pk, n);
+		msgpack_pack_str_body(&pk, nul_id, n);
+		msgpack_pack_array(&pk, 0);
+		msgpack_pack_nil(&pk);
+		assert_int_equal(xdecode_pk(&sb), ME_EPROTO);
+		/* the same bytes with the NUL put back: accepted (the test is sound) */
+		sb.data[sb.size - 2 - n + 5] = id[5];
+		assert_int_equal(xdecode_pk(&sb), 0);
+		msgpack_sbuffer_destroy(&sb);
+	}
+
+	/* Haves: count and size. */
+	memset(&r, 0, sizeof(r));
+	r.kind = XT_REQ;
+	r.field = -1;
+	r.have_len = 20;
+	r.nhaves = XMSG_MAX_HAVES;
+	assert_int_equal(xraw_rc(&r), 0);
+	r.nhaves = XMSG_MAX_HAVES + 1;
+	assert_int_equal(xraw_rc(&r), ME_ETOOBIG);
+	static const size_t have_lens[] = { 1, 19, 21, 32 };
+	for (size_t i = 0; i < 4; i++) {
+		r.nhaves = 3;
+		r.have_len = have_lens[i];
+		assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	}
+	/* A have that is not the first one is wrong: the earlier ones were taken and freed. */
+	{
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		uint8_t z[20] = { 0 };
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_array(&pk, 4);
+		msgpack_pack_uint64(&pk, 1);
+		pk_str(&pk, id);
+		msgpack_pack_array(&pk, 3);
+		pk_bin(&pk, z, 20);
+		pk_bin(&pk, z, 20);
+		pk_str(&pk, "aaaaaaaaaaaaaaaaaaaa");
+		msgpack_pack_nil(&pk);
+		assert_int_equal(xdecode_pk(&sb), ME_EPROTO);
+		msgpack_sbuffer_destroy(&sb);
+	}
+	/* Resume: wrong digest size, negative or missing offset, extra element, a map. */
+	for (int v = 0; v < 6; v++) {
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		uint8_t d[33] = { 0 };
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_array(&pk, 4);
+		msgpack_pack_uint64(&pk, 1);
+		pk_str(&pk, id);
+		msgpack_pack_array(&pk, 0);
+		switch (v) {
+		case 0: msgpack_pack_array(&pk, 2); pk_bin(&pk, d, 31); msgpack_pack_uint64(&pk, 1); break;
+		case 1: msgpack_pack_array(&pk, 2); pk_bin(&pk, d, 33); msgpack_pack_uint64(&pk, 1); break;
+		case 2: msgpack_pack_array(&pk, 2); pk_bin(&pk, d, 32); msgpack_pack_int64(&pk, -1); break;
+		case 3: msgpack_pack_array(&pk, 1); pk_bin(&pk, d, 32); break;
+		case 4: msgpack_pack_array(&pk, 3); pk_bin(&pk, d, 32); msgpack_pack_uint64(&pk, 1);
+			msgpack_pack_nil(&pk); break;
+		case 5: msgpack_pack_map(&pk, 1); pk_bin(&pk, d, 32); msgpack_pack_uint64(&pk, 1); break;
+		}
+		assert_int_equal(xdecode_pk(&sb), ME_EPROTO);
+		msgpack_sbuffer_destroy(&sb);
+	}
+
+	/* file_name: 255 bytes pass, 256 do not; a NUL anywhere does not. */
+	memset(buf, 'f', sizeof(buf));
+	memset(&r, 0, sizeof(r));
+	r.kind = XT_START;
+	r.field = -1;
+	r.file_name = buf;
+	r.file_name_len = XMSG_MAX_FILENAME;
+	assert_int_equal(xraw_rc(&r), 0);
+	r.file_name_len = XMSG_MAX_FILENAME + 1;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.file_name_len = 500;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.file_name = "a\0b";
+	r.file_name_len = 3;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.file_name = "\0";
+	r.file_name_len = 1;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.file_name = "ab\0";
+	r.file_name_len = 3;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	/* offset against total_size */
+	memset(&r, 0, sizeof(r));
+	r.kind = XT_START;
+	r.field = -1;
+	r.total = 100;
+	r.offset = 100;
+	assert_int_equal(xraw_rc(&r), 0);
+	r.offset = 101;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.total = 1;
+	r.offset = UINT64_MAX;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.total = UINT64_MAX;
+	r.offset = UINT64_MAX;
+	assert_int_equal(xraw_rc(&r), 0);
+
+	/* data: 1..65536 bytes */
+	memset(&r, 0, sizeof(r));
+	r.kind = XT_DATA;
+	r.field = -1;
+	r.data_len = SIZE_MAX; /* 0 bytes */
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.data_len = XMSG_MAX_DATA + 1;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.data_len = XMSG_MAX_DATA;
+	assert_int_equal(xraw_rc(&r), 0);
+	r.data_len = 1;
+	assert_int_equal(xraw_rc(&r), 0);
+
+	/* error: a negative int32 code, a short message without NUL */
+	static const int64_t bad_codes[] = { 0, 1, 10, INT64_MAX, (int64_t)INT32_MIN - 1, INT64_MIN };
+	memset(&r, 0, sizeof(r));
+	r.kind = XT_ERR;
+	r.field = -1;
+	for (size_t i = 0; i < sizeof(bad_codes) / sizeof(bad_codes[0]); i++) {
+		r.code = bad_codes[i];
+		if (r.code == 0) {
+			/* 0 means "default" in struct xraw: pack it by hand */
+			assert_int_equal(xdecode_raw("\x93\x05\x00\xa0", 4), ME_EPROTO);
+			continue;
+		}
+		if (xraw_rc(&r) != ME_EPROTO)
+			fail_msg("error code %" PRId64 " accepted", bad_codes[i]);
+	}
+	assert_int_equal(xdecode_raw("\x93\x05\xcf\xff\xff\xff\xff\xff\xff\xff\xff\xa0", 12), ME_EPROTO);
+	r.code = -1;
+	assert_int_equal(xraw_rc(&r), 0);
+	r.code = INT32_MIN;
+	assert_int_equal(xraw_rc(&r), 0);
+	r.message = buf;
+	r.message_len = XMSG_MAX_ERRMSG;
+	assert_int_equal(xraw_rc(&r), 0);
+	r.message_len = XMSG_MAX_ERRMSG + 1;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+	r.message = "oops\0";
+	r.message_len = 5;
+	assert_int_equal(xraw_rc(&r), ME_EPROTO);
+}
+
+/* A start whose state is malformed in one way (the rest valid). */
+static void test_xmsg_start_bad_state(void **state)
+{
+	(void)state;
+	struct gmsg_refstate rs;
+	uint8_t d32[32] = { 0 };
+
+	xrs_make(&rs);
+	for (int v = 0; v < 9; v++) {
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_array(&pk, 7);
+		msgpack_pack_uint64(&pk, 2);
+		pk_str(&pk, "f");
+		msgpack_pack_uint64(&pk, 10);
+		pk_bin(&pk, d32, 32);
+		msgpack_pack_uint64(&pk, 0);
+		pk_bin(&pk, kp1.pk, 32);
+		msgpack_pack_array(&pk, v == 0 ? 4 : v == 1 ? 6 : 5);
+		pk_str(&pk, rs.repo_id.ptr);
+		if (v == 2)
+			msgpack_pack_int64(&pk, -5);
+		else
+			msgpack_pack_uint64(&pk, rs.seq);
+		pk_str(&pk, v == 3 ? "HEAD" : "refs/heads/main");
+		int nrefs = v == 4 ? 2 : 3;
+		msgpack_pack_array(&pk, (uint32_t)nrefs);
+		for (int i = 0; i < nrefs; i++) {
+			int k = v == 4 ? 1 - i : i; /* unsorted */
+			msgpack_pack_array(&pk, v == 5 && i == 1 ? 3 : 2);
+			pk_str(&pk, v == 6 && i == 2 ? "refs/remotes/origin/x" :
+				    v == 7 && i == 0 ? "refs/heads/../../x" : refs3[k].name.ptr);
+			pk_bin(&pk, refs3[k].oid, v == 8 && i == 1 ? 19 : 20);
+			if (v == 5 && i == 1)
+				msgpack_pack_nil(&pk);
+		}
+		if (v != 0)
+			pk_bin(&pk, rs.sig, 64);
+		if (v == 1)
+			msgpack_pack_nil(&pk);
+		if (xdecode_pk(&sb) != ME_EPROTO)
+			fail_msg("start with bad state variant %d accepted", v);
+		msgpack_sbuffer_destroy(&sb);
+	}
+}
+
+/* A start whose state has more refs than allowed, and a request with 20001 haves, are refused
+ * for their counts (before anything is allocated for them). */
+static void test_xmsg_counts(void **state)
+{
+	(void)state;
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	uint8_t d32[32] = { 0 }, oid[20] = { 0 }, sig[64] = { 0 };
+	char id[ME_DID_REPO_SIZE];
+
+	repo_id_of(&kp1, 5, id);
+	for (size_t nrefs = GMSG_MAX_REFS; nrefs <= GMSG_MAX_REFS + 1; nrefs++) {
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_array(&pk, 7);
+		msgpack_pack_uint64(&pk, 2);
+		pk_str(&pk, "f");
+		msgpack_pack_uint64(&pk, 10);
+		pk_bin(&pk, d32, 32);
+		msgpack_pack_uint64(&pk, 0);
+		pk_bin(&pk, kp1.pk, 32);
+		msgpack_pack_array(&pk, 5);
+		pk_str(&pk, id);
+		msgpack_pack_uint64(&pk, 1);
+		pk_str(&pk, "");
+		msgpack_pack_array(&pk, (uint32_t)nrefs);
+		for (size_t i = 0; i < nrefs; i++) {
+			char name[32];
+			snprintf(name, sizeof(name), "refs/heads/b%06zu", i);
+			msgpack_pack_array(&pk, 2);
+			pk_str(&pk, name);
+			pk_bin(&pk, oid, 20);
+		}
+		pk_bin(&pk, sig, 64);
+		assert_true(sb.size <= XMSG_MAX_BODY);
+		assert_int_equal(xdecode_pk(&sb), nrefs > GMSG_MAX_REFS ? ME_ETOOBIG : 0);
+		msgpack_sbuffer_destroy(&sb);
+	}
+}
+
+static void test_xmsg_truncated(void **state)
+{
+	(void)state;
+	msgpack_sbuffer s[6];
+	struct gmsg_refstate rs;
+	uint8_t d32[32], have[3][20], data[300];
+	char id[ME_DID_REPO_SIZE];
+
+	xrs_make(&rs);
+	repo_id_of(&kp2, 4, id);
+	fill_bytes(d32, 32, 9);
+	fill_bytes(&have[0][0], sizeof(have), 7);
+	fill_bytes(data, sizeof(data), 3);
+	for (int i = 0; i < 6; i++)
+		msgpack_sbuffer_init(&s[i]);
+	assert_int_equal(xmsg_encode_request(&s[0], id, (const uint8_t(*)[20])have, 3, d32, 77), 0);
+	assert_int_equal(xmsg_encode_start(&s[1], "name.bundle", 5000, d32, 10, kp1.pk, &rs), 0);
+	assert_int_equal(xmsg_encode_data(&s[2], data, sizeof(data)), 0);
+	assert_int_equal(xmsg_encode_done(&s[3], d32), 0);
+	assert_int_equal(xmsg_encode_error(&s[4], ME_EBUSY, "busy"), 0);
+	assert_int_equal(xmsg_encode_request(&s[5], id, NULL, 0, NULL, 0), 0);
+	for (int i = 0; i < 6; i++) {
+		size_t n;
+		const uint8_t *b = xbody(&s[i], &n);
+		assert_int_equal(xdecode_raw(b, n), 0);
+		for (size_t k = 0; k < n; k++) {
+			/* a private copy of exactly k bytes, so ASan sees any read past it */
+			uint8_t *c = malloc(k ? k : 1);
+			assert_non_null(c);
+			memcpy(c, b, k);
+			if (xdecode_raw(c, k) != ME_EPROTO)
+				fail_msg("message %d truncated to %zu of %zu bytes accepted", i, k, n);
+			free(c);
+		}
+		/* One byte too many. */
+		uint8_t *c = malloc(n + 1);
+		assert_non_null(c);
+		memcpy(c, b, n);
+		c[n] = 0xc0;
+		assert_int_equal(xdecode_raw(c, n + 1), ME_EPROTO);
+		free(c);
+		msgpack_sbuffer_destroy(&s[i]);
+	}
+	assert_int_equal(xdecode_raw(NULL, 0), ME_EPROTO);
+	assert_int_equal(xdecode_raw(NULL, 5), ME_EPROTO);
+	assert_int_equal(xmsg_decode((const uint8_t *)"\x92\x04", 2, NULL), ME_EINVAL);
+}
+
+static void test_xmsg_huge(void **state)
+{
+	(void)state;
+	uint8_t *big = calloc(1, XMSG_MAX_BODY + 16);
+	assert_non_null(big);
+
+	/* Over the body limit: refused for its size whatever it holds. */
+	big[0] = 0x92;
+	big[1] = 0x03;
+	big[2] = 0xc6;
+	assert_int_equal(xdecode_raw(big, XMSG_MAX_BODY + 1), ME_ETOOBIG);
+	assert_int_equal(xdecode_raw(big, XMSG_MAX_BODY + 16), ME_ETOOBIG);
+	assert_int_equal(xdecode_raw(big, SIZE_MAX), ME_ETOOBIG);
+	/* A data message of exactly XMSG_MAX_BODY bytes is within the body limit but its data
+	 * is over 64 KiB. */
+	uint32_t n = XMSG_MAX_BODY - 7;
+	big[3] = (uint8_t)(n >> 24);
+	big[4] = (uint8_t)(n >> 16);
+	big[5] = (uint8_t)(n >> 8);
+	big[6] = (uint8_t)n;
+	assert_int_equal(xdecode_raw(big, XMSG_MAX_BODY), ME_EPROTO);
+
+	/* Headers claiming 2^32 - 1 elements or bytes, at the top and inside each message. */
+	static const uint8_t hdrs[][5] = {
+		{ 0xdd, 0xff, 0xff, 0xff, 0xff }, /* array32 */
+		{ 0xdf, 0xff, 0xff, 0xff, 0xff }, /* map32 */
+		{ 0xc6, 0xff, 0xff, 0xff, 0xff }, /* bin32 */
+		{ 0xdb, 0xff, 0xff, 0xff, 0xff }, /* str32 */
+		{ 0xdd, 0x00, 0x00, 0x4e, 0x21 }, /* array32 of 20001 */
+		{ 0xdc, 0xff, 0xff, 0x00, 0x00 }, /* array16 of 65535 */
+	};
+	char id[ME_DID_REPO_SIZE];
+	repo_id_of(&kp1, 5, id);
+	size_t idlen = strlen(id);
+	for (size_t h = 0; h < sizeof(hdrs) / sizeof(hdrs[0]); h++) {
+		size_t hl = hdrs[h][0] == 0xdc ? 3 : 5;
+		uint8_t b[256];
+		size_t k = 0;
+		int rc;
+
+		/* alone, and followed by some bytes */
+		rc = xdecode_raw(hdrs[h], hl);
+		assert_true(rc == ME_EPROTO || rc == ME_ETOOBIG);
+		memcpy(b, hdrs[h], hl);
+		memset(b + hl, 0xc0, 100);
+		rc = xdecode_raw(b, hl + 100);
+		assert_true(rc == ME_EPROTO || rc == ME_ETOOBIG);
+		/* as the haves of a request */
+		b[k++] = 0x94;
+		b[k++] = 0x01;
+		b[k++] = 0xd9;
+		b[k++] = (uint8_t)idlen;
+		memcpy(b + k, id, idlen);
+		k += idlen;
+		memcpy(b + k, hdrs[h], hl);
+		k += hl;
+		b[k++] = 0xc0;
+		rc = xdecode_raw(b, k);
+		assert_true(rc == ME_EPROTO || rc == ME_ETOOBIG);
+		/* as the data of a data message, the code of an error, the top-level array */
+		uint8_t d[16] = { 0x92, 0x03 };
+		memcpy(d + 2, hdrs[h], hl);
+		rc = xdecode_raw(d, 2 + hl);
+		assert_true(rc == ME_EPROTO || rc == ME_ETOOBIG);
+		d[0] = 0x93;
+		d[1] = 0x05;
+		memcpy(d + 2, hdrs[h], hl);
+		d[2 + hl] = 0xa0;
+		rc = xdecode_raw(d, 3 + hl);
+		assert_true(rc == ME_EPROTO || rc == ME_ETOOBIG);
+		memcpy(d, hdrs[h], hl);
+		d[hl] = 0x01;
+		rc = xdecode_raw(d, hl + 1);
+		assert_true(rc == ME_EPROTO || rc == ME_ETOOBIG);
+	}
+	/* A request whose haves array is 16 levels of nesting deep, and one of 65536 nils (more
+	 * objects than any valid message has). */
+	{
+		size_t k = 0;
+		uint8_t *b = big;
+		b[k++] = 0x94;
+		b[k++] = 0x01;
+		b[k++] = 0xd9;
+		b[k++] = (uint8_t)idlen;
+		memcpy(b + k, id, idlen);
+		k += idlen;
+		for (int i = 0; i < 20; i++)
+			b[k++] = 0x91;
+		b[k++] = 0xc0;
+		b[k++] = 0xc0;
+		assert_int_equal(xdecode_raw(b, k), ME_ETOOBIG);
+		k = 4 + idlen;
+		b[k++] = 0xdd;
+		b[k++] = 0x00;
+		b[k++] = 0x01;
+		b[k++] = 0x00;
+		b[k++] = 0x00;
+		memset(b + k, 0xc0, 65536);
+		k += 65536;
+		b[k++] = 0xc0;
+		assert_int_equal(xdecode_raw(b, k), ME_ETOOBIG);
+	}
+	free(big);
+}
+
+/* 100 000 random mutations of valid messages of every type: whatever the decoder makes of
+ * them, it does not crash, read outside the buffer, leak (ASan) or return anything but 0,
+ * ME_EPROTO or ME_ETOOBIG; what it accepts re-encodes. */
+static void test_xmsg_mutations(void **state)
+{
+	(void)state;
+	msgpack_sbuffer s[6];
+	struct gmsg_refstate rs;
+	uint8_t d32[32], have[4][20], data[200];
+	char id[ME_DID_REPO_SIZE];
+	int ok = 0, proto = 0, toobig = 0;
+
+	xrs_make(&rs);
+	repo_id_of(&kp2, 4, id);
+	fill_bytes(d32, 32, 9);
+	fill_bytes(&have[0][0], sizeof(have), 7);
+	fill_bytes(data, sizeof(data), 3);
+	for (int i = 0; i < 6; i++)
+		msgpack_sbuffer_init(&s[i]);
+	assert_int_equal(xmsg_encode_request(&s[0], id, (const uint8_t(*)[20])have, 4, d32, 77), 0);
+	assert_int_equal(xmsg_encode_start(&s[1], "name.bundle", 5000, d32, 10, kp1.pk, &rs), 0);
+	assert_int_equal(xmsg_encode_data(&s[2], data, sizeof(data)), 0);
+	assert_int_equal(xmsg_encode_done(&s[3], d32), 0);
+	assert_int_equal(xmsg_encode_error(&s[4], ME_EBUSY, "busy"), 0);
+	assert_int_equal(xmsg_encode_request(&s[5], id, NULL, 0, NULL, 0), 0);
+	for (int i = 0; i < 100000; i++) {
+		size_t n;
+		const uint8_t *b = xbody(&s[i % 6], &n);
+		uint8_t *c = malloc(n + 8);
+		assert_non_null(c);
+		memcpy(c, b, n);
+		int muts = 1 + (int)(rnd() % 4);
+		for (int k = 0; k < muts; k++) {
+			uint64_t r = rnd();
+			size_t at = (size_t)(r % n);
+			switch ((r >> 32) % 4) {
+			case 0: c[at] = (uint8_t)(r >> 40); break;           /* any byte */
+			case 1: c[at] ^= (uint8_t)(1u << ((r >> 40) % 8)); break; /* one bit */
+			case 2: c[at] = (uint8_t)(c[at] + 1); break;         /* off by one */
+			case 3: {                                            /* msgpack header */
+				static const uint8_t hv[] = { 0xc0, 0x90, 0x9f, 0xdc, 0xdd, 0xc4,
+					0xc6, 0xa0, 0xbf, 0xd9, 0xcf, 0xff, 0x00, 0x7f };
+				c[at] = hv[(r >> 40) % sizeof(hv)];
+				break;
+			}
+			}
+		}
+		size_t len = n;
+		uint64_t r = rnd();
+		if (r % 5 == 0)
+			len = (size_t)((r >> 8) % n);
+		else if (r % 5 == 1)
+			len = n + (size_t)((r >> 8) % 8); /* trailing bytes (uninitialised: copy) */
+		if (len > n)
+			memset(c + n, (int)(r >> 16), len - n);
+		struct xmsg m;
+		int rc = xmsg_decode(c, len, &m);
+		if (rc == 0) {
+			ok++;
+			/* What is accepted is well formed: it encodes again. */
+			msgpack_sbuffer re;
+			msgpack_sbuffer_init(&re);
+			switch (m.type) {
+			case XMSG_REQUEST: {
+				char rid[ME_DID_REPO_SIZE];
+				assert_true(m.repo_id.len < sizeof(rid));
+				memcpy(rid, m.repo_id.ptr, m.repo_id.len);
+				rid[m.repo_id.len] = '\0';
+				assert_int_equal(xmsg_encode_request(&re, rid,
+					(const uint8_t(*)[20])m.haves, m.nhaves,
+					m.has_resume ? m.resume_digest : NULL, m.resume_offset), 0);
+				break;
+			}
+			case XMSG_START: {
+				char fn[XMSG_MAX_FILENAME + 1];
+				memcpy(fn, m.file_name.ptr, m.file_name.len);
+				fn[m.file_name.len] = '\0';
+				assert_true(m.offset <= m.total_size);
+				assert_int_equal(xmsg_encode_start(&re, fn, m.total_size, m.digest,
+								   m.offset, m.creator_pk, &m.refstate),
+						 0);
+				break;
+			}
+			case XMSG_DATA:
+				assert_true(m.len >= 1 && m.len <= XMSG_MAX_DATA);
+				assert_true(m.data >= c && m.data + m.len <= c + len);
+				assert_int_equal(xmsg_encode_data(&re, m.data, m.len), 0);
+				break;
+			case XMSG_DONE:
+				assert_int_equal(xmsg_encode_done(&re, m.digest), 0);
+				break;
+			case XMSG_ERROR:
+				assert_true(m.code < 0 && m.code >= INT32_MIN);
+				assert_true(m.message.len <= XMSG_MAX_ERRMSG);
+				break;
+			default:
+				fail_msg("decoded type %u", m.type);
+			}
+			msgpack_sbuffer_destroy(&re);
+			xmsg_free(&m);
+		} else {
+			proto += rc == ME_EPROTO;
+			toobig += rc == ME_ETOOBIG;
+			if (rc != ME_EPROTO && rc != ME_ETOOBIG)
+				fail_msg("mutation %d: rc %d", i, rc);
+			assert_null(m.haves);
+			assert_null(m.refstate.refs);
+		}
+		free(c);
+	}
+	for (int i = 0; i < 6; i++)
+		msgpack_sbuffer_destroy(&s[i]);
+	print_message("mutations: %d decoded, %d EPROTO, %d ETOOBIG\n", ok, proto, toobig);
+	assert_true(ok > 0 && proto > 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1692,6 +2957,18 @@ int main(void)
 		cmocka_unit_test(test_repo_ann_limits),
 		cmocka_unit_test(test_repo_ann_hostile),
 		cmocka_unit_test(test_random_garbage),
+		cmocka_unit_test(test_xmsg_request_roundtrip),
+		cmocka_unit_test(test_xmsg_start_roundtrip),
+		cmocka_unit_test(test_xmsg_data_done_error_roundtrip),
+		cmocka_unit_test(test_xmsg_canonical),
+		cmocka_unit_test(test_xmsg_encoder_refusals),
+		cmocka_unit_test(test_xmsg_hostile_shapes),
+		cmocka_unit_test(test_xmsg_hostile_values),
+		cmocka_unit_test(test_xmsg_start_bad_state),
+		cmocka_unit_test(test_xmsg_counts),
+		cmocka_unit_test(test_xmsg_truncated),
+		cmocka_unit_test(test_xmsg_huge),
+		cmocka_unit_test(test_xmsg_mutations),
 	};
 	return cmocka_run_group_tests(tests, group_setup, NULL);
 }
