@@ -1,5 +1,6 @@
 #include "tests/fuzz/bundle-fixture.h"
 
+#include <dirent.h>
 #include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,7 +10,10 @@
 
 #include <sodium.h>
 
+#include "common/err.h"
 #include "common/ids.h"
+#include "daemon/mirror.h"
+#include "tests/fuzz/fuzz.h"
 
 #define FIXED_TIME 1700000000
 
@@ -151,4 +155,78 @@ void bundle_fixture_free(struct bundle_fixture *fx)
 		nftw(fx->dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
 	fx->dir[0] = '\0';
 	git_libgit2_shutdown();
+}
+
+/* ---- one transfer, for the fuzz targets ---- */
+
+#define STOPPED "fuzz: stopped before install"
+
+static size_t count_dir(const char *path)
+{
+	DIR *d = opendir(path);
+	struct dirent *de;
+	size_t n = 0;
+
+	FUZZ_ASSERT(d != NULL);
+	while ((de = readdir(d)) != NULL) {
+		FUZZ_ASSERT(strncmp(de->d_name, "me-incoming-", 12) != 0);
+		n++;
+	}
+	closedir(d);
+	return n;
+}
+
+static size_t count_mirror(struct bundle_fixture *fx)
+{
+	char p[PATH_MAX + 32];
+	const char *gitdir = git_repository_path(fx->mirror);
+
+	snprintf(p, sizeof(p), "%sobjects/pack", gitdir);
+	return count_dir(gitdir) + count_dir(p);
+}
+
+static int stop(git_repository *view, const struct gmsg_refstate *expected, void *arg, char *err,
+		size_t errsz)
+{
+	git_odb *odb;
+
+	FUZZ_ASSERT(git_repository_odb(&odb, view) == 0);
+	for (size_t i = 0; i < expected->nrefs; i++) {
+		git_oid oid;
+		git_oid_fromraw(&oid, expected->refs[i].oid);
+		FUZZ_ASSERT(git_odb_exists(odb, &oid));
+	}
+	git_odb_free(odb);
+	*(int *)arg = 1;
+	snprintf(err, errsz, STOPPED);
+	return ME_EPERM;
+}
+
+int bundle_fixture_rx(struct bundle_fixture *fx, const uint8_t *data, size_t len, size_t chunk)
+{
+	int checked = 0;
+	struct bundle_rx_opts opts = { .max_bytes = 16u << 20, .check = stop, .check_arg = &checked };
+	struct bundle_rx *rx;
+	char err[256];
+	int rc = 0;
+	git_oid head;
+
+	if (fx->entries == 0)
+		fx->entries = count_mirror(fx);
+	FUZZ_ASSERT(chunk > 0);
+	FUZZ_ASSERT(bundle_rx_new(&rx, fx->mirror, &fx->expected, &opts, err, sizeof(err)) == 0);
+	for (size_t off = 0; off < len && rc == 0; off += chunk)
+		rc = bundle_rx_write(rx, data + off, len - off < chunk ? len - off : chunk);
+	if (rc == 0)
+		rc = bundle_rx_finish(rx, NULL);
+	FUZZ_ASSERT(rc < 0 && rc != ME_EINVAL);
+	FUZZ_ASSERT(bundle_rx_errmsg(rx)[0] != '\0');
+	if (checked)
+		FUZZ_ASSERT(rc == ME_EPERM && strcmp(bundle_rx_errmsg(rx), STOPPED) == 0);
+	bundle_rx_free(rx);
+
+	FUZZ_ASSERT(count_mirror(fx) == fx->entries);
+	FUZZ_ASSERT(git_reference_name_to_id(&head, fx->mirror, "refs/heads/main") == 0);
+	FUZZ_ASSERT(git_oid_equal(&head, &fx->c1));
+	return checked;
 }

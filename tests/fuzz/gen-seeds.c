@@ -346,6 +346,54 @@ static void bundle(struct bundle_fixture *fx, const char *name, size_t nrefs, in
 	free(b);
 }
 
+/* bundle-objects: records (kind byte, u16 length, content) of objects of the fixture's src. */
+static void object_records(struct bundle_fixture *fx, const char *name, const git_oid *oids,
+			   size_t n)
+{
+	static const uint8_t tbyte[] = { [GIT_OBJECT_COMMIT] = 0, [GIT_OBJECT_TREE] = 1,
+					 [GIT_OBJECT_BLOB] = 2, [GIT_OBJECT_TAG] = 3 };
+	msgpack_sbuffer sb;
+	git_odb *odb;
+
+	msgpack_sbuffer_init(&sb);
+	if (git_repository_odb(&odb, fx->src) < 0)
+		die("git_repository_odb", -1);
+	for (size_t i = 0; i < n; i++) {
+		git_odb_object *o;
+		uint8_t head[3];
+		if (git_odb_read(&o, odb, &oids[i]) < 0)
+			die("git_odb_read", -1);
+		size_t len = git_odb_object_size(o);
+		head[0] = tbyte[git_odb_object_type(o)];
+		head[1] = (uint8_t)(len >> 8);
+		head[2] = (uint8_t)len;
+		msgpack_sbuffer_write(&sb, (const char *)head, 3);
+		msgpack_sbuffer_write(&sb, git_odb_object_data(o), len);
+		git_odb_object_free(o);
+	}
+	git_odb_free(odb);
+	put("bundle-objects", name, sb.data, sb.size);
+	msgpack_sbuffer_destroy(&sb);
+}
+
+/* The objects of commit c: itself, its tree and the tree's entries. */
+static size_t commit_objects(struct bundle_fixture *fx, const git_oid *c, git_oid *out)
+{
+	git_commit *commit;
+	git_tree *tree;
+	size_t n = 0;
+
+	if (git_commit_lookup(&commit, fx->src, c) < 0 || git_commit_tree(&tree, commit) < 0)
+		die("commit", -1);
+	out[n++] = *c;
+	out[n++] = *git_tree_id(tree);
+	for (size_t i = 0; i < git_tree_entrycount(tree); i++)
+		out[n++] = *git_tree_entry_id(git_tree_entry_byindex(tree, i));
+	git_tree_free(tree);
+	git_commit_free(commit);
+	return n;
+}
+
 static void seeds_bundle(void)
 {
 	struct bundle_fixture fx;
@@ -356,6 +404,39 @@ static void seeds_bundle(void)
 	bundle(&fx, "full", 2, 0);
 	bundle(&fx, "thin", 2, 1);
 	bundle(&fx, "main-only", 1, 1); /* refs differ from the expected state */
+
+	git_oid objs[16];
+	size_t n = commit_objects(&fx, &fx.c2, objs);
+	objs[n++] = fx.tag;
+	object_records(&fx, "thin", objs, n); /* blob "hello" is in the mirror */
+	n += commit_objects(&fx, &fx.c1, objs + n);
+	n--; /* blob "hello" is in both trees: a pack has each object once */
+	object_records(&fx, "full", objs, n);
+	object_records(&fx, "tag-only", &fx.tag, 1); /* C2 missing */
+
+	/* Deltas: "hello\nworld\n" made from the mirror's blob "hello\n" (REF_DELTA, a thin pack),
+	 * and from the same blob sent in the pack (OFS_DELTA). A delta: base size, result size,
+	 * copy 6 bytes from offset 0, insert "world\n". */
+	static const uint8_t delta[] = { 6, 12, 0x90, 6, 6, 'w', 'o', 'r', 'l', 'd', '\n' };
+	git_oid hello;
+	uint8_t rec[3 + GIT_OID_RAWSZ + sizeof(delta)];
+	if (git_odb_hash(&hello, "hello\n", 6, GIT_OBJECT_BLOB) < 0)
+		die("git_odb_hash", -1);
+	rec[0] = 5;
+	rec[1] = 0;
+	rec[2] = GIT_OID_RAWSZ + sizeof(delta);
+	memcpy(rec + 3, hello.id, GIT_OID_RAWSZ);
+	memcpy(rec + 3 + GIT_OID_RAWSZ, delta, sizeof(delta));
+	put("bundle-objects", "ref-delta", rec, sizeof(rec));
+	rec[0] = 2;
+	rec[1] = 0;
+	rec[2] = 6;
+	memcpy(rec + 3, "hello\n", 6);
+	rec[9] = 4;
+	rec[10] = 0;
+	rec[11] = sizeof(delta);
+	memcpy(rec + 12, delta, sizeof(delta));
+	put("bundle-objects", "ofs-delta", rec, 12 + sizeof(delta));
 
 	git_oid_tostr(hex, sizeof(hex), &fx.c1);
 	snprintf(s, sizeof(s), "# v2 git bundle\n-%s a comment\n%s refs/heads/a\n%s refs/tags/b\n\n",
