@@ -22,13 +22,13 @@ if [ "${1:-}" = "--count" ]; then
 	count_file=$2
 	shift 2
 fi
-secs=${1:-}
-[ $# -gt 0 ] && shift
-if [ -z "$secs" ]; then
-	secs=20
-	[ "${CI:-}" = "true" ] && secs=10
+secs=20
+[ "${CI:-}" = "true" ] && secs=10
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then
+	secs=$1
+	shift
 fi
-if ! [[ $secs =~ ^[1-9][0-9]*$ ]]; then
+if [ "$secs" -eq 0 ] || [[ ${1:-} == -* ]]; then
 	echo "usage: scripts/fuzz.sh [--count FILE] [SECONDS] [TARGET...]" >&2
 	exit 2
 fi
@@ -108,6 +108,6 @@ for r in "${rows[@]}"; do
 	IFS='|' read -r t e n c <<<"$r"
 	printf '%-14s | %10s | %10s | %7s\n' "$t" "$e" "$n" "$c"
 done
-echo "$ok target(s) without a crash, $bad with ($secs s each)"
+echo "$ok target(s) passed, $bad failed ($secs s each)"
 count "$ok" "$bad"
 [ "$bad" -eq 0 ]
