@@ -77,7 +77,7 @@ enum rs_kind { RS_CREATOR, RS_OTHER_SIGNER, RS_CLAIM_CREATOR, RS_OTHER_REPO, RS_
 enum total_kind { T_EXACT, T_HUGE, T_SHORT };
 enum digest_kind { D_OK, D_WRONG_DONE, D_WRONG_BOTH };
 enum order { O_NORMAL, O_DATA_FIRST, O_TWO_STARTS, O_DONE_FIRST };
-enum cut { CUT_NONE, CUT_STALL, CUT_SHORT, CUT_TRICKLE };
+enum cut { CUT_NONE, CUT_STALL, CUT_SHORT, CUT_RESET, CUT_TRICKLE };
 
 struct serve_mode {
 	const char *name, *help;
@@ -87,8 +87,8 @@ struct serve_mode {
 	enum total_kind total;
 	enum digest_kind digest;
 	enum order order;
-	enum cut cut; /* after half the data: nothing more (stall) or Done (short); or from the
-			 start one byte every TRICKLE_MS (trickle) */
+	enum cut cut; /* after half the data: nothing more (stall), Done (short) or a reset; or
+			 from the start one byte every TRICKLE_MS (trickle) */
 	const char *file_name; /* NULL: "<name>.bundle" */
 };
 
@@ -118,6 +118,8 @@ static const struct serve_mode modes[] = {
 	{ .name = "stall", .cut = CUT_STALL,
 	  .help = "Start and half the data, then nothing (the stream stays open)" },
 	{ .name = "short", .cut = CUT_SHORT, .help = "Start, half the data, then Done" },
+	{ .name = "reset", .cut = CUT_RESET,
+	  .help = "Start, half the data, then (once acknowledged) a stream reset" },
 	{ .name = "trickle", .cut = CUT_TRICKLE,
 	  .help = "Start, then one byte of data every 2 s: never quite a stall, never done" },
 	{ .name = "data-first", .order = O_DATA_FIRST, .help = "a Data frame before Start" },
@@ -1141,6 +1143,18 @@ static int mutate(struct xserve *sv)
 	return 0;
 }
 
+static void on_acked(uv_timer_t *t)
+{
+	struct xserve *sv = t->data;
+
+	if (sv->x == NULL || net_xfer_queued(sv->x) > 0)
+		return;
+	uv_timer_stop(t);
+	printf("cut %s %s at=%" PRIu64 " of %zu to %s\n", sv->mode->name, sv->a->xs->id, sv->pos,
+	       sv->len, sv->peer_did);
+	net_xfer_reset(sv->x, NET_ERR_CANCEL);
+}
+
 static void serve_pump(struct xserve *sv)
 {
 	msgpack_sbuffer sb;
@@ -1172,8 +1186,14 @@ static void serve_pump(struct xserve *sv)
 				net_xfer_finish(sv->x);
 			printf("served %s %s sent=%" PRIu64 " to %s\n", sv->mode->name, sv->a->xs->id,
 			       sv->pos, sv->peer_did);
+		} else if (sv->mode->cut == CUT_RESET) {
+			/* reset once the data is acknowledged, so the requester has it all */
+			uv_timer_init(&sv->a->loop, &sv->trickle);
+			sv->trickle.data = sv;
+			sv->timer_on = 1;
+			uv_timer_start(&sv->trickle, on_acked, 20, 20);
 		} else {
-			printf("stalled %s %s at=%" PRIu64 " of %zu to %s\n", sv->mode->name,
+			printf("cut %s %s at=%" PRIu64 " of %zu to %s\n", sv->mode->name,
 			       sv->a->xs->id, sv->pos, sv->len, sv->peer_did);
 		}
 	}
@@ -1265,7 +1285,7 @@ static int serve_bundle(struct xserve *sv, const struct xmsg *req)
 	sv->pos = off;
 	sv->end = md->order == O_DONE_FIRST ? off : md->cut != CUT_NONE ? off + (sv->len - off) / 2
 									  : sv->len;
-	sv->send_done = md->cut != CUT_STALL && md->cut != CUT_TRICKLE;
+	sv->send_done = md->cut == CUT_NONE || md->cut == CUT_SHORT;
 	if (md->cut == CUT_TRICKLE) {
 		sv->end = off;
 		sv->finished = 1;

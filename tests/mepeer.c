@@ -47,7 +47,7 @@
  *   repo ID NAME seq=N refs=N head=REF  the repository we created (--repo-path)
  *   learnt / relaying / announced ...   the repository we relay, our announcements
  *   request ID haves=N resume=0|1 offset=N mode=MODE from DID
- *   start / served / stalled MODE ...   what we answered
+ *   start / served / cut / trickling MODE ... what we answered
  *   closed serve MODE app_error=0xN sent=N from DID (WHY)
  *   opened stream N XSEND to DID
  *   {"stream":N,"result":...}           a requested stream closed (JSON)

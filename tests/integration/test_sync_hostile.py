@@ -7,12 +7,14 @@ announces it to a fresh daemon V and is V's only holder. It serves each announce
 --serve says; SIGUSR1 makes it sign a newer state and serve that with the next mode. Every
 variant goes through four states:
   0  the variant, V has no mirror yet     -> rejected; no mirror, sync columns untouched
-  1  honest                               -> V's mirror equals the repository (a stall resumes)
+  1  honest                               -> V's mirror equals the repository (a transfer cut
+                                             in the middle resumes where it stopped)
   2  the variant, after new commits, a new branch and a deleted tag (an update with haves)
                                           -> rejected; the mirror and sync columns as after 1
   3  honest                               -> V's mirror equals the repository again
-after each rejection: the reason is in V's database row (sync_error) and log, $ROOT/tmp holds no
-leftover (a stalled transfer keeps exactly its partial bundle, for the resume), nothing was
+after each rejection: the reason is in V's database row (sync_error), repo list and log, $ROOT/tmp
+holds no leftover (a transfer cut in the middle keeps exactly its partial bundle, for the
+resume), nothing was
 written outside $ROOT, V still answers; at the end an honest daemon W that knows only V gets the
 repository from V, and V and W stop cleanly.
 
@@ -65,8 +67,10 @@ VARIANTS = {
     "error": ("refused: ENOTFOUND", False),
     "stall": ("transfer stalled", False),
     "silent": ("transfer stalled", False),
+    "reset": ("closed (reset by the peer", False),
 }
-SLOW = {"stall", "silent"}
+SLOW = {"stall", "silent"}     # the daemon waits 15 s for data
+PARTIAL = {"stall", "reset"}   # half the bundle arrived: the daemon keeps it to resume
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -282,10 +286,11 @@ def assert_alive(d):
 
 # ---- fetching from a liar --------------------------------------------------------------------
 
-def reject_stage(v, p, rid, reason, before, outside, env, slow):
+def reject_stage(v, p, rid, mode, before, outside, env):
     """One rejected state: returns after checking everything the module docstring lists."""
+    reason = VARIANTS[mode][0]
     n0 = fetch_failures(v, rid, p.did)
-    wait_rejected(v, rid, p.did, n0, reason, STALL_WAIT if slow else 20.0)
+    wait_rejected(v, rid, p.did, n0, reason, STALL_WAIT if mode in SLOW else 20.0)
     row = db_row(v, rid)
     for c in SYNC_COLS:
         assert row[c] == before["row"][c], (c, row, before["row"])
@@ -306,10 +311,9 @@ def reject_stage(v, p, rid, reason, before, outside, env, slow):
     else:
         assert mirror_refs(v, rid, env) == before["refs"]
         assert_fsck(mirror_path(v, rid), env)
-    stalled = p.lines("stalled")
-    if slow and stalled and stalled[-1][1] == "stall":
+    if mode in PARTIAL:
         # The partial bundle stays for a resume, and nothing else.
-        at = int(stalled[-1][3].split("=", 1)[1])
+        at = int(p.lines("cut")[-1][3].split("=", 1)[1])
         assert tmp_files(v) == [f"{b58(rid)}.part"], tmp_files(v)
         assert (v.root / "tmp" / f"{b58(rid)}.part").stat().st_size == at
     else:
@@ -320,8 +324,7 @@ def reject_stage(v, p, rid, reason, before, outside, env, slow):
 
 @pytest.mark.parametrize("mode", list(VARIANTS))
 def test_hostile_serve(mode, daemon_factory, peers, git_repo):
-    reason, verified = VARIANTS[mode]
-    slow = mode in SLOW
+    verified = VARIANTS[mode][1]
     env = git_repo.env
     v, v_did = start_node(daemon_factory, "victim")
     outside = Outside(v)
@@ -332,8 +335,8 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     stats0 = sync_stats(v)
 
     # 0: the variant, first fetch.
-    reject_stage(v, p, rid, reason, {"row": {c: 0 for c in SYNC_COLS}, "refs": None}, outside,
-                 env, slow)
+    reject_stage(v, p, rid, mode, {"row": {c: 0 for c in SYNC_COLS}, "refs": None}, outside,
+                 env)
     row = db_row(v, rid)
     assert row["is_external"] == 1 and row["ref_seq"] == seq0, row
     assert row["creator"] == p.did, row
@@ -343,9 +346,9 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     wait_mirror_seq(v, rid, seq1, "state 1")
     assert_mirror_is(v, rid, git_repo, repo)
     assert tmp_files(v) == []
-    if mode == "stall":
-        req = [ln for ln in p.lines("request")][-1]
-        at = int(p.lines("stalled")[0][3].split("=", 1)[1])
+    if mode in PARTIAL:
+        req = p.lines("request")[-1]
+        at = int(p.lines("cut")[0][3].split("=", 1)[1])
         assert "resume=1" in req and f"offset={at}" in req, p.info()
         assert f"offset={at}" in p.lines("start")[-1], p.info()
     before = {"row": db_row(v, rid), "refs": mirror_refs(v, rid, env)}
@@ -354,7 +357,7 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     # 2: the variant again, on an update the mirror has the prerequisites of.
     change_repo(git_repo, repo)
     _, seq2 = next_generation(p, 2)
-    reject_stage(v, p, rid, reason, before, outside, env, slow)
+    reject_stage(v, p, rid, mode, before, outside, env)
     assert "haves=0" not in p.lines("request")[-1], p.info()
     assert db_row(v, rid)["ref_seq"] == seq2
 
@@ -432,9 +435,8 @@ def test_hostile_relay(mode, daemon_factory, peers, git_repo):
         wait_mirror_seq(v, rid, seq, "honest relay")
         assert_mirror_is(v, rid, git_repo, repo)
     else:
-        reason = VARIANTS[mode][0]
-        reject_stage(v, p, rid, reason, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
-                     outside, env, False)
+        reject_stage(v, p, rid, mode, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
+                     outside, env)
         row = db_row(v, rid)
         assert row["creator"] == a_did and row["ref_seq"] == seq, row
         # The creator is unharmed, and an honest W that knows A gets the repository; V learns
