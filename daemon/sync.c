@@ -645,7 +645,8 @@ static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, co
 	if (!f->failed && f->r != NULL) {
 		fmt(buf, sizeof(buf), "transfer from %s closed (%s, code 0x%" PRIx64 ")",
 			 f->peer_did, why ? why : "", app_error);
-		fetch_end(f, ME_ECONN, buf);
+		fetch_end(f, ME_ECONN, buf); /* frees f: its stream is gone */
+		return;
 	}
 	if (f->r == NULL)
 		fetch_free(f);
