@@ -1,10 +1,12 @@
 #include "daemon/net.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
@@ -26,6 +28,9 @@
 #define DIAL_TICK_MS 500
 #define MAX_VEC 16
 #define MAX_BURST 256 /* packets per conn_write */
+#define RX_BATCH 16      /* datagrams per recvmmsg */
+#define TX_BATCH 32      /* packets per sendmmsg */
+#define RX_SLOT 65536    /* libuv gives each datagram of a batch this much of the buffer */
 /* Receive windows. Frames are consumed as they arrive and credit returned at once, so these
  * only bound what may be in flight (and what ngtcp2 buffers out of order). */
 #define XFER_STREAM_WINDOW (4u << 20)
@@ -126,6 +131,8 @@ struct peer {
 	int in_callback;
 	int probing; /* keep-alive shortened to check the connection is still alive */
 	uint64_t last_rx_ns;
+	struct peer *rx_next;  /* in net.rx_list */
+	int rx_pending;
 	struct peer *awaiting; /* a connection to the same node that must prove it is alive */
 	uint64_t probe_start_ns;
 	struct peer *prev, *next;
@@ -155,7 +162,13 @@ struct net {
 	int closing;
 	uint8_t reset_secret[32];
 	struct net_stats stats;
-	uint8_t rbuf[65536];
+	struct peer *rx_list; /* connections read in this recvmmsg batch: written after it */
+	/* Packets conn_write made for one connection, sent together with sendmmsg. */
+	struct mmsghdr tx_msg[TX_BATCH];
+	struct iovec tx_iov[TX_BATCH];
+	size_t ntx;
+	uint8_t txbuf[TX_BATCH][MAX_PKT];
+	uint8_t rbuf[RX_BATCH * RX_SLOT];
 };
 
 static void conn_write(struct peer *c);
@@ -867,6 +880,37 @@ static void send_packet(struct peer *c, const uint8_t *data, size_t len)
 	/* EAGAIN and friends: the packet is lost and QUIC recovers. */
 }
 
+/* Sends the packets conn_write batched for c. Those the socket does not take (EAGAIN) are
+ * lost, as with send_packet. */
+static void tx_flush(struct peer *c)
+{
+	struct net *n = c->net;
+	size_t done = 0;
+	uv_os_fd_t fd;
+
+	if (n->ntx > 0 && uv_fileno((uv_handle_t *)&c->ep->udp, &fd) == 0) {
+		for (size_t i = 0; i < n->ntx; i++) {
+			n->tx_msg[i].msg_hdr = (struct msghdr){
+				.msg_name = &c->remote, .msg_namelen = c->remote_len,
+				.msg_iov = &n->tx_iov[i], .msg_iovlen = 1,
+			};
+		}
+		while (done < n->ntx) {
+			int k = sendmmsg(fd, n->tx_msg + done, (unsigned)(n->ntx - done), 0);
+			if (k < 0 && errno == EINTR)
+				continue;
+			if (k <= 0)
+				break;
+			for (size_t i = done; i < done + (size_t)k; i++) {
+				n->stats.pkts_out++;
+				n->stats.bytes_out += n->tx_iov[i].iov_len;
+			}
+			done += (size_t)k;
+		}
+	}
+	n->ntx = 0;
+}
+
 /* Unlinks and frees a connection, telling the upper layer if it was up. */
 static void conn_release(struct peer *c, const char *why)
 {
@@ -1041,7 +1085,7 @@ static void wrote(struct sendq *q, struct net_xfer *x, ngtcp2_ssize ndata, size_
  * others). Transfer events recorded by ngtcp2's callbacks are delivered first. */
 static void conn_write(struct peer *c)
 {
-	uint8_t buf[MAX_PKT];
+	struct net *n = c->net;
 	ngtcp2_path_storage ps;
 	ngtcp2_pkt_info pi;
 	ngtcp2_tstamp ts = now_ns();
@@ -1053,6 +1097,8 @@ static void conn_write(struct peer *c)
 	xfer_dispatch(c);
 	if (c->released)
 		return;
+	if (n->ntx > 0)
+		tx_flush(c); /* not expected: batches never outlive a conn_write */
 	for (struct net_xfer *x = c->xfers; x; x = x->next)
 		x->wblocked = 0;
 	ngtcp2_path_storage_zero(&ps);
@@ -1077,8 +1123,9 @@ static void conn_write(struct peer *c)
 			if (x != NULL && x->fin_req && q->sent + total == q->end)
 				flags |= NGTCP2_WRITE_STREAM_FLAG_FIN;
 		}
+		uint8_t *buf = n->txbuf[n->ntx];
 		c->in_callback = 1;
-		ngtcp2_ssize w = ngtcp2_conn_writev_stream(c->q, &ps.path, &pi, buf, sizeof(buf),
+		ngtcp2_ssize w = ngtcp2_conn_writev_stream(c->q, &ps.path, &pi, buf, MAX_PKT,
 							   &ndata, flags, sid, nvec ? vec : NULL,
 							   nvec, ts);
 		c->in_callback = 0;
@@ -1100,15 +1147,20 @@ static void conn_write(struct peer *c)
 				}
 				continue;
 			}
+			tx_flush(c);
 			conn_fail(c, (int)w);
 			return;
 		}
 		wrote(q, x, ndata, total, flags & NGTCP2_WRITE_STREAM_FLAG_FIN);
 		if (w == 0)
 			break;
-		send_packet(c, buf, (size_t)w);
+		n->tx_iov[n->ntx].iov_base = buf;
+		n->tx_iov[n->ntx].iov_len = (size_t)w;
+		if (++n->ntx == TX_BATCH)
+			tx_flush(c);
 		npkts++;
 	}
+	tx_flush(c);
 	ngtcp2_conn_update_pkt_tx_time(c->q, ts);
 	handle_pending_close(c);
 	if (!c->released)
@@ -1311,8 +1363,17 @@ static void on_recv(uv_udp_t *u, ssize_t nread, const uv_buf_t *buf, const struc
 	struct net *n = ep->net;
 	const uint8_t *data = (const uint8_t *)buf->base;
 	ngtcp2_version_cid vc;
-	(void)flags;
 
+	if (flags & UV_UDP_MMSG_FREE) {
+		/* The end of a recvmmsg batch: answer every connection it touched once. */
+		while (n->rx_list) {
+			struct peer *c = n->rx_list;
+			n->rx_list = c->rx_next;
+			c->rx_pending = 0;
+			conn_write(c); /* nothing if released meanwhile (freed only later) */
+		}
+		return;
+	}
 	if (nread <= 0 || sa == NULL || n->closing)
 		return;
 	n->stats.pkts_in++;
@@ -1374,6 +1435,14 @@ static void on_recv(uv_udp_t *u, ssize_t nread, const uv_buf_t *buf, const struc
 		c->probing = 0;
 		ngtcp2_conn_set_keep_alive_timeout(c->q, (ngtcp2_duration)NET_KEEPALIVE_MS *
 							     NGTCP2_MILLISECONDS);
+	}
+	if (flags & UV_UDP_MMSG_CHUNK) {
+		if (!c->rx_pending) {
+			c->rx_pending = 1;
+			c->rx_next = n->rx_list;
+			n->rx_list = c;
+		}
+		return;
 	}
 	conn_write(c);
 }
@@ -1522,7 +1591,7 @@ int net_init(struct net **out, uv_loop_t *loop, const struct me_keypair *kp, str
 	for (size_t i = 0; i < naddrs; i++) {
 		struct endpoint *ep = &n->eps[n->neps];
 		ep->net = n;
-		uv_udp_init(loop, &ep->udp);
+		uv_udp_init_ex(loop, &ep->udp, AF_UNSPEC | UV_UDP_RECVMMSG);
 		ep->udp.data = ep;
 		n->handles++;
 		n->neps++;

@@ -71,7 +71,7 @@ enum {
  *                                 shutting down, ...), else NET_ERR_SHUTDOWN (idle timeout,
  *                                 transport error). After net_free (or any connection loss),
  *                                 these come from the loop's close callbacks: run the loop. */
-#define NET_XFER_MAX_FRAME (128u * 1024) /* largest frame on a transfer stream */
+#define NET_XFER_MAX_FRAME ((1u << 20) + 4096) /* largest frame body on a transfer stream */
 #define NET_XFER_MAX_IN 4                /* concurrent transfers a peer may open to us */
 #define NET_XFER_LOWAT (256u * 1024)     /* `writable` fires when queued data drops below */
 #define NET_XFER_MAX_QUEUE (4u << 20)    /* net_xfer_send refuses beyond this (ME_EBUSY) */

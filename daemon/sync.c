@@ -195,10 +195,15 @@ __attribute__((format(printf, 3, 4))) static int fmt(char *buf, size_t sz, const
 	return n < 0 || (size_t)n >= sz ? ME_ETOOBIG : 0;
 }
 
+static void on_kick(uv_timer_t *t)
+{
+	schedule(t->data);
+}
+
 static void kick(struct sync *s)
 {
 	if (!s->closing)
-		uv_timer_start(&s->kick, (uv_timer_cb)schedule, 0, 0);
+		uv_timer_start(&s->kick, on_kick, 0, 0);
 }
 
 static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
@@ -645,7 +650,7 @@ static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, co
 	if (!f->failed && f->r != NULL) {
 		fmt(buf, sizeof(buf), "transfer from %s closed (%s, code 0x%" PRIx64 ")",
 			 f->peer_did, why ? why : "", app_error);
-		fetch_end(f, ME_ECONN, buf); /* frees f: its stream is gone */
+		fetch_end(f, ME_ECONN, buf); /* frees f (its stream is gone) */
 		return;
 	}
 	if (f->r == NULL)
@@ -1045,6 +1050,8 @@ static void schedule_repo(struct sync *s, struct srepo *r, int64_t now, int64_t 
 		int rc = fetch_begin(s, r, &sr, p);
 		if (rc == 0)
 			goto out;
+		log_debug("sync: cannot fetch %s from %s now: %s", r->id, net_peer_did(p),
+			  me_strerror(rc));
 		if (rc != ME_EBUSY)
 			mark_tried(r, cand[i]->pk);
 		goto out; /* busy: try again on the next tick */
@@ -1134,8 +1141,12 @@ static void schedule(struct sync *s)
 	for (struct srepo *r = s->repos; r; r = r->next) {
 		struct fetch *f = r->fetch;
 		if (f != NULL) {
-			if (f->phase != F_VERIFY && mono - f->last_rx_ms > SYNC_STALL_MS)
-				fetch_end(f, ME_ETIMEDOUT, "transfer stalled");
+			/* before Start the server may be building the bundle: a longer wait */
+			int64_t limit = f->phase == F_REQUEST ? SYNC_START_MS : SYNC_STALL_MS;
+			if (f->phase != F_VERIFY && mono - f->last_rx_ms > limit)
+				fetch_end(f, ME_ETIMEDOUT, f->phase == F_REQUEST
+								   ? "no answer to the request"
+								   : "transfer stalled");
 			continue;
 		}
 		schedule_repo(s, r, now, mono);

@@ -28,6 +28,7 @@
 
 #define SYNC_SWEEP_MS 60000
 #define SYNC_STALL_MS 15000        /* no data for this long: try the next node */
+#define SYNC_START_MS 300000       /* no answer to a request (the server builds the bundle) */
 #define SYNC_MAX_FETCHES 4         /* concurrent fetches, total */
 #define SYNC_MAX_SERVES 8          /* concurrent transfers served, total */
 #define SYNC_MAX_SERVES_PER_PEER 2 /* concurrent transfers served to one peer */

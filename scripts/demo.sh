@@ -3,8 +3,9 @@
 # first session with the freshly built binaries (build/release) in a throw-away directory:
 #   a small generated git repository -> `mectl auth init` (before any daemon: the seed order)
 #   -> megaengined in the background -> repo add / list / show, node status -> a second node
-#   that joins through the first (QUIC on loopback) and learns its repository by gossip
-#   -> clean stop of both.
+#   that joins through the first (QUIC on loopback), learns its repository by gossip and
+#   mirrors it (verified git bundle over QUIC) -> mectl repo clone there -> a new commit on the
+#   first node reaches the mirror, mectl repo pull fast-forwards the clone -> clean stop of both.
 # Every step is echoed as "$ command" before its output. Exits non-zero on any failure; the
 # daemon is stopped and the directory removed on any exit (ME_DEMO_KEEP=1 keeps the directory).
 set -euo pipefail
@@ -50,6 +51,7 @@ LOG="$WORK/megaengined.log"
 DAEMON_PID=""
 DAEMON2_PID=""
 ROOT2="$WORK/root2"
+CLONE="$WORK/clone-on-second"
 LOG2="$WORK/megaengined2.log"
 STATUS=1
 
@@ -173,9 +175,40 @@ done
 echo "learnt after $(( $(date +%s%3N) - start_ms )) ms"
 run mectl --root "$ROOT2" peer list
 run mectl --root "$ROOT2" node list
+
+say "7. Replication: the second node mirrors the repository, a user clones it there"
+# repo sync waits until the mirror holds the newest signed state (it fetches at once anyway).
+run mectl --root "$ROOT2" repo sync "$REPO_ID"
+run mectl --root "$ROOT2" repo list
+MIRROR="$ROOT2/repos/${REPO_ID#did:repo:}.git"
+run git -C "$MIRROR" fsck --strict --no-dangling
+run git -C "$MIRROR" for-each-ref --format='%(objectname:short) %(refname)'
+run mectl --root "$ROOT2" repo clone --repo-id "$REPO_ID" --output "$CLONE"
+run git -C "$CLONE" log --oneline --graph --all --decorate
+
+say "8. A new commit on the first node reaches the second; pull brings it into the clone"
+printf 'int main(void) { return 42; }\n' >"$REPO/main.c"
+run git -C "$REPO" commit -q -am "Return the answer"
+NEW="$(git -C "$REPO" rev-parse HEAD)"
+echo "waiting for the second node's mirror to have $NEW..."
+got=0
+start_ms=$(date +%s%3N)
+for _ in $(seq 200); do
+	if [ "$(git -C "$MIRROR" rev-parse -q --verify refs/heads/main 2>/dev/null)" = "$NEW" ]; then
+		got=1
+		break
+	fi
+	sleep 0.05
+done
+[ "$got" = 1 ] || { echo "demo: the commit did not reach the second node within 10 s" >&2; exit 1; }
+echo "mirrored $(( $(date +%s%3N) - start_ms )) ms after the commit"
+run mectl --root "$ROOT2" repo list
+run mectl --root "$ROOT2" repo pull --repo-id "$REPO_ID" --path "$CLONE"
+run git -C "$CLONE" log --oneline -1
+[ "$(git -C "$CLONE" rev-parse HEAD)" = "$NEW" ] || { echo "demo: pull did not fast-forward" >&2; exit 1; }
 run mectl --root "$ROOT2" repo list
 
-say "7. Stop both daemons"
+say "9. Stop both daemons"
 for pair in "$DAEMON2_PID:$ROOT2" "$DAEMON_PID:$ROOT"; do
 	pid=${pair%%:*}
 	root=${pair#*:}
@@ -203,6 +236,8 @@ cat <<EOF
     control socket $ROOT/megaengined.sock (only while the daemon runs)
   daemon log       $LOG
   second node      $ROOT2 (log $LOG2)
+    mirror         $ROOT2/repos/${REPO_ID#did:repo:}.git (bare; origin of the clone)
+  clone            $CLONE
   repository id    $REPO_ID
 EOF
 if [ "${ME_DEMO_KEEP:-0}" != 1 ]; then

@@ -101,15 +101,15 @@ def test_clone_local_repository(local, git_repo, tmp_path):
     assert git_repo.git(out, "remote", "get-url", "origin") == str(src.resolve())
     assert git_repo.git(out, "config", "megaengine.repoid") == rid
 
-    # Plain git works on it afterwards.
-    head = commit(git_repo, src, "later.txt", "later\n", "later on develop")
-    git_repo.git(out, "pull", "-q", "--ff-only")
-    assert git_repo.git(out, "rev-parse", "HEAD") == head
-
     # The daemon knows the working copy.
     e = repo_entry(d, rid)
     assert [c["path"] for c in e["clones"]] == [str(out)]
     assert e["clones"][0]["seq"] == e["ref_seq"] > 0
+
+    # Plain git works on it afterwards.
+    head = commit(git_repo, src, "later.txt", "later\n", "later on develop")
+    git_repo.git(out, "pull", "-q", "--ff-only")
+    assert git_repo.git(out, "rev-parse", "HEAD") == head
 
 
 def test_clone_positional_and_json(local, git_repo, tmp_path):

@@ -2,9 +2,10 @@
  * and one libuv loop, talking QUIC + TLS 1.3 over 127.0.0.1 with their own Ed25519 identities.
  *
  * Covered: request/response both ways with clean closes; a 64 MiB transfer in 64 KiB frames
- * driven by `writable`, checked byte for byte (BLAKE2b of everything sent and received) with a
- * gossip frame sent in the middle that must arrive before the transfer ends (the rate is
- * printed, not asserted); the NET_XFER_MAX_IN limit (the 5th open fails with ME_EBUSY and
+ * driven by `writable`, checked byte for byte (BLAKE2b of what arrived against that of the
+ * stream the server generates) with a gossip frame sent in the middle that must arrive before
+ * the transfer ends (the rate is printed, not asserted); `writable` on request and the queue
+ * limits; two transfers running side by side; the NET_XFER_MAX_IN limit (the 5th open fails with ME_EBUSY and
  * succeeds once one has closed); resets seen as `closed` with the code on the other side;
  * oversized, malformed and rejected frames reset only their stream; a refusing accept callback;
  * a net torn down while transfers run. Every live transfer must see `closed` exactly once and
@@ -684,7 +685,8 @@ static void test_bad_frames(void **state)
 	(void)state;
 	B.mode = S_HOLD;
 	/* A header announcing more than NET_XFER_MAX_FRAME: refused on its 4 bytes. */
-	const uint8_t big[] = { 0x00, 0x02, 0x00, 0x01, 'x' };
+	const uint8_t big[] = { 0x00, 0x11, 0x00, 0x00, 'x' }; /* 1 MiB + 64 KiB */
+	assert_true(0x110000 > NET_XFER_MAX_FRAME);
 	bad_frame(big, sizeof(big), "frame over the size limit");
 	/* A zero length. */
 	const uint8_t zero[] = { 0, 0, 0, 0, 0, 0, 0, 1, 'y' };
@@ -754,6 +756,8 @@ static void test_teardown_while_running(void **state)
 		crypto_generichash_init(&f[i]->h, NULL, 0, 32);
 		assert_int_equal(send_str(f[i]->x, "bulk"), 0);
 	}
+	/* Both run at once (round robin): neither is anywhere near done when both have 1 MiB
+	 * (checked below: got < BULK_TOTAL). */
 	WAIT_FOR(f[0]->got > (1u << 20) && f[1]->got > (1u << 20));
 	/* B goes away mid-transfer: its transfers are told from the loop, A's when the
 	 * CONNECTION_CLOSE arrives, with B's code. */
