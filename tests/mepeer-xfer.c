@@ -455,7 +455,10 @@ static int creator_sign(struct app *a)
 		gitrepo_info_clear(&gi);
 		return ME_ENOMEM;
 	}
-	rc = me_did_repo_compute(gi.root_oid, a->kp.pk, xs->id, sizeof(xs->id));
+	if (a->xo.squat_id != NULL) /* someone else's id, claimed as ours */
+		rc = snprintf(xs->id, sizeof(xs->id), "%s", a->xo.squat_id) < 0 ? ME_EINVAL : 0;
+	else
+		rc = me_did_repo_compute(gi.root_oid, a->kp.pk, xs->id, sizeof(xs->id));
 	for (size_t i = 0; rc == 0 && i < gi.nrefs; i++) {
 		size_t n = 0;
 		refs[i].name = gmsg_str(gi.refs[i].name);

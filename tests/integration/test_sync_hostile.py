@@ -66,10 +66,9 @@ VARIANTS = {
     "garbage": ("malformed transfer message", False),
     "error": ("refused: ENOTFOUND", False),
     "stall": ("transfer stalled", False),
-    "silent": ("transfer stalled", False),
     "reset": ("closed (reset by the peer", False),
 }
-SLOW = {"stall", "silent"}     # the daemon waits 15 s for data
+SLOW = {"stall"}               # the daemon waits 15 s for data
 PARTIAL = {"stall", "reset"}   # half the bundle arrived: the daemon keeps it to resume
 
 
@@ -286,10 +285,10 @@ def assert_alive(d):
 
 # ---- fetching from a liar --------------------------------------------------------------------
 
-def reject_stage(v, p, rid, mode, before, outside, env):
-    """One rejected state: returns after checking everything the module docstring lists."""
+def reject_stage(v, p, rid, mode, n0, before, outside, env):
+    """One rejected state (after n0 earlier failures): returns after checking everything the
+    module docstring lists."""
     reason = VARIANTS[mode][0]
-    n0 = fetch_failures(v, rid, p.did)
     wait_rejected(v, rid, p.did, n0, reason, STALL_WAIT if mode in SLOW else 20.0)
     row = db_row(v, rid)
     for c in SYNC_COLS:
@@ -329,14 +328,14 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     v, v_did = start_node(daemon_factory, "victim")
     outside = Outside(v)
     repo = make_repo(git_repo)
+    stats0 = sync_stats(v)
     p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo,
               "--serve", f"{mode},honest,{mode},honest", "--wait", "300")
     rid, seq0 = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
-    stats0 = sync_stats(v)
 
     # 0: the variant, first fetch.
-    reject_stage(v, p, rid, mode, {"row": {c: 0 for c in SYNC_COLS}, "refs": None}, outside,
-                 env)
+    reject_stage(v, p, rid, mode, 0, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
+                 outside, env)
     row = db_row(v, rid)
     assert row["is_external"] == 1 and row["ref_seq"] == seq0, row
     assert row["creator"] == p.did, row
@@ -356,8 +355,9 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
 
     # 2: the variant again, on an update the mirror has the prerequisites of.
     change_repo(git_repo, repo)
+    n0 = fetch_failures(v, rid, p.did)
     _, seq2 = next_generation(p, 2)
-    reject_stage(v, p, rid, mode, before, outside, env)
+    reject_stage(v, p, rid, mode, n0, before, outside, env)
     assert "haves=0" not in p.lines("request")[-1], p.info()
     assert db_row(v, rid)["ref_seq"] == seq2
 
@@ -435,7 +435,7 @@ def test_hostile_relay(mode, daemon_factory, peers, git_repo):
         wait_mirror_seq(v, rid, seq, "honest relay")
         assert_mirror_is(v, rid, git_repo, repo)
     else:
-        reject_stage(v, p, rid, mode, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
+        reject_stage(v, p, rid, mode, 0, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
                      outside, env)
         row = db_row(v, rid)
         assert row["creator"] == a_did and row["ref_seq"] == seq, row
@@ -697,23 +697,56 @@ def test_server_drops_idle_streams(server, peers, git_repo, tmp_path):
     a.stop()
 
 
-def test_trickling_peers_do_not_block_replication(daemon_factory, peers, git_repo):
-    """Four peers each serving a repository of their own one byte every 2 s (never quiet for
-    15 s, never done) must not keep a daemon from replicating an honest repository."""
+@pytest.mark.parametrize("mode", ["trickle", "silent"])
+def test_slow_peers_do_not_block_replication(mode, daemon_factory, peers, git_repo):
+    """Four peers, each serving a repository of its own, slowly: one byte every 2 s (never
+    quiet for 15 s, never done), or no answer at all to the request (the daemon waits 5 minutes
+    for a Start). They must not keep a daemon from replicating an honest repository."""
     v, v_did = start_node(daemon_factory, "victim")
     slow = [peers("--dial", f"{v_did}@127.0.0.1:{v.port}",
                   "--repo-path", git_repo(name=f"slow{i}", commits=2),
-                  "--serve", "trickle", "--wait", "300") for i in range(4)]
+                  "--serve", mode, "--wait", "300") for i in range(4)]
     for p in slow:
-        wait_for(lambda: p.lines("trickling"), lambda: f"V to fetch from me-peer\n{p.info()}")
-    a, _ = start_node(daemon_factory, "alpha", ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+        wait_for(lambda: p.lines("trickling") or p.lines("served"),
+                 lambda: f"V to fetch from me-peer\n{p.info()}")
+    a, _ = start_node(daemon_factory, "alpha",
+                      ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
     repo = make_repo(git_repo)
     rid = a.mectl("repo", "add", repo, json=True).json["id"]
     seq = wait_signed(a, rid, git_repo, repo)
     wait_for(lambda: db_row(v, rid) is not None, "V to learn the honest repository")
-    wait_mirror_seq(v, rid, seq, "V from A while four peers trickle", timeout=60.0)
+    wait_mirror_seq(v, rid, seq, f"V from A while four peers {mode}", timeout=60.0)
     assert_mirror_is(v, rid, git_repo, repo)
     for p in slow:
         p.stop()
     a.stop()
     v.stop()
+
+
+def test_squatted_repository_id(daemon_factory, peers, git_repo):
+    """A peer that announces someone else's did:repo as its own (a state it signs itself) to a
+    node that has not heard of the repository yet is caught when the first fetch checks the id
+    against the root commit; it must not keep that node from the genuine creator's repository."""
+    a, a_did = start_node(daemon_factory, "alpha")
+    repo = make_repo(git_repo)
+    rid = a.mectl("repo", "add", repo, json=True).json["id"]
+    seq = wait_signed(a, rid, git_repo, repo)
+    v, v_did = start_node(daemon_factory, "victim")
+    p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo, "--squat", rid,
+              "--serve", "honest", "--wait", "300")
+    wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
+    wait_rejected(v, rid, p.did, 0, "no root commit of this history gives the repository id",
+                  20.0)
+    assert not mirror_path(v, rid).exists()
+    # An honest W that knows the creator gets the repository and tells V it holds it.
+    w, _ = start_node(daemon_factory, "witness",
+                      ["--bootstrap-node", f"{a_did}@127.0.0.1:{a.port}",
+                       "--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+    wait_mirror_seq(w, rid, seq, "W from A")
+    wait_mirror_seq(v, rid, seq, "V from W or A, despite the squatter", timeout=40.0)
+    assert_mirror_is(v, rid, git_repo, repo)
+    assert repo_entry(v, rid)["creator"] == a_did
+    p.stop()
+    w.stop()
+    v.stop()
+    a.stop()
