@@ -1,5 +1,5 @@
 """Hostile transfers: a daemon fetching from a peer that lies, and a daemon serving a peer that
-abuses it. The peer is me-peer (tests/mepeer.c, mepeer-xfer.c) on the real QUIC transport.
+abuses it. The peer is me-peer (tests/mepeer.c, mepeer-*.c) on the real QUIC transport.
 
 Fetching from a liar (test_hostile_serve): me-peer creates a repository of its own (made with the
 git CLI; its did:repo comes from the root commit and me-peer's key, as the daemon computes it),
@@ -12,11 +12,10 @@ variant goes through four states:
   2  the variant, after new commits, a new branch and a deleted tag (an update with haves)
                                           -> rejected; the mirror and sync columns as after 1
   3  honest                               -> V's mirror equals the repository again
-after each rejection: the reason is in V's database row (sync_error), repo list and log, $ROOT/tmp
-holds no leftover (a transfer cut in the middle keeps exactly its partial bundle, for the
-resume), nothing was
-written outside $ROOT, V still answers; at the end an honest daemon W that knows only V gets the
-repository from V, and V and W stop cleanly.
+After each rejection: the reason is in V's database row (sync_error), repo list and log;
+$ROOT/tmp holds no leftover (a transfer cut in the middle keeps exactly its partial bundle, for
+the resume); nothing was written outside $ROOT; V still answers. At the end an honest daemon W
+that knows only V gets the repository from V, and V and W stop cleanly.
 
 test_hostile_relay: the creator is a daemon A; me-peer learns A's repository (the creator's
 genuine signed state) and a full bundle from A by gossip and a transfer, then serves it, bad, to
@@ -24,11 +23,16 @@ V. V rejects it and recovers through an honest daemon W that knows A.
 
 test_server_*: me-peer opens transfer streams to a daemon and sends garbage, an unrequested
 Start, a traversal id, two requests, 20001 haves, an oversized frame, idle streams, 5 streams at
-once, requests for unknown repositories, and resumes; the daemon resets or refuses each, keeps
-serving honest requests (git bundle verify accepts what it sends) and stops cleanly.
+once, requests for unknown repositories, and resumes; the daemon resets or refuses each, drops
+idle streams after 15 s, keeps serving honest requests (git bundle verify accepts what it sends)
+and stops cleanly.
 
-Reads the database read-only with sqlite3 (repo list has no sync columns before the control
-plane's replication fields land); node status's "sync" counters are checked when present.
+Abuse of the requester's scheduling: slow peers (a byte every 2 s, or no answer) must not hold
+every fetch slot; a peer squatting someone else's did:repo must not keep a node from the real
+creator's repository; a ref state of 3000 refs replicates.
+
+The database is read read-only with sqlite3 (columns repo list does not show); node status's
+"sync" counters are checked when present.
 """
 import json
 import os
@@ -750,3 +754,26 @@ def test_squatted_repository_id(daemon_factory, peers, git_repo):
     w.stop()
     v.stop()
     a.stop()
+
+
+def test_max_repo_size(daemon_factory, peers, git_repo):
+    """An honest bundle larger than the requester's --max-repo-size is refused at its Start,
+    before any of it is written."""
+    v, v_did = start_node(daemon_factory, "victim", ["--max-repo-size", "4K"])
+    outside = Outside(v)
+    repo = git_repo(commits=1)
+    (repo / "big.bin").write_bytes(os.urandom(50_000))
+    git_repo.git(repo, "add", ".")
+    git_repo.git(repo, "commit", "-qm", "big")
+    p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo, "--serve", "honest",
+              "--wait", "120")
+    rid, _ = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
+    wait_rejected(v, rid, p.did, 0, "is over the limit of 4096 (--max-repo-size)", 20.0)
+    start = p.lines("start")[-1]
+    assert int(start[4].split("=", 1)[1]) > 4096, p.info()
+    assert not mirror_path(v, rid).exists()
+    assert tmp_files(v) == []
+    outside.assert_unchanged()
+    assert_alive(v)
+    p.stop()
+    v.stop()
