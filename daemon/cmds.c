@@ -250,7 +250,7 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	}
 	struct sync_stats ss;
 	sync_get_stats(n->sync, &ss);
-	msgpack_pack_map(out, 8);
+	msgpack_pack_map(out, 9);
 	me_mp_pack_kv_int(out, "fetches_ok", (int64_t)ss.fetches_ok);
 	me_mp_pack_kv_int(out, "fetches_failed", (int64_t)ss.fetches_failed);
 	me_mp_pack_kv_int(out, "serves_ok", (int64_t)ss.serves_ok);
@@ -259,6 +259,7 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	me_mp_pack_kv_int(out, "bytes_fetched", (int64_t)ss.bytes_fetched);
 	me_mp_pack_kv_int(out, "bytes_served", (int64_t)ss.bytes_served);
 	me_mp_pack_kv_int(out, "rejected_bundles", (int64_t)ss.rejected_bundles);
+	me_mp_pack_kv_int(out, "bundles_built", (int64_t)ss.bundles_built);
 	return 0;
 }
 
@@ -318,6 +319,7 @@ static int cmd_repo_add(struct cmd_ctx *ctx, const msgpack_object *args, msgpack
 		const char *fields[] = { f1, ME_MSGID_REPO_ADDED, NULL };
 		gossip_changed(n->gossip);
 		watch_add(n->watch, id, gi.path); /* new commits are signed and announced */
+		sync_local_changed(n->sync, id); /* its first bundle, built before anyone asks */
 		me_log_fields(LOG_INFO, fields, "repository added: %s (%s, %zu refs)", gi.name,
 			      gi.path, gi.nrefs);
 	}

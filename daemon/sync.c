@@ -57,6 +57,31 @@ struct sync_waiter {
 };
 
 struct fetch;
+struct serve;
+
+/* One bundle of a repository's series (see "series" below). */
+struct seg {
+	int64_t seq;
+	uint64_t size;
+	uint8_t digest[XMSG_DIGEST_LEN];
+	uint8_t creator_pk[ME_PK_LEN];
+	struct rs_copy rs;
+	char path[PATH_MAX];
+	uint8_t (*tips)[ME_OID_LEN]; /* distinct ref targets, sorted: matched against haves */
+	size_t ntips;
+	int users; /* serves that will still send it */
+	int dead;  /* out of the series: destroyed when the last user goes */
+	int unlink_files;
+	struct seg *next;
+};
+
+struct series {
+	struct seg *head, *tail;
+	size_t n;
+	int loaded;
+	int building;
+	struct serve *waiting; /* serves waiting for a build */
+};
 
 struct srepo {
 	char id[ME_DID_REPO_SIZE];
@@ -72,12 +97,17 @@ struct srepo {
 	int64_t dial_since_ms; /* 0: not waiting for a dial */
 	/* the partial bundle in $ROOT/tmp, for a resume */
 	int has_part;
+	char part_path[PATH_MAX];
 	uint8_t part_digest[XMSG_DIGEST_LEN];
 	uint64_t part_size;
+	int jobs;          /* verifications running on its mirror */
+	struct series se;  /* what we serve it from */
 	struct srepo *next;
 };
 
-enum fphase { F_REQUEST, F_DATA, F_VERIFY };
+enum fphase { F_REQUEST, F_DATA, F_IDLE /* between bundles */ };
+
+struct segrx;
 
 struct fetch {
 	struct sync *s;
@@ -86,22 +116,23 @@ struct fetch {
 	uint8_t peer[ME_PK_LEN];
 	char peer_did[ME_DID_KEY_SIZE];
 	enum fphase phase;
+	/* the bundle being received */
 	int fd;
 	char path[PATH_MAX];
 	struct me_sha3 *h;
 	uint64_t total, pos, offset;
 	uint8_t digest[XMSG_DIGEST_LEN];
-	uint8_t creator_pk[ME_PK_LEN];
 	struct rs_copy rs;
-	int64_t mirror_seq; /* the mirror's state when the fetch started */
+	uint8_t creator_pk[ME_PK_LEN];
+	int64_t last_seq;    /* state of the last bundle announced (the mirror's at first) */
+	int64_t applied_seq; /* the mirror's state after the last bundle applied */
+	int npieces;         /* bundles received */
+	uint64_t bytes_done, bytes_total;
+	struct segrx *queue; /* received, to verify in order */
+	struct segrx *verifying;
+	int ended; /* the server finished its side after a Done */
 	int64_t last_rx_ms;
 	int failed; /* a reason was recorded; the closing stream only cleans up */
-	char why[ERRSZ];
-	/* verification job */
-	uv_work_t work;
-	int vrc;
-	char verr[ERRSZ];
-	struct bundle_stats st;
 	uint64_t max_bytes;
 	char root[PATH_MAX];
 };
@@ -152,6 +183,12 @@ struct serve {
 	uint64_t resume_offset;
 	uint8_t creator_pk[ME_PK_LEN];
 	struct rs_copy rs;
+	char repo_id[ME_DID_REPO_SIZE];
+	char source[PATH_MAX];
+	uint8_t (*haves)[ME_OID_LEN]; /* sorted, distinct */
+	size_t nhaves;
+	struct seg *seg, *last; /* series bundles still to send (each referenced) */
+	int npieces;            /* bundles sent */
 	int64_t active_ms; /* monotonic: accepted, or the last time data moved */
 	size_t queued;     /* bytes queued at the last look */
 	struct serve *next_waiting;
@@ -175,6 +212,7 @@ struct sync {
 	struct centry *cache;
 	char tmpdir[PATH_MAX];
 	char cachedir[PATH_MAX];
+	char seriesdir[PATH_MAX];
 	struct sync_stats stats;
 };
 
@@ -204,6 +242,11 @@ static void kick(struct sync *s)
 {
 	if (!s->closing)
 		uv_timer_start(&s->kick, on_kick, 0, 0);
+}
+
+static int oid_cmp(const void *a, const void *b)
+{
+	return memcmp(a, b, ME_OID_LEN);
 }
 
 static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
@@ -345,17 +388,12 @@ static struct srepo *srepo_get(struct sync *s, const char *id)
 	return r;
 }
 
-static void part_path(struct sync *s, const char *id, char *buf, size_t sz)
-{
-	fmt(buf, sz, "%s/%s.part", s->tmpdir, b58_part(id));
-}
-
+/* Forgets the partial bundle kept for a resume. */
 static void part_drop(struct sync *s, struct srepo *r)
 {
-	char p[PATH_MAX];
-	part_path(s, r->id, p, sizeof(p));
-	if (unlink(p) < 0 && errno != ENOENT)
-		log_warn("sync: cannot remove %s: %s", p, strerror(errno));
+	(void)s;
+	if (r->has_part && unlink(r->part_path) < 0 && errno != ENOENT)
+		log_warn("sync: cannot remove %s: %s", r->part_path, strerror(errno));
 	r->has_part = 0;
 	r->part_size = 0;
 }
@@ -411,17 +449,54 @@ static void waiters_progress(struct srepo *r, uint64_t done, uint64_t total)
 
 /* ---- requesting ---- */
 
+/* A received bundle waiting for, or under, verification. It outlives its fetch when the fetch
+ * fails while the job runs (the job's result is still recorded: the mirror may have moved). */
+struct segrx {
+	struct sync *s;
+	struct fetch *f; /* NULL once the fetch is gone */
+	char repo_id[ME_DID_REPO_SIZE];
+	char peer_did[ME_DID_KEY_SIZE];
+	char path[PATH_MAX];
+	struct rs_copy rs;
+	uint8_t creator_pk[ME_PK_LEN];
+	uint8_t digest[XMSG_DIGEST_LEN];
+	uint64_t size;
+	int64_t base_seq; /* the mirror's state it applies on (0: empty) */
+	uint64_t max_bytes;
+	char root[PATH_MAX];
+	uv_work_t work;
+	int vrc;
+	char verr[ERRSZ];
+	struct bundle_stats st;
+	struct segrx *next;
+};
+
+static void segrx_free(struct segrx *g, int drop_file)
+{
+	if (drop_file)
+		unlink(g->path);
+	rs_copy_free(&g->rs);
+	free(g);
+}
+
 static void fetch_free(struct fetch *f)
 {
 	if (f->fd >= 0)
 		close(f->fd);
 	me_sha3_free(f->h);
 	rs_copy_free(&f->rs);
+	while (f->queue) {
+		struct segrx *g = f->queue;
+		f->queue = g->next;
+		segrx_free(g, 1);
+	}
+	if (f->verifying)
+		f->verifying->f = NULL;
 	free(f);
 }
 
-/* Detaches the fetch from its repository and the counters; the fetch itself is freed when
- * neither its stream nor a job refers to it any more. */
+/* Detaches the fetch from its repository and the counters; the fetch itself is freed once its
+ * stream is gone. */
 static void fetch_release(struct fetch *f)
 {
 	struct sync *s = f->s;
@@ -430,12 +505,13 @@ static void fetch_release(struct fetch *f)
 		f->r = NULL;
 		s->nfetches--;
 	}
-	if (f->x == NULL && f->phase != F_VERIFY)
+	if (f->x == NULL)
 		fetch_free(f);
 }
 
-/* Ends a fetch that has not reached verification: records why, keeps a partial bundle for a
- * resume when the failure was the transport's, and lets the scheduler try the next holder. */
+/* Ends a fetch that failed: records why, keeps a partial bundle for a resume when the failure
+ * was the transport's, drops bundles not yet verified, lets the scheduler try the next holder.
+ * Bundles verified before stay applied: each is a complete signed state. */
 static void fetch_end(struct fetch *f, int rc, const char *why)
 {
 	struct sync *s = f->s;
@@ -444,7 +520,6 @@ static void fetch_end(struct fetch *f, int rc, const char *why)
 	if (f->failed || r == NULL)
 		return;
 	f->failed = 1;
-	fmt(f->why, sizeof(f->why), "%s", why);
 	log_info("sync: fetch of %s from %s failed: %s", r->id, f->peer_did, why);
 	fmt(r->error, sizeof(r->error), "%s", why);
 	mark_tried(r, f->peer);
@@ -453,22 +528,57 @@ static void fetch_end(struct fetch *f, int rc, const char *why)
 		close(f->fd);
 		f->fd = -1;
 	}
-	/* A transport failure after a start keeps what arrived for a resume; a protocol or
-	 * verification failure throws it away. */
-	if (rc == ME_ECONN || rc == ME_ETIMEDOUT) {
-		if (f->phase == F_DATA && f->pos > 0) {
-			r->has_part = 1;
-			r->part_size = f->pos;
-			memcpy(r->part_digest, f->digest, sizeof(r->part_digest));
-		}
-	} else {
-		part_drop(s, r);
+	if ((rc == ME_ECONN || rc == ME_ETIMEDOUT) && f->phase == F_DATA && f->pos > 0) {
+		r->has_part = 1;
+		r->part_size = f->pos;
+		fmt(r->part_path, sizeof(r->part_path), "%s", f->path);
+		memcpy(r->part_digest, f->digest, sizeof(r->part_digest));
+	} else if (f->phase == F_DATA) {
+		unlink(f->path);
 	}
 	if (f->x != NULL)
-		net_xfer_reset(f->x, rc == ME_ETIMEDOUT ? NET_ERR_CANCEL
-				: rc == ME_EPROTO ? NET_ERR_FRAME : NET_ERR_CANCEL);
+		net_xfer_reset(f->x, rc == ME_EPROTO ? NET_ERR_FRAME : NET_ERR_CANCEL);
 	fetch_release(f);
 	kick(s);
+}
+
+/* Everything the server sent is applied: the fetch is over. */
+static void fetch_complete(struct fetch *f)
+{
+	struct srepo *r = f->r;
+	struct sync *s = f->s;
+
+	if (r == NULL || f->failed || !f->ended || f->phase != F_IDLE || f->queue != NULL ||
+	    f->verifying != NULL)
+		return;
+	if (f->npieces == 0) {
+		fetch_end(f, ME_EPROTO, "the server sent nothing");
+		return;
+	}
+	s->stats.fetches_ok++;
+	r->error[0] = '\0';
+	r->ntried = 0;
+	fetch_release(f);
+	kick(s);
+}
+
+static void verify_work(uv_work_t *w);
+static void verify_done(uv_work_t *w, int status);
+
+/* Starts verifying the next received bundle, in order, one at a time per repository. */
+static void verify_next(struct fetch *f)
+{
+	struct segrx *g = f->queue;
+
+	if (f->verifying != NULL || g == NULL || f->failed)
+		return;
+	f->queue = g->next;
+	g->next = NULL;
+	g->base_seq = f->applied_seq;
+	f->verifying = g;
+	f->r->jobs++;
+	f->s->jobs++;
+	uv_queue_work(f->s->loop, &g->work, verify_work, verify_done);
 }
 
 static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
@@ -486,7 +596,8 @@ static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
 		fetch_end(f, ME_EPERM, "ref state not signed by the repository's creator");
 		return ME_EPERM;
 	}
-	if ((int64_t)m->refstate.seq <= f->mirror_seq) {
+	/* each bundle reaches a newer state than the mirror and than the one before it */
+	if ((int64_t)m->refstate.seq <= f->last_seq) {
 		fetch_end(f, ME_EPROTO, "offered state is not newer than the mirror");
 		return ME_EPROTO;
 	}
@@ -496,17 +607,26 @@ static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
 		fetch_end(f, ME_ETOOBIG, why);
 		return ME_ETOOBIG;
 	}
-	int resume = r->has_part && m->offset > 0;
+	/* only the first bundle of a transfer may resume the partial one we asked about */
+	int resume = f->npieces == 0 && r->has_part && m->offset > 0;
 	if (m->offset > 0 && (!resume || m->offset != r->part_size ||
 			      memcmp(m->digest, r->part_digest, XMSG_DIGEST_LEN) != 0)) {
 		fetch_end(f, ME_EPROTO, "resume offset that was not asked for");
 		return ME_EPROTO;
 	}
+	me_sha3_free(f->h);
 	if (rs_copy_set(&f->rs, &m->refstate) < 0 || (f->h = me_sha3_new()) == NULL) {
 		fetch_end(f, ME_ENOMEM, "out of memory");
 		return ME_ENOMEM;
 	}
-	part_path(s, r->id, f->path, sizeof(f->path));
+	if (resume)
+		fmt(f->path, sizeof(f->path), "%s", r->part_path);
+	else
+		fmt(f->path, sizeof(f->path), "%s/%s.%" PRIu64 ".part", s->tmpdir, b58_part(r->id),
+		    m->refstate.seq);
+	if (r->has_part && !resume)
+		part_drop(s, r);
+	f->phase = F_DATA;
 	f->fd = open(f->path, O_RDWR | O_CREAT | O_CLOEXEC | (resume ? 0 : O_TRUNC), 0600);
 	if (f->fd < 0) {
 		fmt(why, sizeof(why), "cannot create %s: %s", f->path, strerror(errno));
@@ -530,21 +650,21 @@ static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
 			 f->peer_did, m->offset, m->total_size);
 	}
 	r->has_part = 0;
+	f->last_seq = (int64_t)m->refstate.seq;
 	f->total = m->total_size;
 	f->offset = m->offset;
 	f->pos = m->offset;
+	f->bytes_total += m->total_size;
+	f->bytes_done += m->offset;
 	memcpy(f->digest, m->digest, XMSG_DIGEST_LEN);
-	f->phase = F_DATA;
-	waiters_progress(r, f->pos, f->total);
+	waiters_progress(r, f->bytes_done, f->bytes_total);
 	return 0;
 }
-
-static void verify_work(uv_work_t *w);
-static void verify_done(uv_work_t *w, int status);
 
 static int fetch_done_frame(struct fetch *f, const struct xmsg *m)
 {
 	uint8_t d[XMSG_DIGEST_LEN];
+	struct segrx *g;
 
 	if (f->pos != f->total) {
 		fetch_end(f, ME_EPROTO, "transfer ended before the announced size");
@@ -555,16 +675,36 @@ static int fetch_done_frame(struct fetch *f, const struct xmsg *m)
 		fetch_end(f, ME_EPROTO, "bundle digest mismatch");
 		return ME_EPROTO;
 	}
-	if (close(f->fd) < 0) {
-		f->fd = -1;
+	int crc = close(f->fd);
+	f->fd = -1;
+	if (crc < 0) {
 		fetch_end(f, ME_EIO, "cannot write the bundle");
 		return ME_EIO;
 	}
-	f->fd = -1;
-	net_xfer_finish(f->x);
-	f->phase = F_VERIFY;
-	f->s->jobs++;
-	uv_queue_work(f->s->loop, &f->work, verify_work, verify_done);
+	if ((g = calloc(1, sizeof(*g))) == NULL) {
+		fetch_end(f, ME_ENOMEM, "out of memory");
+		return ME_ENOMEM;
+	}
+	g->s = f->s;
+	g->f = f;
+	fmt(g->repo_id, sizeof(g->repo_id), "%s", f->r->id);
+	fmt(g->peer_did, sizeof(g->peer_did), "%s", f->peer_did);
+	fmt(g->path, sizeof(g->path), "%s", f->path);
+	g->rs = f->rs; /* moves the copy */
+	memset(&f->rs, 0, sizeof(f->rs));
+	memcpy(g->creator_pk, f->creator_pk, ME_PK_LEN);
+	memcpy(g->digest, f->digest, XMSG_DIGEST_LEN);
+	g->size = f->total;
+	g->max_bytes = f->max_bytes;
+	fmt(g->root, sizeof(g->root), "%s", f->root);
+	/* in order: appended at the end */
+	struct segrx **pp = &f->queue;
+	while (*pp)
+		pp = &(*pp)->next;
+	*pp = g;
+	f->npieces++;
+	f->phase = F_IDLE;
+	verify_next(f);
 	return 0;
 }
 
@@ -575,7 +715,7 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 	int rc;
 	(void)x;
 
-	if (f->r == NULL || f->failed || f->phase == F_VERIFY)
+	if (f->r == NULL || f->failed)
 		return 0;
 	f->last_rx_ms = me_mono_ms();
 	if ((rc = xmsg_decode(body, len, &m)) < 0) {
@@ -584,7 +724,7 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 	}
 	switch (m.type) {
 	case XMSG_START:
-		if (f->phase != F_REQUEST)
+		if (f->phase == F_DATA || f->ended)
 			goto order;
 		fetch_start_frame(f, &m);
 		break;
@@ -612,8 +752,9 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 		}
 		me_sha3_update(f->h, m.data, m.len);
 		f->pos += m.len;
+		f->bytes_done += m.len;
 		f->s->stats.bytes_fetched += m.len;
-		waiters_progress(f->r, f->pos, f->total);
+		waiters_progress(f->r, f->bytes_done, f->bytes_total);
 		break;
 	case XMSG_DONE:
 		if (f->phase != F_DATA)
@@ -622,6 +763,8 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 		break;
 	case XMSG_ERROR: {
 		char why[ERRSZ];
+		if (f->phase == F_DATA)
+			goto order;
 		fmt(why, sizeof(why), "%s refused: %s: %.*s", f->peer_did, me_errname((int)m.code),
 			 (int)m.message.len, m.message.ptr ? m.message.ptr : "");
 		fetch_end(f, m.code == ME_EBUSY ? ME_ECONN : ME_ENOTFOUND, why);
@@ -638,6 +781,24 @@ order:
 	return 0;
 }
 
+/* The server sent everything (FIN): close our side too; the fetch completes once the last
+ * bundle is applied. */
+static void fetch_on_eof(void *ud, struct net_xfer *x)
+{
+	struct fetch *f = ud;
+
+	if (f->r == NULL || f->failed)
+		return;
+	if (f->phase != F_IDLE) {
+		fetch_end(f, ME_EPROTO, f->phase == F_DATA ? "transfer ended in the middle of a bundle"
+							   : "the server sent nothing");
+		return;
+	}
+	f->ended = 1;
+	net_xfer_finish(x);
+	fetch_complete(f);
+}
+
 static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, const char *why)
 {
 	struct fetch *f = ud;
@@ -645,9 +806,11 @@ static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, co
 	(void)x;
 
 	f->x = NULL;
-	if (f->phase == F_VERIFY)
-		return; /* the job owns it now */
 	if (!f->failed && f->r != NULL) {
+		if (app_error == 0 && f->ended) {
+			fetch_complete(f); /* waits for the last verification when one runs */
+			return;
+		}
 		fmt(buf, sizeof(buf), "transfer from %s closed (%s, code 0x%" PRIx64 ")",
 			 f->peer_did, why ? why : "", app_error);
 		fetch_end(f, ME_ECONN, buf); /* frees f (its stream is gone) */
@@ -659,6 +822,7 @@ static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, co
 
 static const struct net_xfer_callbacks fetch_cb = {
 	.frame = fetch_on_frame,
+	.eof = fetch_on_eof,
 	.closed = fetch_on_closed,
 };
 
@@ -725,37 +889,37 @@ static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw
 
 static void verify_work(uv_work_t *w)
 {
-	struct fetch *f = (struct fetch *)((char *)w - offsetof(struct fetch, work));
+	struct segrx *g = (struct segrx *)((char *)w - offsetof(struct segrx, work));
 	git_repository *m = NULL;
 	struct bundle_rx *rx = NULL;
 	uint8_t *buf = NULL;
 	int fd = -1, rc;
-	struct bind_arg ba = { f->creator_pk, f->rs.rs.repo_id.ptr };
-	struct bundle_rx_opts o = { .max_bytes = f->max_bytes };
+	struct bind_arg ba = { g->creator_pk, g->rs.rs.repo_id.ptr };
+	struct bundle_rx_opts o = { .max_bytes = g->max_bytes };
 	char mpath[PATH_MAX];
 	struct stat st;
 	/* A first fetch creates the mirror: when it fails, the mirror goes again, so the data
 	 * root is exactly as before. */
-	int fresh = mirror_path(f->root, f->rs.rs.repo_id.ptr, mpath, sizeof(mpath)) == 0 &&
+	int fresh = mirror_path(g->root, g->rs.rs.repo_id.ptr, mpath, sizeof(mpath)) == 0 &&
 		    lstat(mpath, &st) < 0 && errno == ENOENT;
 
-	f->verr[0] = '\0';
-	if (f->mirror_seq <= 0) {
+	g->verr[0] = '\0';
+	if (g->base_seq <= 0) {
 		o.check = check_binding;
 		o.check_arg = &ba;
 	}
-	if ((rc = mirror_open(f->root, f->rs.rs.repo_id.ptr, true, &m, f->verr, sizeof(f->verr))) < 0)
+	if ((rc = mirror_open(g->root, g->rs.rs.repo_id.ptr, true, &m, g->verr, sizeof(g->verr))) < 0)
 		goto out;
-	if ((fd = open(f->path, O_RDONLY | O_CLOEXEC)) < 0) {
+	if ((fd = open(g->path, O_RDONLY | O_CLOEXEC)) < 0) {
 		rc = ME_EIO;
-		fmt(f->verr, sizeof(f->verr), "cannot open %s: %s", f->path, strerror(errno));
+		fmt(g->verr, sizeof(g->verr), "cannot open %s: %s", g->path, strerror(errno));
 		goto out;
 	}
 	if ((buf = malloc(BUNDLE_CHUNK)) == NULL) {
 		rc = ME_ENOMEM;
 		goto out;
 	}
-	if ((rc = bundle_rx_new(&rx, m, &f->rs.rs, &o, f->verr, sizeof(f->verr))) < 0)
+	if ((rc = bundle_rx_new(&rx, m, &g->rs.rs, &o, g->verr, sizeof(g->verr))) < 0)
 		goto out;
 	for (;;) {
 		ssize_t k = read(fd, buf, BUNDLE_CHUNK);
@@ -763,7 +927,7 @@ static void verify_work(uv_work_t *w)
 			continue;
 		if (k < 0) {
 			rc = ME_EIO;
-			fmt(f->verr, sizeof(f->verr), "read: %s", strerror(errno));
+			fmt(g->verr, sizeof(g->verr), "read: %s", strerror(errno));
 			goto out;
 		}
 		if (k == 0)
@@ -772,9 +936,9 @@ static void verify_work(uv_work_t *w)
 			break;
 	}
 	if (rc == 0)
-		rc = bundle_rx_finish(rx, &f->st);
-	if (rc < 0 && f->verr[0] == '\0')
-		fmt(f->verr, sizeof(f->verr), "%s", bundle_rx_errmsg(rx));
+		rc = bundle_rx_finish(rx, &g->st);
+	if (rc < 0 && g->verr[0] == '\0')
+		fmt(g->verr, sizeof(g->verr), "%s", bundle_rx_errmsg(rx));
 out:
 	bundle_rx_free(rx);
 	free(buf);
@@ -783,36 +947,36 @@ out:
 	git_repository_free(m);
 	if (rc < 0 && fresh)
 		nftw(mpath, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
-	f->vrc = rc;
+	g->vrc = rc;
 }
 
 /* Records the verified state: mirror seq, and the ref state itself when it is newer than the
  * one stored (a holder may have a newer state than gossip brought us). */
-static void record_success(struct sync *s, struct fetch *f, struct srepo *r)
+static void record_success(struct sync *s, const struct gmsg_refstate *rs, const char *id)
 {
 	struct store *st = s->node->store;
 	struct store_repo sr;
-	int64_t seq = (int64_t)f->rs.rs.seq;
+	int64_t seq = (int64_t)rs->seq;
 
-	if (store_repo_get(st, r->id, &sr) == 0) {
+	if (store_repo_get(st, id, &sr) == 0) {
 		if (seq > sr.ref_seq) {
-			size_t n = f->rs.rs.nrefs;
+			size_t n = rs->nrefs;
 			struct store_ref *refs = calloc(n ? n : 1, sizeof(*refs));
 			char *oids = calloc(n ? n : 1, 2 * ME_OID_LEN + 1);
 			if (refs != NULL && oids != NULL) {
 				for (size_t i = 0; i < n; i++) {
-					refs[i].name = (char *)f->rs.rs.refs[i].name.ptr;
+					refs[i].name = (char *)rs->refs[i].name.ptr;
 					refs[i].oid = oids + i * (2 * ME_OID_LEN + 1);
-					sodium_bin2hex(refs[i].oid, 2 * ME_OID_LEN + 1,
-						       f->rs.rs.refs[i].oid, ME_OID_LEN);
+					sodium_bin2hex(refs[i].oid, 2 * ME_OID_LEN + 1, rs->refs[i].oid,
+						       ME_OID_LEN);
 				}
 				struct store_repo nr = sr;
 				nr.ref_seq = seq;
-				nr.head = (char *)f->rs.rs.head.ptr;
-				memcpy(nr.ref_sig, f->rs.rs.sig, ME_SIG_LEN);
+				nr.head = (char *)rs->head.ptr;
+				memcpy(nr.ref_sig, rs->sig, ME_SIG_LEN);
 				nr.has_ref_sig = 1;
 				if (store_repo_upsert_external(st, &nr, refs, n, NULL) < 0)
-					log_warn("sync: cannot store the ref state of %s: %s", r->id,
+					log_warn("sync: cannot store the ref state of %s: %s", id,
 						 store_errmsg(st));
 			}
 			free(refs);
@@ -820,62 +984,511 @@ static void record_success(struct sync *s, struct fetch *f, struct srepo *r)
 		}
 		store_repo_clear(&sr);
 	}
-	if (store_repo_set_sync(st, r->id, seq, me_now_ms(), "") < 0)
-		log_warn("sync: cannot record the sync of %s: %s", r->id, store_errmsg(st));
+	if (store_repo_set_sync(st, id, seq, me_now_ms(), "") < 0)
+		log_warn("sync: cannot record the sync of %s: %s", id, store_errmsg(st));
 }
+
+static void series_keep(struct sync *s, struct srepo *r, struct segrx *g);
 
 static void verify_done(uv_work_t *w, int status)
 {
-	struct fetch *f = (struct fetch *)((char *)w - offsetof(struct fetch, work));
-	struct sync *s = f->s;
-	struct srepo *r = f->r;
+	struct segrx *g = (struct segrx *)((char *)w - offsetof(struct segrx, work));
+	struct sync *s = g->s;
+	struct fetch *f = g->f;
+	struct srepo *r = srepo_find(s, g->repo_id);
 	(void)status;
 
 	s->jobs--;
-	f->phase = F_DATA; /* the job no longer owns it */
-	unlink(f->path);
-	if (s->closing || r == NULL) {
-		if (f->x != NULL)
-			net_xfer_set_callbacks(f->x, &null_cb, NULL);
-		f->x = NULL;
-		if (r != NULL) {
-			r->fetch = NULL;
-			s->nfetches--;
-		}
-		fetch_free(f);
-		if (s->closing)
-			sync_free(s); /* finishes the release once the last job is back */
-		return;
-	}
-	if (f->vrc < 0) {
+	if (r != NULL)
+		r->jobs--;
+	if (f != NULL)
+		f->verifying = NULL;
+	if (g->vrc < 0) {
 		char why[ERRSZ];
-		fmt(why, sizeof(why), "bundle from %s rejected: %s", f->peer_did, f->verr);
-		log_warn("sync: %s (%s)", why, me_errname(f->vrc));
+		fmt(why, sizeof(why), "bundle from %s rejected: %s", g->peer_did, g->verr);
+		log_warn("sync: %s (%s)", why, me_errname(g->vrc));
 		s->stats.rejected_bundles++;
-		f->failed = 0;
-		f->phase = F_REQUEST;
-		fetch_end(f, ME_EPROTO, why);
+		segrx_free(g, 1);
+		if (f != NULL && !s->closing)
+			fetch_end(f, ME_EPROTO, why);
+		else if (r != NULL && !s->closing)
+			fmt(r->error, sizeof(r->error), "%s", why);
+	} else {
+		/* the mirror moved: record it even when the fetch is gone or we are stopping */
+		record_success(s, &g->rs.rs, g->repo_id);
+		log_info("sync: %s now at state %" PRIu64 " from %s: %zu objects, %" PRIu64
+			 " bytes, %zu refs updated, %zu deleted", g->repo_id, g->rs.rs.seq,
+			 g->peer_did, g->st.objects, g->size, g->st.refs_updated,
+			 g->st.refs_deleted);
+		if (f != NULL)
+			f->applied_seq = (int64_t)g->rs.rs.seq;
+		if (r != NULL && !s->closing)
+			series_keep(s, r, g); /* frees g */
+		else
+			segrx_free(g, 1);
+		if (!s->closing && s->node->gossip)
+			gossip_changed(s->node->gossip); /* we hold a newer mirror now */
+		if (f != NULL && !s->closing) {
+			verify_next(f);
+			fetch_complete(f);
+		}
+	}
+	if (s->closing)
+		sync_free(s); /* finishes the release once the last job is back */
+	else
+		kick(s);
+}
+
+/* ---- series: a repository's published history as bundle files ----
+ * $ROOT/series/<id without did:repo:z>/<seq>.bundle, each with <seq>.start: the Start message
+ * (offset 0) that announces it. The first bundle is complete; each next one holds what its
+ * state adds to the state of the one before (built with that state's tips as haves), so a
+ * newcomer gets the whole series, unchanged, and a node whose mirror is at one of its states
+ * gets the rest. A replica keeps the bundles it received the same way, so it serves what it got
+ * without building anything. */
+
+static void series_dir(struct sync *s, const char *id, char *buf, size_t sz)
+{
+	fmt(buf, sz, "%s/%s", s->seriesdir, b58_part(id) + 1);
+}
+
+static int seg_set_tips(struct seg *g)
+{
+	size_t n = g->rs.rs.nrefs, k = 0;
+	g->tips = calloc(n ? n : 1, ME_OID_LEN);
+	if (g->tips == NULL)
+		return ME_ENOMEM;
+	for (size_t i = 0; i < n; i++)
+		memcpy(g->tips[i], g->rs.rs.refs[i].oid, ME_OID_LEN);
+	if (n > 1)
+		qsort(g->tips, n, ME_OID_LEN, oid_cmp);
+	for (size_t i = 0; i < n; i++)
+		if (k == 0 || memcmp(g->tips[k - 1], g->tips[i], ME_OID_LEN) != 0)
+			memmove(g->tips[k++], g->tips[i], ME_OID_LEN);
+	g->ntips = k;
+	return 0;
+}
+
+static void seg_destroy(struct seg *g)
+{
+	char meta[PATH_MAX + 8];
+	if (g->unlink_files) {
+		unlink(g->path);
+		fmt(meta, sizeof(meta), "%.*s.start", (int)(strlen(g->path) - strlen(".bundle")),
+		    g->path);
+		unlink(meta);
+	}
+	rs_copy_free(&g->rs);
+	free(g->tips);
+	free(g);
+}
+
+static void seg_release(struct seg *g)
+{
+	if (--g->users == 0 && g->dead)
+		seg_destroy(g);
+}
+
+/* Forgets every bundle of the series (files go once nobody reads them). */
+static void series_clear(struct series *se, int unlink_files)
+{
+	struct seg *g = se->head;
+	while (g) {
+		struct seg *nx = g->next;
+		g->dead = 1;
+		g->unlink_files = unlink_files;
+		if (g->users == 0)
+			seg_destroy(g);
+		g = nx;
+	}
+	se->head = se->tail = NULL;
+	se->n = 0;
+}
+
+static void series_append(struct series *se, struct seg *g)
+{
+	g->next = NULL;
+	if (se->tail)
+		se->tail->next = g;
+	else
+		se->head = g;
+	se->tail = g;
+	se->n++;
+}
+
+/* Reads one <seq>.start file into a new segment. */
+static struct seg *seg_load(const char *dir, const char *start_name)
+{
+	char path[PATH_MAX], bpath[PATH_MAX];
+	struct seg *g = NULL;
+	struct xmsg m;
+	struct stat st;
+	uint8_t *buf = NULL;
+	ssize_t k = -1;
+	int fd;
+
+	if (fmt(path, sizeof(path), "%s/%s", dir, start_name) < 0 ||
+	    fmt(bpath, sizeof(bpath), "%s/%.*s.bundle", dir,
+		(int)(strlen(start_name) - strlen(".start")), start_name) < 0)
+		return NULL;
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return NULL;
+	if (fstat(fd, &st) == 0 && st.st_size > 4 && st.st_size <= XMSG_MAX_BODY + 4 &&
+	    (buf = malloc((size_t)st.st_size)) != NULL)
+		k = read(fd, buf, (size_t)st.st_size);
+	close(fd);
+	if (k != (ssize_t)st.st_size || xmsg_decode(buf + 4, (size_t)k - 4, &m) < 0) {
+		free(buf);
+		return NULL;
+	}
+	if (m.type == XMSG_START && stat(bpath, &st) == 0 && (uint64_t)st.st_size == m.total_size &&
+	    (g = calloc(1, sizeof(*g))) != NULL) {
+		if (rs_copy_set(&g->rs, &m.refstate) < 0 || seg_set_tips(g) < 0) {
+			rs_copy_free(&g->rs);
+			free(g);
+			g = NULL;
+		} else {
+			g->seq = (int64_t)m.refstate.seq;
+			g->size = m.total_size;
+			memcpy(g->digest, m.digest, XMSG_DIGEST_LEN);
+			memcpy(g->creator_pk, m.creator_pk, ME_PK_LEN);
+			fmt(g->path, sizeof(g->path), "%s", bpath);
+		}
+	}
+	xmsg_free(&m);
+	free(buf);
+	return g;
+}
+
+static int seg_cmp(const void *a, const void *b)
+{
+	const struct seg *x = *(struct seg *const *)a, *y = *(struct seg *const *)b;
+	return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* Loads the series of r from disk once. Anything inconsistent (a bundle without its start, a
+ * state not newer than the one before) drops the whole series: it is rebuilt on demand. */
+static void series_load(struct sync *s, struct srepo *r)
+{
+	char dir[PATH_MAX];
+	struct seg **v = NULL;
+	size_t n = 0, cap = 0;
+	struct dirent *de;
+	DIR *d;
+
+	if (r->se.loaded)
+		return;
+	r->se.loaded = 1;
+	series_dir(s, r->id, dir, sizeof(dir));
+	if ((d = opendir(dir)) == NULL)
+		return;
+	int bad = 0;
+	while ((de = readdir(d)) != NULL && !bad) {
+		size_t l = strlen(de->d_name);
+		if (l <= 6 || strcmp(de->d_name + l - 6, ".start") != 0)
+			continue;
+		struct seg *g = seg_load(dir, de->d_name);
+		if (g == NULL || (n == cap && (cap = cap ? 2 * cap : 8,
+					      (v = realloc(v, cap * sizeof(*v))) == NULL))) {
+			bad = 1;
+			if (g)
+				seg_destroy(g);
+			break;
+		}
+		v[n++] = g;
+	}
+	closedir(d);
+	if (n > 1)
+		qsort(v, n, sizeof(*v), seg_cmp);
+	for (size_t i = 0; i < n; i++) {
+		if (i > 0 && v[i]->seq <= v[i - 1]->seq)
+			bad = 1;
+		series_append(&r->se, v[i]);
+	}
+	free(v);
+	if (bad) {
+		log_warn("sync: dropping the inconsistent bundle series in %s", dir);
+		series_clear(&r->se, 1);
+		empty_dir(dir);
+	}
+}
+
+/* Moves file (a verified or freshly built bundle) into r's series as its next state; a complete
+ * bundle (full) replaces the series. */
+static int series_add(struct sync *s, struct srepo *r, const char *file, uint64_t size,
+		      const uint8_t digest[XMSG_DIGEST_LEN], const uint8_t creator_pk[ME_PK_LEN],
+		      const struct gmsg_refstate *rs, int full)
+{
+	char dir[PATH_MAX], meta[PATH_MAX], tmp[PATH_MAX];
+	msgpack_sbuffer sb;
+	struct seg *g;
+	int fd, rc;
+
+	series_dir(s, r->id, dir, sizeof(dir));
+	if (mkdir_0700(s->seriesdir) < 0 || mkdir_0700(dir) < 0)
+		return ME_EIO;
+	if (full)
+		series_clear(&r->se, 1);
+	if ((g = calloc(1, sizeof(*g))) == NULL)
+		return ME_ENOMEM;
+	if ((rc = rs_copy_set(&g->rs, rs)) < 0 || (rc = seg_set_tips(g)) < 0) {
+		seg_destroy(g);
+		return rc;
+	}
+	g->seq = (int64_t)rs->seq;
+	g->size = size;
+	memcpy(g->digest, digest, XMSG_DIGEST_LEN);
+	memcpy(g->creator_pk, creator_pk, ME_PK_LEN);
+	fmt(g->path, sizeof(g->path), "%s/%" PRId64 ".bundle", dir, g->seq);
+	fmt(meta, sizeof(meta), "%s/%" PRId64 ".start", dir, g->seq);
+	fmt(tmp, sizeof(tmp), "%s/%" PRId64 ".start.tmp", dir, g->seq);
+	msgpack_sbuffer_init(&sb);
+	rc = xmsg_encode_start(&sb, "", size, digest, 0, creator_pk, rs);
+	if (rc == 0) {
+		rc = ME_EIO;
+		fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		if (fd >= 0) {
+			if (write(fd, sb.data, sb.size) == (ssize_t)sb.size && fsync(fd) == 0)
+				rc = 0;
+			close(fd);
+		}
+	}
+	msgpack_sbuffer_destroy(&sb);
+	/* the bundle first, then its start: a start always has its bundle */
+	if (rc == 0 && (rename(file, g->path) < 0 || rename(tmp, meta) < 0))
+		rc = ME_EIO;
+	if (rc < 0) {
+		unlink(tmp);
+		seg_destroy(g);
+		return rc;
+	}
+	series_append(&r->se, g);
+	return 0;
+}
+
+/* A replica keeps what it received when it continues its series (or starts one). */
+static void series_keep(struct sync *s, struct srepo *r, struct segrx *g)
+{
+	int full = g->st.prereqs == 0;
+
+	series_load(s, r);
+	if (!r->se.building && (full || (r->se.tail != NULL && r->se.tail->seq == g->base_seq)) &&
+	    series_add(s, r, g->path, g->size, g->digest, g->creator_pk, &g->rs.rs, full) == 0) {
+		segrx_free(g, 0);
 		return;
 	}
-	record_success(s, f, r);
-	s->stats.fetches_ok++;
-	r->error[0] = '\0';
-	r->ntried = 0;
-	r->has_part = 0;
-	log_info("sync: %s now at state %" PRIu64 " from %s: %zu objects, %" PRIu64 " bytes, %zu "
-		 "refs updated, %zu deleted", r->id, f->rs.rs.seq, f->peer_did, f->st.objects,
-		 f->total, f->st.refs_updated, f->st.refs_deleted);
-	if (f->x != NULL) {
-		/* Normally closed already (both sides finished); keep it tidy otherwise. */
-		net_xfer_set_callbacks(f->x, &null_cb, NULL);
-		f->x = NULL;
+	segrx_free(g, 1);
+}
+
+/* ---- building bundles of the series (thread pool) ---- */
+
+struct sbuild {
+	uv_work_t work;
+	struct sync *s;
+	char repo_id[ME_DID_REPO_SIZE];
+	char source[PATH_MAX];
+	char tmp[PATH_MAX];
+	struct rs_copy rs;
+	uint8_t creator_pk[ME_PK_LEN];
+	git_oid *haves; /* the tips of the series' last state; NULL: a complete bundle */
+	size_t nhaves;
+	uint64_t size;
+	uint8_t digest[XMSG_DIGEST_LEN];
+	int rc;
+	char err[ERRSZ];
+};
+
+/* Writes a bundle of tips minus haves from source into path, and its size and digest. */
+static int build_file(const char *source, const struct gmsg_refstate *rs, const git_oid *haves,
+		      size_t nhaves, const char *path, uint64_t *size,
+		      uint8_t digest[XMSG_DIGEST_LEN], char *err, size_t errsz)
+{
+	git_repository *src = NULL;
+	struct me_sha3 *h = NULL;
+	uint8_t *buf = NULL;
+	int fd = -1, rc;
+
+	if (git_repository_open_ext(&src, source, GIT_REPOSITORY_OPEN_NO_SEARCH, NULL) < 0) {
+		fmt(err, errsz, "cannot open the repository");
+		return ME_EGIT;
 	}
-	r->fetch = NULL;
-	s->nfetches--;
-	fetch_free(f);
-	if (s->node->gossip)
-		gossip_changed(s->node->gossip); /* we hold a mirror of the newest state now */
-	kick(s);
+	if ((fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0) {
+		rc = errno == ENOSPC ? ME_ENOSPC : ME_EIO;
+		fmt(err, errsz, "cannot create a bundle: %s", strerror(errno));
+		goto out;
+	}
+	if ((rc = bundle_write(src, rs->refs, rs->nrefs, haves, nhaves, fd, NULL, err, errsz)) < 0)
+		goto out;
+	if ((h = me_sha3_new()) == NULL || (buf = malloc(BUNDLE_CHUNK)) == NULL) {
+		rc = ME_ENOMEM;
+		goto out;
+	}
+	*size = 0;
+	for (;;) {
+		ssize_t k = pread(fd, buf, BUNDLE_CHUNK, (off_t)*size);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0) {
+			rc = ME_EIO;
+			goto out;
+		}
+		if (k == 0)
+			break;
+		me_sha3_update(h, buf, (size_t)k);
+		*size += (uint64_t)k;
+	}
+	rc = me_sha3_final(h, digest);
+out:
+	if (fd >= 0 && fsync(fd) < 0 && rc == 0)
+		rc = ME_EIO;
+	if (fd >= 0)
+		close(fd);
+	if (rc < 0)
+		unlink(path);
+	me_sha3_free(h);
+	free(buf);
+	git_repository_free(src);
+	return rc;
+}
+
+static void sbuild_work(uv_work_t *w)
+{
+	struct sbuild *b = (struct sbuild *)((char *)w - offsetof(struct sbuild, work));
+
+	b->rc = build_file(b->source, &b->rs.rs, b->haves, b->nhaves, b->tmp, &b->size, b->digest,
+			   b->err, sizeof(b->err));
+	if (b->rc < 0 && b->haves != NULL) {
+		/* the source lacks what the series' last state had (history rewritten and
+		 * collected): start the series over with a complete bundle */
+		free(b->haves);
+		b->haves = NULL;
+		b->nhaves = 0;
+		b->rc = build_file(b->source, &b->rs.rs, NULL, 0, b->tmp, &b->size, b->digest,
+				   b->err, sizeof(b->err));
+	}
+}
+
+static void serve_plan(struct serve *sv, struct srepo *r);
+static void serve_error(struct serve *sv, int code, const char *msg);
+
+static void sbuild_done(uv_work_t *w, int status)
+{
+	struct sbuild *b = (struct sbuild *)((char *)w - offsetof(struct sbuild, work));
+	struct sync *s = b->s;
+	struct srepo *r = srepo_find(s, b->repo_id);
+	(void)status;
+
+	s->jobs--;
+	s->stats.bundles_built += b->rc == 0;
+	if (r != NULL) {
+		r->se.building = 0;
+		if (b->rc == 0 && !s->closing &&
+		    (r->se.tail == NULL || r->se.tail->seq < (int64_t)b->rs.rs.seq)) {
+			if (series_add(s, r, b->tmp, b->size, b->digest, b->creator_pk, &b->rs.rs,
+				       b->haves == NULL) < 0)
+				b->rc = ME_EIO;
+			else
+				log_info("sync: %s: bundle for state %" PRIu64 " built (%" PRIu64
+					 " bytes, %s)", r->id, b->rs.rs.seq, b->size,
+					 b->haves == NULL ? "complete" : "increment");
+		}
+		if (b->rc < 0)
+			log_warn("sync: cannot build a bundle of %s: %s (%s)", r->id, b->err,
+				 me_errname(b->rc));
+		struct serve *sv = r->se.waiting;
+		r->se.waiting = NULL;
+		while (sv) {
+			struct serve *nx = sv->next_waiting;
+			sv->next_waiting = NULL;
+			sv->phase = S_REQUEST;
+			if (s->closing)
+				;
+			else if (b->rc < 0)
+				serve_error(sv, b->rc, b->err);
+			else
+				serve_plan(sv, r);
+			sv = nx;
+		}
+	}
+	unlink(b->tmp);
+	rs_copy_free(&b->rs);
+	free(b->haves);
+	free(b);
+	if (s->closing)
+		sync_free(s);
+}
+
+/* Extends r's series to the state rs of source (on the thread pool); 0 when a build started or
+ * one runs already. */
+static int series_extend(struct sync *s, struct srepo *r, const char *source,
+			 const struct gmsg_refstate *rs, const uint8_t creator_pk[ME_PK_LEN])
+{
+	struct sbuild *b;
+
+	series_load(s, r);
+	if (r->se.building)
+		return 0;
+	if ((b = calloc(1, sizeof(*b))) == NULL)
+		return ME_ENOMEM;
+	b->s = s;
+	fmt(b->repo_id, sizeof(b->repo_id), "%s", r->id);
+	fmt(b->source, sizeof(b->source), "%s", source);
+	fmt(b->tmp, sizeof(b->tmp), "%s/%s.%" PRIu64 ".build", s->tmpdir, b58_part(r->id), rs->seq);
+	memcpy(b->creator_pk, creator_pk, ME_PK_LEN);
+	if (rs_copy_set(&b->rs, rs) < 0) {
+		free(b);
+		return ME_ENOMEM;
+	}
+	/* increments on the last state, until the series is long enough to start over */
+	struct seg *t = r->se.tail;
+	if (t != NULL && r->se.n < SERIES_MAX) {
+		if ((b->haves = calloc(t->ntips ? t->ntips : 1, sizeof(*b->haves))) == NULL) {
+			rs_copy_free(&b->rs);
+			free(b);
+			return ME_ENOMEM;
+		}
+		for (size_t i = 0; i < t->ntips; i++)
+			git_oid_fromraw(&b->haves[i], t->tips[i]);
+		b->nhaves = t->ntips;
+	}
+	r->se.building = 1;
+	s->jobs++;
+	uv_queue_work(s->loop, &b->work, sbuild_work, sbuild_done);
+	return 0;
+}
+
+/* Where r can be served from and at which state: the creator's working repository, or a mirror
+ * at the newest signed state. ME_ENOTFOUND otherwise. */
+static int serve_source(struct sync *s, const struct store_repo *sr, char *source, size_t sz)
+{
+	if (!sr->is_external && sr->has_ref_sig)
+		return fmt(source, sz, "%s", sr->path);
+	if (sr->is_external && sr->has_ref_sig && sr->mirror_seq > 0 &&
+	    sr->mirror_seq == sr->ref_seq)
+		return mirror_path(s->node->cfg->root, sr->id, source, sz);
+	return ME_ENOTFOUND;
+}
+
+/* Brings the series of a repository we serve up to its current state in the background, so a
+ * request finds it ready. */
+static void series_refresh(struct sync *s, const char *id)
+{
+	struct store_repo sr;
+	struct rs_copy rs = { 0 };
+	uint8_t pk[ME_PK_LEN];
+	char source[PATH_MAX];
+	struct srepo *r;
+
+	if (store_repo_get(s->node->store, id, &sr) < 0)
+		return;
+	if (serve_source(s, &sr, source, sizeof(source)) == 0 && (r = srepo_get(s, id)) != NULL) {
+		series_load(s, r);
+		if ((r->se.tail == NULL || r->se.tail->seq < sr.ref_seq) && r->jobs == 0 &&
+		    me_did_key_parse(sr.creator, pk) == 0 && rs_from_store(s, &sr, &rs) == 0)
+			series_extend(s, r, source, &rs.rs, pk);
+		rs_copy_free(&rs);
+	}
+	store_repo_clear(&sr);
 }
 
 /* Candidate holders for r: newer than the mirror, not tried in this round; the best (highest
@@ -949,7 +1562,7 @@ static int fetch_begin(struct sync *s, struct srepo *r, const struct store_repo 
 		return ME_ENOMEM;
 	f->s = s;
 	f->fd = -1;
-	f->mirror_seq = sr->mirror_seq;
+	f->last_seq = f->applied_seq = sr->mirror_seq;
 	f->max_bytes = s->node->cfg->max_repo_size;
 	fmt(f->root, sizeof(f->root), "%s", s->node->cfg->root);
 	memcpy(f->peer, net_peer_pk(p), ME_PK_LEN);
@@ -1015,6 +1628,8 @@ static void schedule_repo(struct sync *s, struct srepo *r, int64_t now, int64_t 
 		return;
 	}
 	holders_expire(r, now);
+	if (r->jobs > 0)
+		goto out; /* a verification still moves this mirror */
 	if (!sr.is_external) {
 		waiters_done(r, 0, NULL);
 		r->want = 0;
@@ -1095,7 +1710,11 @@ static void sweep(struct sync *s)
 	if (store_repo_list(s->node->store, &list, &n) < 0)
 		return;
 	for (size_t i = 0; i < n; i++) {
-		if (!list[i].is_external || list[i].mirror_seq >= list[i].ref_seq)
+		if (!list[i].is_external) {
+			series_refresh(s, list[i].id); /* ready before anyone asks */
+			continue;
+		}
+		if (list[i].mirror_seq >= list[i].ref_seq)
 			continue;
 		struct srepo *r = srepo_get(s, list[i].id);
 		if (r != NULL)
@@ -1143,7 +1762,7 @@ static void schedule(struct sync *s)
 		if (f != NULL) {
 			/* before Start the server may be building the bundle: a longer wait */
 			int64_t limit = f->phase == F_REQUEST ? SYNC_START_MS : SYNC_STALL_MS;
-			if (f->phase != F_VERIFY && mono - f->last_rx_ms > limit)
+			if (!f->ended && mono - f->last_rx_ms > limit)
 				fetch_end(f, ME_ETIMEDOUT, f->phase == F_REQUEST
 								   ? "no answer to the request"
 								   : "transfer stalled");
@@ -1212,6 +1831,34 @@ static void cache_trim(struct sync *s)
 	}
 }
 
+/* The piece being sent: a bundle of the series, or a one-off bundle of the cache. */
+static const char *piece_path(const struct serve *sv)
+{
+	return sv->seg ? sv->seg->path : sv->ce->path;
+}
+
+static uint64_t piece_size(const struct serve *sv)
+{
+	return sv->seg ? sv->seg->size : sv->ce->size;
+}
+
+static const uint8_t *piece_digest(const struct serve *sv)
+{
+	return sv->seg ? sv->seg->digest : sv->ce->digest;
+}
+
+/* Drops the references the serve holds on the bundles of the series it has still to send. */
+static void serve_drop_segs(struct serve *sv)
+{
+	struct seg *g = sv->seg;
+	while (g != NULL) {
+		struct seg *nx = g == sv->last ? NULL : g->next;
+		seg_release(g);
+		g = nx;
+	}
+	sv->seg = sv->last = NULL;
+}
+
 static void serve_free(struct serve *sv)
 {
 	struct sync *s = sv->s;
@@ -1222,20 +1869,27 @@ static void serve_free(struct serve *sv)
 	if (sv->next)
 		sv->next->prev = sv->prev;
 	s->nserves--;
-	if (sv->ce != NULL) {
-		if (sv->phase == S_BUILDING) {
-			for (struct serve **pp = &sv->ce->waiting; *pp; pp = &(*pp)->next_waiting) {
-				if (*pp == sv) {
-					*pp = sv->next_waiting;
-					break;
-				}
+	if (sv->phase == S_BUILDING) {
+		struct serve **head = NULL;
+		struct srepo *r;
+		if (sv->ce != NULL)
+			head = &sv->ce->waiting;
+		else if ((r = srepo_find(s, sv->repo_id)) != NULL)
+			head = &r->se.waiting;
+		for (struct serve **pp = head; pp && *pp; pp = &(*pp)->next_waiting) {
+			if (*pp == sv) {
+				*pp = sv->next_waiting;
+				break;
 			}
 		}
-		centry_release(s, sv->ce);
 	}
+	if (sv->ce != NULL)
+		centry_release(s, sv->ce);
+	serve_drop_segs(sv);
 	if (sv->fd >= 0)
 		close(sv->fd);
 	rs_copy_free(&sv->rs);
+	free(sv->haves);
 	free(sv);
 }
 
@@ -1253,10 +1907,12 @@ static void serve_error(struct serve *sv, int code, const char *msg)
 	sv->s->stats.serves_refused++;
 }
 
-/* Sends data while less than PUMP_BYTES is queued; then Done and FIN. */
+static void serve_begin(struct serve *sv);
+
+/* Sends data while less than PUMP_BYTES is queued; Done after each bundle, the next bundle of
+ * the series, and FIN after the last. */
 static void serve_pump(struct serve *sv)
 {
-	struct centry *ce = sv->ce;
 	msgpack_sbuffer sb;
 	uint8_t *buf;
 
@@ -1267,14 +1923,16 @@ static void serve_pump(struct serve *sv)
 		return;
 	}
 	msgpack_sbuffer_init(&sb);
-	while (sv->pos < ce->size && net_xfer_queued(sv->x) < PUMP_BYTES) {
-		uint64_t left = ce->size - sv->pos;
+	uint64_t size = piece_size(sv);
+	while (sv->pos < size && net_xfer_queued(sv->x) < PUMP_BYTES) {
+		uint64_t left = size - sv->pos;
 		size_t want = left < SYNC_CHUNK ? (size_t)left : SYNC_CHUNK;
 		ssize_t k = pread(sv->fd, buf, want, (off_t)sv->pos);
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k <= 0) {
-			log_warn("sync: cannot read %s: %s", ce->path, k < 0 ? strerror(errno) : "EOF");
+			log_warn("sync: cannot read %s: %s", piece_path(sv),
+				 k < 0 ? strerror(errno) : "EOF");
 			net_xfer_reset(sv->x, NET_ERR_CANCEL);
 			sv->phase = S_FINISHED;
 			goto out;
@@ -1289,11 +1947,24 @@ static void serve_pump(struct serve *sv)
 		sv->active_ms = me_mono_ms();
 	}
 	sv->queued = net_xfer_queued(sv->x);
-	if (sv->pos == ce->size) {
-		if (xmsg_encode_done(&sb, ce->digest) == 0 && send_frame(sv->x, &sb) == 0)
-			net_xfer_finish(sv->x);
-		else
+	if (sv->pos == size) {
+		if (xmsg_encode_done(&sb, piece_digest(sv)) < 0 || send_frame(sv->x, &sb) < 0) {
 			net_xfer_reset(sv->x, NET_ERR_CANCEL);
+			sv->phase = S_FINISHED;
+			goto out;
+		}
+		sv->npieces++;
+		close(sv->fd);
+		sv->fd = -1;
+		if (sv->seg != NULL && sv->seg != sv->last) {
+			struct seg *done = sv->seg;
+			sv->seg = done->next;
+			seg_release(done);
+			sv->has_resume = 0; /* only the first bundle resumes */
+			serve_begin(sv);
+			goto out;
+		}
+		net_xfer_finish(sv->x);
 		sv->phase = S_FINISHED;
 		goto out;
 	}
@@ -1303,28 +1974,40 @@ out:
 	free(buf);
 }
 
+/* Start of the current piece, then its data. */
 static void serve_begin(struct serve *sv)
 {
-	struct centry *ce = sv->ce;
 	msgpack_sbuffer sb;
 	char name[96];
-	uint64_t off = 0;
+	uint64_t off = 0, size;
+	int64_t seq;
+	const struct gmsg_refstate *rs;
+	const uint8_t *pk;
 
-	if (ce->state == C_FAILED) {
-		serve_error(sv, ce->rc < 0 ? ce->rc : ME_EINTERNAL, ce->err);
+	if (sv->seg == NULL && sv->ce->state == C_FAILED) {
+		serve_error(sv, sv->ce->rc < 0 ? sv->ce->rc : ME_EINTERNAL, sv->ce->err);
 		return;
 	}
-	if ((sv->fd = open(ce->path, O_RDONLY | O_CLOEXEC)) < 0) {
+	if ((sv->fd = open(piece_path(sv), O_RDONLY | O_CLOEXEC)) < 0) {
 		serve_error(sv, ME_EIO, "cannot open the bundle");
 		return;
 	}
-	if (sv->has_resume && memcmp(sv->resume_digest, ce->digest, XMSG_DIGEST_LEN) == 0 &&
-	    sv->resume_offset <= ce->size)
+	size = piece_size(sv);
+	if (sv->seg != NULL) {
+		seq = sv->seg->seq;
+		rs = &sv->seg->rs.rs;
+		pk = sv->seg->creator_pk;
+	} else {
+		seq = sv->ce->seq;
+		rs = &sv->rs.rs;
+		pk = sv->creator_pk;
+	}
+	if (sv->has_resume && memcmp(sv->resume_digest, piece_digest(sv), XMSG_DIGEST_LEN) == 0 &&
+	    sv->resume_offset <= size)
 		off = sv->resume_offset;
-	fmt(name, sizeof(name), "%.16s-%" PRId64 ".bundle", b58_part(ce->repo_id) + 1,
-		 ce->seq);
+	fmt(name, sizeof(name), "%.16s-%" PRId64 ".bundle", b58_part(sv->repo_id) + 1, seq);
 	msgpack_sbuffer_init(&sb);
-	int rc = xmsg_encode_start(&sb, name, ce->size, ce->digest, off, sv->creator_pk, &sv->rs.rs);
+	int rc = xmsg_encode_start(&sb, name, size, piece_digest(sv), off, pk, rs);
 	if (rc == 0)
 		rc = send_frame(sv->x, &sb);
 	msgpack_sbuffer_destroy(&sb);
@@ -1335,69 +2018,24 @@ static void serve_begin(struct serve *sv)
 	}
 	sv->pos = off;
 	sv->phase = S_SENDING;
-	log_info("sync: serving %s (state %" PRId64 ", %" PRIu64 " bytes%s) to %s", ce->repo_id,
-		 ce->seq, ce->size, off ? ", resumed" : "", sv->peer_did);
+	log_info("sync: serving %s (state %" PRId64 ", %" PRIu64 " bytes%s%s) to %s", sv->repo_id,
+		 seq, size, off ? ", resumed" : "", sv->seg ? "" : ", one-off", sv->peer_did);
 	serve_pump(sv);
 }
 
 static void build_work(uv_work_t *w)
 {
 	struct centry *ce = (struct centry *)((char *)w - offsetof(struct centry, work));
-	git_repository *src = NULL;
 	char tmp[PATH_MAX + 8];
-	int fd = -1, rc;
-	struct me_sha3 *h = NULL;
-	uint8_t *buf = NULL;
 
 	fmt(tmp, sizeof(tmp), "%s.tmp", ce->path);
-	if (git_repository_open_ext(&src, ce->source, GIT_REPOSITORY_OPEN_NO_SEARCH, NULL) < 0) {
-		rc = ME_EGIT;
-		fmt(ce->err, sizeof(ce->err), "cannot open the repository");
-		goto out;
-	}
-	if ((fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0) {
-		rc = errno == ENOSPC ? ME_ENOSPC : ME_EIO;
-		fmt(ce->err, sizeof(ce->err), "cannot create a bundle: %s", strerror(errno));
-		goto out;
-	}
-	rc = bundle_write(src, ce->tips, ce->ntips, ce->haves, ce->nhaves, fd, NULL, ce->err,
-			  sizeof(ce->err));
-	if (rc < 0)
-		goto out;
-	/* the digest, read back from the page cache */
-	if ((h = me_sha3_new()) == NULL || (buf = malloc(BUNDLE_CHUNK)) == NULL) {
-		rc = ME_ENOMEM;
-		goto out;
-	}
-	ce->size = 0;
-	for (;;) {
-		ssize_t k = pread(fd, buf, BUNDLE_CHUNK, (off_t)ce->size);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k < 0) {
-			rc = ME_EIO;
-			goto out;
-		}
-		if (k == 0)
-			break;
-		me_sha3_update(h, buf, (size_t)k);
-		ce->size += (uint64_t)k;
-	}
-	if ((rc = me_sha3_final(h, ce->digest)) < 0)
-		goto out;
-	if (rename(tmp, ce->path) < 0) {
-		rc = ME_EIO;
+	ce->rc = build_file(ce->source, &ce->rs.rs, ce->haves, ce->nhaves, tmp, &ce->size,
+			    ce->digest, ce->err, sizeof(ce->err));
+	if (ce->rc == 0 && rename(tmp, ce->path) < 0) {
+		ce->rc = ME_EIO;
 		fmt(ce->err, sizeof(ce->err), "rename: %s", strerror(errno));
-	}
-out:
-	if (rc < 0)
 		unlink(tmp);
-	if (fd >= 0)
-		close(fd);
-	me_sha3_free(h);
-	free(buf);
-	git_repository_free(src);
-	ce->rc = rc;
+	}
 }
 
 static void build_done(uv_work_t *w, int status)
@@ -1407,6 +2045,7 @@ static void build_done(uv_work_t *w, int status)
 	(void)status;
 
 	s->jobs--;
+	s->stats.bundles_built += ce->rc == 0;
 	ce->state = ce->rc == 0 ? C_READY : C_FAILED;
 	if (ce->rc < 0)
 		log_warn("sync: cannot build a bundle of %s: %s (%s)", ce->repo_id, ce->err,
@@ -1418,7 +2057,8 @@ static void build_done(uv_work_t *w, int status)
 	while (sv) {
 		struct serve *nx = sv->next_waiting;
 		sv->phase = S_REQUEST;
-		serve_begin(sv);
+		if (!s->closing)
+			serve_begin(sv);
 		sv = nx;
 	}
 	if (ce->state == C_FAILED && !ce->stale)
@@ -1431,14 +2071,9 @@ static void build_done(uv_work_t *w, int status)
 		cache_trim(s);
 }
 
-static int oid_cmp(const void *a, const void *b)
-{
-	return memcmp(a, b, ME_OID_LEN);
-}
-
-/* Finds or starts the bundle of rs for these haves. */
-static int serve_bundle(struct serve *sv, const struct store_repo *sr, const char *source,
-			uint8_t (*haves)[ME_OID_LEN], size_t nhaves)
+/* A one-off bundle for a requester whose state is not one of the series': found in the cache
+ * or built for these haves. */
+static int serve_bundle(struct serve *sv, int64_t seq)
 {
 	struct sync *s = sv->s;
 	uint8_t key[XMSG_DIGEST_LEN];
@@ -1447,15 +2082,12 @@ static int serve_bundle(struct serve *sv, const struct store_repo *sr, const cha
 
 	if (h == NULL)
 		return ME_ENOMEM;
-	if (nhaves > 1) /* haves is NULL when there are none: qsort wants a pointer */
-		qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
 	for (int i = 0; i < 8; i++)
-		seqb[i] = (uint8_t)((uint64_t)sr->ref_seq >> (56 - 8 * i));
-	me_sha3_update(h, sr->id, strlen(sr->id) + 1);
+		seqb[i] = (uint8_t)((uint64_t)seq >> (56 - 8 * i));
+	me_sha3_update(h, sv->repo_id, strlen(sv->repo_id) + 1);
 	me_sha3_update(h, seqb, sizeof(seqb));
-	for (size_t i = 0; i < nhaves; i++)
-		if (i == 0 || memcmp(haves[i - 1], haves[i], ME_OID_LEN) != 0)
-			me_sha3_update(h, haves[i], ME_OID_LEN);
+	for (size_t i = 0; i < sv->nhaves; i++)
+		me_sha3_update(h, sv->haves[i], ME_OID_LEN);
 	me_sha3_final(h, key);
 	me_sha3_free(h);
 
@@ -1468,32 +2100,21 @@ static int serve_bundle(struct serve *sv, const struct store_repo *sr, const cha
 		if ((ce = calloc(1, sizeof(*ce))) == NULL)
 			return ME_ENOMEM;
 		memcpy(ce->key, key, sizeof(key));
-		fmt(ce->repo_id, sizeof(ce->repo_id), "%s", sr->id);
-		ce->seq = sr->ref_seq;
+		fmt(ce->repo_id, sizeof(ce->repo_id), "%s", sv->repo_id);
+		ce->seq = seq;
 		sodium_bin2hex(hex, sizeof(hex), key, sizeof(key));
 		fmt(ce->path, sizeof(ce->path), "%s/%s.bundle", s->cachedir, hex);
-		fmt(ce->source, sizeof(ce->source), "%s", source);
+		fmt(ce->source, sizeof(ce->source), "%s", sv->source);
 		ce->s = s;
-		ce->ntips = sv->rs.rs.nrefs;
-		ce->tips = calloc(ce->ntips ? ce->ntips : 1, sizeof(*ce->tips));
-		ce->haves = calloc(nhaves ? nhaves : 1, sizeof(*ce->haves));
-		if (ce->tips == NULL || ce->haves == NULL) {
-			free(ce->tips);
-			free(ce->haves);
-			free(ce);
-			return ME_ENOMEM;
-		}
+		ce->haves = calloc(sv->nhaves ? sv->nhaves : 1, sizeof(*ce->haves));
 		/* the entry outlives the serve: it keeps a copy of the state for its tips */
-		if (rs_copy_set(&ce->rs, &sv->rs.rs) < 0) {
-			free(ce->tips);
+		if (ce->haves == NULL || rs_copy_set(&ce->rs, &sv->rs.rs) < 0) {
 			free(ce->haves);
 			free(ce);
 			return ME_ENOMEM;
 		}
-		for (size_t i = 0; i < ce->ntips; i++)
-			ce->tips[i] = ce->rs.rs.refs[i];
-		for (size_t i = 0; i < nhaves; i++)
-			git_oid_fromraw(&ce->haves[ce->nhaves++], haves[i]);
+		for (size_t i = 0; i < sv->nhaves; i++)
+			git_oid_fromraw(&ce->haves[ce->nhaves++], sv->haves[i]);
 		ce->state = C_BUILDING;
 		ce->next = s->cache;
 		s->cache = ce;
@@ -1513,12 +2134,48 @@ static int serve_bundle(struct serve *sv, const struct store_repo *sr, const cha
 	return 0;
 }
 
+/* The series is at the current state: send the part the requester lacks. With no haves, the
+ * whole series; with the tips of one of its states, the bundles after it; otherwise a one-off
+ * bundle for those haves. */
+static void serve_plan(struct serve *sv, struct srepo *r)
+{
+	struct seg *first = NULL;
+	int found = sv->nhaves == 0;
+
+	if (found) {
+		first = r->se.head;
+	} else {
+		for (struct seg *g = r->se.head; g; g = g->next) {
+			if (g->ntips == sv->nhaves &&
+			    memcmp(g->tips, sv->haves, g->ntips * ME_OID_LEN) == 0) {
+				found = 1;
+				first = g->next;
+				break;
+			}
+		}
+	}
+	if (!found || r->se.tail == NULL || r->se.tail->seq != (int64_t)sv->rs.rs.seq) {
+		if (serve_bundle(sv, (int64_t)sv->rs.rs.seq) < 0)
+			serve_error(sv, ME_ENOMEM, "out of memory");
+		return;
+	}
+	if (first == NULL) {
+		serve_error(sv, ME_EEXIST, "already at the newest state");
+		return;
+	}
+	for (struct seg *g = first; g; g = g->next)
+		g->users++;
+	sv->seg = first;
+	sv->last = r->se.tail;
+	serve_begin(sv);
+}
+
 static void serve_request(struct serve *sv, const struct xmsg *m)
 {
 	struct sync *s = sv->s;
 	struct store_repo sr;
-	char id[ME_DID_REPO_SIZE], source[PATH_MAX];
 	size_t per_peer = 0, active = 0;
+	struct srepo *r;
 
 	for (struct serve *o = s->serves; o; o = o->next) {
 		if (o == sv || o->phase == S_REQUEST || o->phase == S_FINISHED)
@@ -1530,20 +2187,12 @@ static void serve_request(struct serve *sv, const struct xmsg *m)
 		serve_error(sv, ME_EBUSY, "too many transfers at once");
 		return;
 	}
-	fmt(id, sizeof(id), "%.*s", (int)m->repo_id.len, m->repo_id.ptr);
-	if (store_repo_get(s->node->store, id, &sr) < 0) {
+	fmt(sv->repo_id, sizeof(sv->repo_id), "%.*s", (int)m->repo_id.len, m->repo_id.ptr);
+	if (store_repo_get(s->node->store, sv->repo_id, &sr) < 0) {
 		serve_error(sv, ME_ENOTFOUND, "unknown repository");
 		return;
 	}
-	if (!sr.is_external && sr.has_ref_sig) {
-		fmt(source, sizeof(source), "%s", sr.path);
-	} else if (sr.is_external && sr.has_ref_sig && sr.mirror_seq > 0 &&
-		   sr.mirror_seq == sr.ref_seq) {
-		if (mirror_path(s->node->cfg->root, id, source, sizeof(source)) < 0) {
-			serve_error(sv, ME_EINTERNAL, "no mirror path");
-			goto out;
-		}
-	} else {
+	if (serve_source(s, &sr, sv->source, sizeof(sv->source)) < 0) {
 		serve_error(sv, ME_ENOTFOUND, "no up-to-date copy here");
 		goto out;
 	}
@@ -1554,8 +2203,38 @@ static void serve_request(struct serve *sv, const struct xmsg *m)
 	sv->has_resume = m->has_resume;
 	memcpy(sv->resume_digest, m->resume_digest, XMSG_DIGEST_LEN);
 	sv->resume_offset = m->resume_offset;
-	if (serve_bundle(sv, &sr, source, m->haves, m->nhaves) < 0)
+	/* the haves, sorted and distinct: they are compared with the tips of the series' states */
+	if (m->nhaves > 0) {
+		if ((sv->haves = malloc(m->nhaves * ME_OID_LEN)) == NULL) {
+			serve_error(sv, ME_ENOMEM, "out of memory");
+			goto out;
+		}
+		memcpy(sv->haves, m->haves, m->nhaves * ME_OID_LEN);
+		if (m->nhaves > 1)
+			qsort(sv->haves, m->nhaves, ME_OID_LEN, oid_cmp);
+		for (size_t i = 0; i < m->nhaves; i++)
+			if (sv->nhaves == 0 ||
+			    memcmp(sv->haves[sv->nhaves - 1], sv->haves[i], ME_OID_LEN) != 0)
+				memmove(sv->haves[sv->nhaves++], sv->haves[i], ME_OID_LEN);
+	}
+	if ((r = srepo_get(s, sv->repo_id)) == NULL) {
 		serve_error(sv, ME_ENOMEM, "out of memory");
+		goto out;
+	}
+	series_load(s, r);
+	if (r->se.tail != NULL && r->se.tail->seq == sr.ref_seq) {
+		serve_plan(sv, r);
+	} else if (r->jobs > 0 && sv->nhaves > 0) {
+		/* a fetch is moving our series: answer this one with a one-off bundle */
+		if (serve_bundle(sv, sr.ref_seq) < 0)
+			serve_error(sv, ME_ENOMEM, "out of memory");
+	} else if (series_extend(s, r, sv->source, &sv->rs.rs, sv->creator_pk) < 0) {
+		serve_error(sv, ME_ENOMEM, "out of memory");
+	} else {
+		sv->phase = S_BUILDING;
+		sv->next_waiting = r->se.waiting;
+		r->se.waiting = sv;
+	}
 out:
 	store_repo_clear(&sr);
 }
@@ -1589,9 +2268,9 @@ static void serve_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, co
 	struct serve *sv = ud;
 	(void)x;
 	if (sv->phase == S_FINISHED && app_error == 0) {
-		if (sv->ce != NULL && sv->pos == sv->ce->size)
+		if (sv->npieces > 0)
 			sv->s->stats.serves_ok++;
-	} else if (sv->phase != S_FINISHED || app_error != 0) {
+	} else {
 		sv->s->stats.serves_failed++;
 		log_info("sync: transfer to %s ended early (%s, code 0x%" PRIx64 ")", sv->peer_did,
 			 why ? why : "", app_error);
@@ -1661,7 +2340,9 @@ int sync_init(struct sync **out, uv_loop_t *loop, struct node *node, char *err, 
 	}
 	fmt(s->tmpdir, sizeof(s->tmpdir), "%s/tmp", node->cfg->root);
 	fmt(s->cachedir, sizeof(s->cachedir), "%s/cache", node->cfg->root);
-	if (mkdir_0700(s->tmpdir) < 0 || mkdir_0700(s->cachedir) < 0) {
+	fmt(s->seriesdir, sizeof(s->seriesdir), "%s/series", node->cfg->root);
+	if (mkdir_0700(s->tmpdir) < 0 || mkdir_0700(s->cachedir) < 0 ||
+	    mkdir_0700(s->seriesdir) < 0) {
 		fmt(err, errsz, "cannot create %s or %s: %s", s->tmpdir, s->cachedir,
 			 strerror(errno));
 		free(s);
@@ -1740,8 +2421,7 @@ void sync_free(struct sync *s)
 				net_xfer_reset(f->x, NET_ERR_SHUTDOWN);
 				f->x = NULL;
 			}
-			if (f->phase != F_VERIFY)
-				fetch_free(f);
+			fetch_free(f); /* a verification running goes on without it */
 		}
 		while (s->serves) {
 			struct serve *sv = s->serves;
@@ -1759,6 +2439,7 @@ void sync_free(struct sync *s)
 	while (s->repos) {
 		struct srepo *r = s->repos;
 		s->repos = r->next;
+		series_clear(&r->se, 0);
 		while (r->holders) {
 			struct holder *h = r->holders;
 			r->holders = h->next;
@@ -1874,9 +2555,9 @@ void sync_status(struct sync *s, const char *repo_id, struct sync_status *out)
 			}
 			if (r->fetch != NULL) {
 				out->state = SYNC_RUNNING;
-				out->done = r->fetch->pos;
-				out->total = r->fetch->total;
-				out->verifying = r->fetch->phase == F_VERIFY;
+				out->done = r->fetch->bytes_done;
+				out->total = r->fetch->bytes_total;
+				out->verifying = r->fetch->phase == F_IDLE && r->fetch->verifying != NULL;
 			} else if (sr.is_external && (r->waiters || (r->want && useful > 0)) &&
 				   (sr.mirror_seq < sr.ref_seq || sr.mirror_seq == 0)) {
 				out->state = SYNC_QUEUED;
@@ -1897,6 +2578,7 @@ void sync_local_changed(struct sync *s, const char *repo_id)
 		if (strcmp(ce->repo_id, repo_id) == 0 && ce->state != C_BUILDING)
 			centry_unlink(s, ce);
 	}
+	series_refresh(s, repo_id); /* the increment for the new state, built now */
 }
 
 void sync_get_stats(const struct sync *s, struct sync_stats *out)

@@ -33,6 +33,7 @@
 #define SYNC_MAX_SERVES 8          /* concurrent transfers served, total */
 #define SYNC_MAX_SERVES_PER_PEER 2 /* concurrent transfers served to one peer */
 #define SYNC_CHUNK (64u * 1024)
+#define SERIES_MAX 64 /* bundles in a series before it starts over with a complete one */
 
 struct sync;
 
@@ -98,6 +99,7 @@ struct sync_stats {
 	uint64_t fetches_ok, fetches_failed, serves_ok, serves_failed, serves_refused;
 	uint64_t bytes_fetched, bytes_served;
 	uint64_t rejected_bundles; /* failed verification */
+	uint64_t bundles_built;    /* by this node's pack builder (series bundles and one-offs) */
 };
 void sync_get_stats(const struct sync *s, struct sync_stats *out);
 /* Transfers running now (fetching and serving). NULL-safe. */

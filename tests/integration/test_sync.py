@@ -221,3 +221,34 @@ def test_kill_9_receiver_mid_transfer_then_completes(daemon_factory, git_repo):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         db.close()
+
+
+def test_series_any_replica_streams_what_it_received(daemon_factory, git_repo):
+    """The creator publishes its history as a series of bundles (one complete, then one per new
+    state); a replica keeps the bundles it received and serves a newcomer the same series
+    without building anything; the newcomer applies every state in order."""
+    env = git_repo.env
+    a = Node(daemon_factory, "alpha", "127.0.11.1").start()
+    b = Node(daemon_factory, "bravo", "127.0.11.2").start([a])
+    src = make_project(git_repo)
+    rid = a.j("repo", "add", src)["id"]
+    wait_for(mirror_matches(b, rid, src, env), "B mirrors", [a, b])
+    for i in range(3):
+        commit(git_repo, src, f"version {i}\n", "develop")
+        wait_for(mirror_matches(b, rid, src, env), f"B has version {i}", [a, b])
+    series = Path(b.root) / "series" / rid[len("did:repo:z"):]
+    bundles = sorted(series.glob("*.bundle"))
+    assert len(bundles) == 4, bundles  # the complete one and three increments, as received
+    for f in bundles:
+        git(mirror_of(b, rid), "bundle", "verify", "-q", f, env=env)
+    assert b.j("node", "status")["sync"]["bundles_built"] == 0
+    a.d.stop()
+    c = Node(daemon_factory, "charlie", "127.0.11.3").start([b])
+    wait_for(mirror_matches(c, rid, src, env), "C gets everything from B", [b, c])
+    assert_mirror_sound(c, rid, src, env)
+    sb, sc = b.j("node", "status")["sync"], c.j("node", "status")["sync"]
+    assert sb["bundles_built"] == 0, "B served the bundles it received, unchanged"
+    assert sb["serves_ok"] >= 1
+    assert sc["bytes_fetched"] == sum(f.stat().st_size for f in bundles)
+    got = sorted((Path(c.root) / "series" / rid[len("did:repo:z"):]).glob("*.bundle"))
+    assert [f.read_bytes() for f in got] == [f.read_bytes() for f in bundles]
