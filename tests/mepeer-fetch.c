@@ -83,15 +83,26 @@ void mx_fetch_usage(FILE *f)
 
 /* ---- requesting ---- */
 
+static void bundle_path(const struct xfetch *f, unsigned k, char *buf, size_t sz)
+{
+	if (k == 0)
+		snprintf(buf, sz, "%s", f->base);
+	else
+		snprintf(buf, sz, "%s.b%u", f->base, k);
+}
+
 void mx_fetch_json(struct xfetch *f, uint64_t app_error, const char *why)
 {
 	char d[2 * XMSG_DIGEST_LEN + 1], c[2 * XMSG_DIGEST_LEN + 1];
 	const char *result;
+	int all_ok = f->nbundles > 0;
 
+	for (unsigned i = 0; i < f->nbundles; i++)
+		all_ok &= f->b[i].ok;
 	if (f->has_error)
 		result = "error";
-	else if (f->has_done)
-		result = f->digest_ok ? "done" : "bad-digest";
+	else if (f->nbundles > 0 && f->phase == 2 && app_error == 0 && f->closed)
+		result = all_ok ? "done" : "bad-digest";
 	else if (!f->closed)
 		result = "unfinished";
 	else if (app_error != 0)
@@ -100,13 +111,15 @@ void mx_fetch_json(struct xfetch *f, uint64_t app_error, const char *why)
 		result = "closed";
 	mx_hex(f->digest, XMSG_DIGEST_LEN, d);
 	mx_hex(f->computed, XMSG_DIGEST_LEN, c);
+	/* the top-level fields describe the last bundle (the newest state) */
 	printf("{\"stream\":%d,\"relay\":%s,\"result\":\"%s\",\"frames\":%u,\"start\":%s,"
-	       "\"total_size\":%" PRIu64 ",\"offset\":%" PRIu64 ",\"received\":%" PRIu64 ","
-	       "\"bytes_in\":%" PRIu64 ",\"digest\":\"%s\",\"computed_digest\":\"%s\","
-	       "\"seq\":%" PRIu64 ",\"refs\":%zu,\"signature_ok\":%s,\"repo_id_ok\":%s,"
-	       "\"creator\":\"%s\",\"app_error\":%" PRIu64 ",\"code\":%" PRId64 ",\"file\":",
+	       "\"bundles\":%u,\"total_size\":%" PRIu64 ",\"offset\":%" PRIu64 ","
+	       "\"received\":%" PRIu64 ",\"bytes_in\":%" PRIu64 ",\"digest\":\"%s\","
+	       "\"computed_digest\":\"%s\",\"seq\":%" PRIu64 ",\"refs\":%zu,"
+	       "\"signature_ok\":%s,\"repo_id_ok\":%s,\"creator\":\"%s\","
+	       "\"app_error\":%" PRIu64 ",\"code\":%" PRId64 ",\"file\":",
 	       f->idx, f->relay ? "true" : "false", result, f->frames,
-	       f->has_start ? "true" : "false", f->total, f->offset, f->pos - f->offset,
+	       f->has_start ? "true" : "false", f->nbundles, f->total, f->offset, f->received,
 	       f->bytes_in, d, c, f->seq, f->nrefs, f->sig_ok ? "true" : "false",
 	       f->id_ok ? "true" : "false", f->creator, app_error, f->code);
 	mx_json_str(stdout, f->path);
@@ -118,7 +131,19 @@ void mx_fetch_json(struct xfetch *f, uint64_t app_error, const char *why)
 	mx_json_str(stdout, why ? why : "");
 	printf(",\"note\":");
 	mx_json_str(stdout, f->note);
-	printf("}\n");
+	printf(",\"series\":[");
+	for (unsigned i = 0; i < f->nbundles; i++) {
+		char bp[PATH_MAX + 16];
+		mx_hex(f->b[i].digest, XMSG_DIGEST_LEN, d);
+		bundle_path(f, i, bp, sizeof(bp));
+		printf("%s{\"total_size\":%" PRIu64 ",\"offset\":%" PRIu64 ",\"seq\":%" PRIu64
+		       ",\"refs\":%zu,\"digest\":\"%s\",\"ok\":%s,\"file\":", i ? "," : "",
+		       f->b[i].total, f->b[i].offset, f->b[i].seq, f->b[i].nrefs, d,
+		       f->b[i].ok ? "true" : "false");
+		mx_json_str(stdout, bp);
+		printf("}");
+	}
+	printf("]}\n");
 }
 
 static void fetch_note(struct xfetch *f, const char *what)
@@ -133,6 +158,15 @@ static int fetch_start(struct xfetch *f, const struct xmsg *m)
 	const char *want = f->relay ? f->a->xo.relay_id : f->a->xo.fetch_id;
 	int flags = O_RDWR | O_CREAT | O_CLOEXEC;
 
+	if (f->nbundles == XFETCH_MAX_BUNDLES) {
+		fetch_note(f, "too many bundles");
+		return -1;
+	}
+	if (f->nbundles > 0 && m->offset > 0) {
+		fetch_note(f, "an offset on a bundle after the first");
+		return -1;
+	}
+	bundle_path(f, f->nbundles, f->path, sizeof(f->path));
 	f->has_start = 1;
 	f->total = m->total_size;
 	f->offset = m->offset;
@@ -149,6 +183,7 @@ static int fetch_start(struct xfetch *f, const struct xmsg *m)
 		fetch_note(f, "total_size over --max-bundle");
 		return -1;
 	}
+	me_sha3_free(f->h);
 	if ((f->h = me_sha3_new()) == NULL)
 		return -1;
 	if ((f->fd = open(f->path, flags | (m->offset > 0 ? 0 : O_TRUNC), 0600)) < 0) {
@@ -187,7 +222,7 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 	}
 	switch (m.type) {
 	case XMSG_START:
-		if (f->phase != 0) {
+		if (f->phase == 1) {
 			fetch_note(f, "Start out of order");
 			rc = ME_EPROTO;
 			break;
@@ -213,6 +248,7 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 		}
 		me_sha3_update(f->h, m.data, m.len);
 		f->pos += m.len;
+		f->received += m.len;
 		break;
 	case XMSG_DONE:
 		if (f->phase != 1) {
@@ -228,9 +264,14 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 			       memcmp(m.digest, f->digest, XMSG_DIGEST_LEN) == 0;
 		if (f->pos != f->total)
 			fetch_note(f, "Done before total_size");
+		f->b[f->nbundles] = (struct xbundle){ .total = f->total, .offset = f->offset,
+						       .seq = f->seq, .nrefs = f->nrefs,
+						       .ok = f->digest_ok };
+		memcpy(f->b[f->nbundles].digest, f->digest, XMSG_DIGEST_LEN);
+		f->nbundles++;
 		close(f->fd);
 		f->fd = -1;
-		net_xfer_finish(f->x);
+		/* more bundles may follow: our direction ends when the server's does (eof) */
 		break;
 	case XMSG_ERROR:
 		f->has_error = 1;
@@ -252,6 +293,13 @@ static void fetch_on_writable(void *ud, struct net_xfer *x)
 	(void)ud, (void)x;
 }
 
+/* The server finished its direction: so do we. */
+static void fetch_on_eof(void *ud, struct net_xfer *x)
+{
+	(void)ud;
+	net_xfer_finish(x);
+}
+
 static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, const char *why)
 {
 	struct xfetch *f = ud;
@@ -268,8 +316,11 @@ static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, co
 	mx_fetch_json(f, app_error, why);
 	if (f->relay) {
 		xs->relay_fetching = 0;
-		if (f->has_done && f->digest_ok)
+		if (f->nbundles == 1 && f->b[0].ok && app_error == 0)
 			mx_relay_loaded(a, f);
+		else if (f->nbundles > 1)
+			fprintf(stderr, "me-peer: --relay takes a repository of one bundle, not %u\n",
+				f->nbundles);
 		else
 			fprintf(stderr, "me-peer: the relay fetch failed (%s)\n", why ? why : "");
 		return;
@@ -282,6 +333,7 @@ static void fetch_on_closed(void *ud, struct net_xfer *x, uint64_t app_error, co
 static const struct net_xfer_callbacks fetch_cb = {
 	.frame = fetch_on_frame,
 	.writable = fetch_on_writable,
+	.eof = fetch_on_eof,
 	.closed = fetch_on_closed,
 };
 
@@ -359,13 +411,14 @@ void mx_fetch_open(struct app *a, struct peer *p, unsigned idx, int relay)
 	f->fd = -1;
 	f->used = 1;
 	if (relay)
-		snprintf(f->path, sizeof(f->path), "%s/relay.bundle", a->root);
+		snprintf(f->base, sizeof(f->base), "%s/relay.bundle", a->root);
 	else if (a->xo.out != NULL && idx == 0)
-		snprintf(f->path, sizeof(f->path), "%s", a->xo.out);
+		snprintf(f->base, sizeof(f->base), "%s", a->xo.out);
 	else if (a->xo.out != NULL)
-		snprintf(f->path, sizeof(f->path), "%s.%u", a->xo.out, idx);
+		snprintf(f->base, sizeof(f->base), "%s.%u", a->xo.out, idx);
 	else
-		snprintf(f->path, sizeof(f->path), "%s/fetch.%u.bundle", a->root, idx);
+		snprintf(f->base, sizeof(f->base), "%s/fetch.%u.bundle", a->root, idx);
+	memcpy(f->path, f->base, strlen(f->base) + 1);
 	msgpack_sbuffer_init(&sb);
 	if (relay)
 		rc = xmsg_encode_request(&sb, a->xo.relay_id, NULL, 0, NULL, 0);

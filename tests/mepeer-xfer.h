@@ -30,13 +30,27 @@ struct rs_own {
 	char *mem;
 };
 
+#define XFETCH_MAX_BUNDLES 80 /* a series starts over after 64 */
+
+/* One bundle of a transfer's series. */
+struct xbundle {
+	uint64_t total, offset, seq;
+	size_t nrefs;
+	uint8_t digest[XMSG_DIGEST_LEN];
+	int ok; /* size and digest as announced */
+};
+
 struct xfetch {
 	struct app *a;
 	struct net_xfer *x;
 	int idx, relay, used;
-	int phase; /* 0: before Start, 1: data, 2: after Done */
+	int phase; /* 0: before a Start, 1: data, 2: after a Done (another Start may follow) */
 	int fd;
-	char path[PATH_MAX];
+	char base[PATH_MAX - 16]; /* bundle k goes to base (k = 0) or base.bk */
+	char path[PATH_MAX]; /* the current one */
+	struct xbundle b[XFETCH_MAX_BUNDLES];
+	unsigned nbundles;
+	uint64_t received; /* data bytes, all bundles */
 	struct me_sha3 *h;
 	uint64_t total, offset, pos, bytes_in;
 	uint8_t digest[XMSG_DIGEST_LEN], computed[XMSG_DIGEST_LEN];

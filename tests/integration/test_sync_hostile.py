@@ -317,8 +317,10 @@ def reject_stage(v, p, rid, mode, n0, before, outside, env):
     if mode in PARTIAL:
         # The partial bundle stays for a resume, and nothing else.
         at = int(p.lines("cut")[-1][3].split("=", 1)[1])
-        assert tmp_files(v) == [f"{b58(rid)}.part"], tmp_files(v)
-        assert (v.root / "tmp" / f"{b58(rid)}.part").stat().st_size == at
+        parts = tmp_files(v)
+        assert len(parts) == 1 and parts[0].startswith(b58(rid) + ".") and \
+            parts[0].endswith(".part"), parts
+        assert (v.root / "tmp" / parts[0]).stat().st_size == at
     else:
         assert tmp_files(v) == [], tmp_files(v)
     outside.assert_unchanged()
@@ -481,27 +483,38 @@ def fetch(peers, a, a_did, rid, *extra, wait="30"):
     return p, json_lines(p)
 
 
-def assert_bundle_of(path, repo, git_repo, prereq_repo=None):
-    """git bundle verify accepts the file and its refs are the repository's."""
-    check_in = prereq_repo
-    if check_in is None:
-        check_in = Path(str(path) + ".verify")
-        git_repo.git(path.parent, "init", "-q", "--bare", check_in)
-    git_repo.git(check_in, "bundle", "verify", path)
-    heads = git_repo.git(check_in, "bundle", "list-heads", path)
+def assert_series_of(res, repo, git_repo, check_in):
+    """The bundles of one transfer (res, a JSON line) verify with git one after the other,
+    each on top of the ones before, in check_in (a bare repository holding what the requester
+    had), and leave exactly the repository's branches and tags."""
+    assert res["result"] == "done" and res["bundles"] >= 1, res
+    for b in res["series"]:
+        assert b["ok"], res
+        git_repo.git(check_in, "bundle", "verify", b["file"])
+        git_repo.git(check_in, "fetch", "-q", "--prune", b["file"],
+                     "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+    heads = git_repo.git(check_in, "bundle", "list-heads", res["series"][-1]["file"])
     got = sorted(tuple(ln.split(" ", 1)) for ln in heads.splitlines())
     assert got == sorted(git_repo.refs(repo)), heads
+    assert sorted(git_repo.refs(check_in)) == sorted(git_repo.refs(repo))
 
 
 def assert_serves_honestly(peers, a, a_did, rid, repo, git_repo, tmp):
+    """An honest request without haves gets the repository's whole series: returns its JSON
+    line."""
     out = tmp / "honest.bundle"
     p, res = fetch(peers, a, a_did, rid, "--out", out)
     assert [r["result"] for r in res] == ["done"], p.info()
-    assert res[0]["signature_ok"] and res[0]["repo_id_ok"] and res[0]["creator"] == a_did
-    assert res[0]["offset"] == 0 and res[0]["received"] == res[0]["total_size"]
-    assert out.stat().st_size == res[0]["total_size"]
-    assert_bundle_of(out, repo, git_repo)
-    return res[0]
+    r = res[0]
+    assert r["signature_ok"] and r["repo_id_ok"] and r["creator"] == a_did, r
+    assert r["series"][0]["offset"] == 0
+    assert r["received"] == sum(b["total_size"] for b in r["series"]), r
+    for b in r["series"]:
+        assert Path(b["file"]).stat().st_size == b["total_size"]
+    check = tmp / f"check-{len(list(tmp.glob('check-*')))}"
+    git_repo.git(tmp, "init", "-q", "--bare", check)
+    assert_series_of(r, repo, git_repo, check)
+    return r
 
 
 SERVER_ABUSE = {
@@ -609,7 +622,7 @@ def test_server_update_is_small(server, peers, git_repo, tmp_path):
     upd = res[0]
     assert upd["seq"] > whole["seq"]
     assert upd["bytes_in"] < 8192 and upd["bytes_in"] * 20 < whole["bytes_in"], (upd, whole)
-    assert_bundle_of(out, repo, git_repo, prereq_repo=old)
+    assert_series_of(upd, repo, git_repo, old)
     a.stop()
 
 
