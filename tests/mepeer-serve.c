@@ -33,7 +33,7 @@ enum mutation { MUT_NONE, MUT_FLIP_PACK, MUT_EXTRA_REF };
 enum rs_kind { RS_CREATOR, RS_OTHER_SIGNER, RS_CLAIM_CREATOR, RS_OTHER_REPO, RS_TRAVERSAL };
 enum total_kind { T_EXACT, T_HUGE, T_SHORT };
 enum digest_kind { D_OK, D_WRONG_DONE, D_WRONG_BOTH };
-enum order { O_NORMAL, O_DATA_FIRST, O_TWO_STARTS, O_DONE_FIRST };
+enum order { O_NORMAL, O_DATA_FIRST, O_TWO_STARTS, O_DONE_FIRST, O_REPEAT };
 enum cut { CUT_NONE, CUT_STALL, CUT_SHORT, CUT_RESET, CUT_TRICKLE };
 
 struct serve_mode {
@@ -82,6 +82,8 @@ static const struct serve_mode modes[] = {
 	{ .name = "data-first", .order = O_DATA_FIRST, .help = "a Data frame before Start" },
 	{ .name = "two-starts", .order = O_TWO_STARTS, .help = "Start twice, then the data" },
 	{ .name = "done-first", .order = O_DONE_FIRST, .help = "Start, then Done at once" },
+	{ .name = "repeat", .order = O_REPEAT,
+	  .help = "the honest bundle, then the same bundle again (a state not newer)" },
 	{ .name = "garbage", .answer = A_GARBAGE, .help = "one frame of random bytes" },
 	{ .name = "error", .answer = A_ERROR, .help = "Error ENOTFOUND" },
 	{ .name = "silent", .answer = A_SILENT, .help = "no answer at all" },
@@ -225,6 +227,8 @@ void mx_serve_free(struct xserve *sv)
 	xs->nserves--;
 	free(sv->buf);
 	sv->buf = NULL;
+	free(sv->again);
+	sv->again = NULL;
 	if (sv->timer_on) /* the memory goes with the timer's handle */
 		uv_close((uv_handle_t *)&sv->trickle, on_trickle_closed);
 	else
@@ -388,7 +392,21 @@ static void serve_pump(struct xserve *sv)
 		net_xfer_want_writable(sv->x);
 	} else {
 		sv->finished = 1;
-		if (sv->send_done) {
+		if (sv->send_done && sv->again != NULL) {
+			/* O_REPEAT: Done, then the same Start and data once more */
+			if ((rc = xmsg_encode_done(&sb, sv->done_digest)) == 0 &&
+			    (rc = msgpack_sbuffer_write(&sb, (const char *)sv->again,
+							sv->again_len) != 0 ? ME_ENOMEM : 0) == 0 &&
+			    (rc = mx_send_sb(sv->x, &sb)) == 0) {
+				printf("repeating %s %s to %s\n", sv->mode->name, sv->a->xs->id,
+				       sv->peer_did);
+				free(sv->again);
+				sv->again = NULL;
+				sv->pos = 0;
+				sv->finished = 0;
+				net_xfer_want_writable(sv->x);
+			}
+		} else if (sv->send_done) {
 			if ((rc = xmsg_encode_done(&sb, sv->done_digest)) == 0 &&
 			    (rc = mx_send_sb(sv->x, &sb)) == 0)
 				net_xfer_finish(sv->x);
@@ -482,6 +500,13 @@ static int serve_bundle(struct xserve *sv, const struct xmsg *req)
 		else
 			rc = xmsg_encode_start(&sb, md->file_name ? md->file_name : fname, total,
 					       start_digest, off, creator, &rs);
+	}
+	if (rc == 0 && md->order == O_REPEAT) {
+		/* kept to be sent again after the first Done */
+		if ((sv->again = malloc(sb.size)) == NULL)
+			rc = ME_ENOMEM;
+		else
+			memcpy(sv->again, sb.data, sv->again_len = sb.size);
 	}
 	if (rc == 0)
 		rc = mx_send_sb(sv->x, &sb);

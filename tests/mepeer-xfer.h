@@ -75,6 +75,8 @@ struct xserve {
 	size_t len;
 	uint64_t pos, end;
 	uint8_t done_digest[XMSG_DIGEST_LEN];
+	uint8_t *again; /* a Start to send again after the first Done (repeat) */
+	size_t again_len;
 	uv_timer_t trickle;
 	int timer_on;
 	struct xserve *next;

@@ -790,3 +790,28 @@ def test_max_repo_size(daemon_factory, peers, git_repo):
     assert_alive(v)
     p.stop()
     v.stop()
+
+
+def test_series_keeps_verified_bundles(daemon_factory, peers, git_repo):
+    """A transfer of two bundles whose second is not newer than the first: the first (a
+    complete signed state, verified) stays applied, the second is refused, the mirror is sound
+    and V serves what it has."""
+    v, v_did = start_node(daemon_factory, "victim")
+    outside = Outside(v)
+    repo = make_repo(git_repo)
+    p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo, "--serve", "repeat",
+              "--wait", "120")
+    rid, seq0 = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
+    wait_for(lambda: fetch_failures(v, rid, p.did) > 0, lambda: f"V to refuse\n{v.stderr()}")
+    assert "failed: offered state is not newer than the mirror" in v.stderr()
+    wait_mirror_seq(v, rid, seq0, "the first bundle applied")
+    assert_mirror_is(v, rid, git_repo, repo)
+    assert tmp_files(v) == []
+    outside.assert_unchanged()
+    w, _ = start_node(daemon_factory, "witness",
+                      ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+    wait_mirror_seq(w, rid, seq0, "W from V")
+    assert_mirror_is(w, rid, git_repo, repo)
+    p.stop()
+    w.stop()
+    v.stop()
