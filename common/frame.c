@@ -38,6 +38,9 @@ static int header_check(const struct me_frame_reader *r, size_t off)
 
 int me_frame_reader_feed(struct me_frame_reader *r, const void *data, size_t len)
 {
+	/* Nothing new to check; and a fresh reader has no buffer to append to. */
+	if (len == 0)
+		return 0;
 	/* Drop frames already handed out before growing. */
 	if (r->consumed > 0) {
 		memmove(r->buf, r->buf + r->consumed, r->len - r->consumed);

@@ -15,6 +15,8 @@ PACKAGES=(
 	libcmocka-dev python3-pytest python3-msgpack git jq
 	# for scripts/deps.sh: source packages, wolfSSL's autotools, ngtcp2's CMake, and clang
 	dpkg-dev cmake autoconf automake libtool clang
+	# for scripts/fuzz.sh: clang's runtimes (libFuzzer, ASan, UBSan)
+	libclang-rt-dev
 	# for the booted-systemd test (tests/systemd): a Debian root, booted with systemd-nspawn
 	debootstrap systemd-container iproute2
 )

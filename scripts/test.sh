@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing (scripts/setup.sh), builds the release and the
-# ASan/UBSan trees, runs the cmocka unit tests in both and the pytest integration tests against
-# both daemons, then the booted-systemd test (tests/systemd: the project installed into a
+# ASan/UBSan trees, runs the cmocka unit tests (and the fuzz corpora) in both and the pytest
+# integration tests against both daemons, fuzzes each libFuzzer target for 10 s (scripts/fuzz.sh),
+# then the booted-systemd test (tests/systemd: the project installed into a
 # Debian container booted with systemd-nspawn), and ends with one line "N passed, N failed".
 set -uo pipefail
 . "$(dirname "$0")/env.sh"
@@ -67,6 +68,13 @@ PY
 	junit_count "build/$tree.pytest.xml" >"build/$tree.pytest.count"
 	tally "build/$tree.pytest.count"
 done
+
+# libFuzzer: every target of tests/fuzz for a short fixed time under ASan/UBSan (its own clang
+# build, build/fuzz); one test per target.
+echo "== fuzzing (scripts/fuzz.sh, 10 s per target)"
+echo "0 1" >build/fuzz.count
+bash scripts/fuzz.sh --count build/fuzz.count 10 2>&1
+tally build/fuzz.count
 
 # megaengine as a system service under a booted systemd: a cached Debian root (debootstrap),
 # the build installed into a copy of it, booted with systemd-nspawn (tests/systemd/README.md).
