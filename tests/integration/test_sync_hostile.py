@@ -752,8 +752,12 @@ def test_squatted_repository_id(daemon_factory, peers, git_repo):
     p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo, "--squat", rid,
               "--serve", "honest", "--wait", "300")
     wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
-    wait_rejected(v, rid, p.did, 0, "no root commit of this history gives the repository id",
-                  20.0)
+    # The first fetch proves the claim false: the repository as learnt from the squatter is
+    # forgotten (it was never fetched) and the squatter's claim is ignored from then on.
+    wait_for(lambda: f"{p.did} is not the creator of {rid}" in v.stderr(),
+             lambda: f"V to refute the squatter\nlog:\n{v.stderr()[-3000:]}", timeout=20.0)
+    assert "no root commit of this history gives the repository id" in v.stderr()
+    wait_for(lambda: db_row(v, rid) is None, "V to forget the squatted repository")
     assert not mirror_path(v, rid).exists()
     # An honest W that knows the creator gets the repository and tells V it holds it.
     w, _ = start_node(daemon_factory, "witness",
