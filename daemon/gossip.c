@@ -513,6 +513,8 @@ static int apply_repo_ann(struct gossip *g, const struct gmsg_envelope *e, const
 		if (gr->id.len >= sizeof(id))
 			continue;
 		snprintf(id, sizeof(id), "%.*s", (int)gr->id.len, gr->id.ptr);
+		if (g->node->sync != NULL && sync_creator_refuted(g->node->sync, id, gr->creator_pk))
+			continue; /* proven not to be this repository's creator */
 		snprintf(name, sizeof(name), "%.*s", (int)gr->name.len, gr->name.ptr);
 		snprintf(desc, sizeof(desc), "%.*s", (int)gr->description.len,
 			 gr->description.ptr ? gr->description.ptr : "");

@@ -31,6 +31,9 @@
 #define DIAL_WAIT_MS 10000              /* a holder we dialed must be up by then */
 #define RETRY_MS 30000                  /* after every holder failed, wait before a new round */
 #define MAX_TRIED 16
+#define MAX_REFUTED 8
+#define SLOW_WINDOW_MS 30000          /* a transfer must move SLOW_MIN_BYTES in this long */
+#define SLOW_MIN_BYTES (64u * 1024)
 #define PUMP_BYTES (1u << 20)           /* queued transfer data the server keeps ahead */
 #define CACHE_MAX_ENTRIES 16
 #define CACHE_MAX_BYTES (4ull << 30)
@@ -101,6 +104,8 @@ struct srepo {
 	uint8_t part_digest[XMSG_DIGEST_LEN];
 	uint64_t part_size;
 	int jobs;          /* verifications running on its mirror */
+	uint8_t refuted[MAX_REFUTED][ME_PK_LEN]; /* keys proven not to be its creator */
+	size_t nrefuted;
 	struct series se;  /* what we serve it from */
 	struct srepo *next;
 };
@@ -132,6 +137,8 @@ struct fetch {
 	struct segrx *verifying;
 	int ended; /* the server finished its side after a Done */
 	int64_t last_rx_ms;
+	int64_t window_ms;     /* start of the current rate window (monotonic) */
+	uint64_t window_bytes; /* bytes_done at its start */
 	int failed; /* a reason was recorded; the closing stream only cleans up */
 	uint64_t max_bytes;
 	char root[PATH_MAX];
@@ -468,6 +475,7 @@ struct segrx {
 	int vrc;
 	char verr[ERRSZ];
 	struct bundle_stats st;
+	int refuted; /* the id is not this creator's (first fetch) */
 	struct segrx *next;
 };
 
@@ -650,6 +658,8 @@ static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
 			 f->peer_did, m->offset, m->total_size);
 	}
 	r->has_part = 0;
+	f->window_ms = me_mono_ms(); /* the rate is judged from the start of each bundle */
+	f->window_bytes = f->bytes_done;
 	f->last_seq = (int64_t)m->refstate.seq;
 	f->total = m->total_size;
 	f->offset = m->offset;
@@ -832,6 +842,7 @@ static const struct net_xfer_callbacks fetch_cb = {
 struct bind_arg {
 	const uint8_t *creator_pk;
 	const char *repo_id;
+	int refuted; /* set when no root commit matches: the claimed creator is not the creator */
 };
 
 static int check_binding(git_repository *view, const struct gmsg_refstate *rs, void *arg,
@@ -876,6 +887,8 @@ static int check_binding(git_repository *view, const struct gmsg_refstate *rs, v
 	if (found)
 		rc = 0;
 	else
+		b->refuted = 1;
+	if (!found)
 		fmt(err, errsz, "no root commit of this history gives the repository id with "
 			 "the creator's key");
 	return rc;
@@ -894,7 +907,7 @@ static void verify_work(uv_work_t *w)
 	struct bundle_rx *rx = NULL;
 	uint8_t *buf = NULL;
 	int fd = -1, rc;
-	struct bind_arg ba = { g->creator_pk, g->rs.rs.repo_id.ptr };
+	struct bind_arg ba = { g->creator_pk, g->rs.rs.repo_id.ptr, 0 };
 	struct bundle_rx_opts o = { .max_bytes = g->max_bytes };
 	char mpath[PATH_MAX];
 	struct stat st;
@@ -948,6 +961,7 @@ out:
 	if (rc < 0 && fresh)
 		nftw(mpath, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
 	g->vrc = rc;
+	g->refuted = ba.refuted;
 }
 
 /* Records the verified state: mirror seq, and the ref state itself when it is newer than the
@@ -990,6 +1004,48 @@ static void record_success(struct sync *s, const struct gmsg_refstate *rs, const
 
 static void series_keep(struct sync *s, struct srepo *r, struct segrx *g);
 
+/* A first fetch proved that pk is not the creator of r (no root commit gives the id with it):
+ * someone announced another's did:repo as theirs. Forget the repository as learnt (it was never
+ * fetched), its holders, and ignore that claim from now on, so the genuine creator's
+ * announcements are taken again. */
+static void refute_creator(struct sync *s, struct srepo *r, const uint8_t pk[ME_PK_LEN])
+{
+	struct store_repo sr;
+	char did[ME_DID_KEY_SIZE];
+
+	if (r->nrefuted < MAX_REFUTED)
+		memcpy(r->refuted[r->nrefuted++], pk, ME_PK_LEN);
+	else
+		memcpy(r->refuted[MAX_REFUTED - 1], pk, ME_PK_LEN);
+	me_did_key_from_pk(pk, did, sizeof(did));
+	log_warn("sync: %s is not the creator of %s: its claim is ignored from now on", did, r->id);
+	if (store_repo_get(s->node->store, r->id, &sr) == 0) {
+		if (sr.is_external && sr.mirror_seq <= 0 && strcmp(sr.creator, did) == 0 &&
+		    store_repo_remove(s->node->store, r->id) < 0)
+			log_warn("sync: cannot forget %s: %s", r->id, store_errmsg(s->node->store));
+		store_repo_clear(&sr);
+	}
+	while (r->holders) {
+		struct holder *h = r->holders;
+		r->holders = h->next;
+		free(h);
+	}
+	r->ntried = 0;
+	r->want = 0;
+}
+
+int sync_creator_refuted(struct sync *s, const char *repo_id, const uint8_t pk[ME_PK_LEN])
+{
+	struct srepo *r;
+
+	if (s == NULL || (r = srepo_find(s, repo_id)) == NULL)
+		return 0;
+	for (size_t i = 0; i < r->nrefuted; i++)
+		if (memcmp(r->refuted[i], pk, ME_PK_LEN) == 0)
+			return 1;
+	return 0;
+}
+
 static void verify_done(uv_work_t *w, int status)
 {
 	struct segrx *g = (struct segrx *)((char *)w - offsetof(struct segrx, work));
@@ -1008,6 +1064,8 @@ static void verify_done(uv_work_t *w, int status)
 		fmt(why, sizeof(why), "bundle from %s rejected: %s", g->peer_did, g->verr);
 		log_warn("sync: %s (%s)", why, me_errname(g->vrc));
 		s->stats.rejected_bundles++;
+		if (g->refuted && r != NULL && !s->closing)
+			refute_creator(s, r, g->creator_pk);
 		segrx_free(g, 1);
 		if (f != NULL && !s->closing)
 			fetch_end(f, ME_EPROTO, why);
@@ -1610,7 +1668,7 @@ static int fetch_begin(struct sync *s, struct srepo *r, const struct store_repo 
 	r->fetch = f;
 	s->nfetches++;
 	f->phase = F_REQUEST;
-	f->last_rx_ms = me_mono_ms();
+	f->last_rx_ms = f->window_ms = me_mono_ms();
 	log_info("sync: fetching %s from %s (%zu haves%s)", r->id, f->peer_did, nhaves,
 		 r->has_part ? ", resuming" : "");
 	return 0;
@@ -1762,10 +1820,20 @@ static void schedule(struct sync *s)
 		if (f != NULL) {
 			/* before Start the server may be building the bundle: a longer wait */
 			int64_t limit = f->phase == F_REQUEST ? SYNC_START_MS : SYNC_STALL_MS;
-			if (!f->ended && mono - f->last_rx_ms > limit)
+			if (!f->ended && mono - f->last_rx_ms > limit) {
 				fetch_end(f, ME_ETIMEDOUT, f->phase == F_REQUEST
 								   ? "no answer to the request"
 								   : "transfer stalled");
+			} else if (!f->ended && mono - f->window_ms > SLOW_WINDOW_MS) {
+				/* a peer trickling data must not hold a fetch slot for ever */
+				if (f->bytes_done - f->window_bytes < SLOW_MIN_BYTES &&
+				    f->phase == F_DATA)
+					fetch_end(f, ME_ETIMEDOUT, "transfer too slow");
+				else {
+					f->window_ms = mono;
+					f->window_bytes = f->bytes_done;
+				}
+			}
 			continue;
 		}
 		schedule_repo(s, r, now, mono);

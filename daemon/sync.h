@@ -28,7 +28,7 @@
 
 #define SYNC_SWEEP_MS 60000
 #define SYNC_STALL_MS 15000        /* no data for this long: try the next node */
-#define SYNC_START_MS 300000       /* no answer to a request (the server builds the bundle) */
+#define SYNC_START_MS 30000        /* no answer to a request (the server may build a bundle) */
 #define SYNC_MAX_FETCHES 4         /* concurrent fetches, total */
 #define SYNC_MAX_SERVES 8          /* concurrent transfers served, total */
 #define SYNC_MAX_SERVES_PER_PEER 2 /* concurrent transfers served to one peer */
@@ -69,6 +69,10 @@ int sync_xfer_accept(void *s, struct peer *p, struct net_xfer *x);
  * mirror is behind. */
 void sync_announced(struct sync *s, const uint8_t origin_pk[ME_PK_LEN], const char *repo_id,
 		    int64_t seq);
+
+/* True when a first fetch proved that pk is not the creator of repo_id (someone announced
+ * another's id as theirs): gossip ignores that claim. */
+int sync_creator_refuted(struct sync *s, const char *repo_id, const uint8_t pk[ME_PK_LEN]);
 
 /* Waiting for a fetch (mectl repo sync / clone / pull). */
 struct sync_waiter;

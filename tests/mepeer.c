@@ -29,6 +29,8 @@
  *                       closes; me-peer exits once every stream has closed.
  *   --repo-path DIR     serve DIR, a git repository we are the creator of (did:repo from its
  *                       root commit and our key, state signed by us, --seq N to fix its seq)
+ *   --squat ID          with --repo-path: announce it under ID (someone else's did:repo), with
+ *                       us as the creator: the binding to the root commit cannot hold
  *   --relay ID          serve ID, learnt by gossip from a dialed node (the creator's signed
  *                       state; a full bundle fetched from that node)
  *   --serve MODE,...    how requests are answered: the first state announced with the first
@@ -47,7 +49,7 @@
  *   repo ID NAME seq=N refs=N head=REF  the repository we created (--repo-path)
  *   learnt / relaying / announced ...   the repository we relay, our announcements
  *   request ID haves=N resume=0|1 offset=N mode=MODE from DID
- *   start / served / stalled MODE ...   what we answered
+ *   start / served / cut / trickling MODE ... what we answered
  *   closed serve MODE app_error=0xN sent=N from DID (WHY)
  *   opened stream N XSEND to DID
  *   {"stream":N,"result":...}           a requested stream closed (JSON)
@@ -124,7 +126,8 @@ static int usage(void)
 		"               [--alias NAME] [--count N] [--wait SEC] [--log-level LEVEL]\n"
 		"               [--fetch ID|random [--streams N] [--xsend XSEND] [--have HEX]...\n"
 		"                [--resume DIGEST:OFFSET] [--out FILE]]\n"
-		"               [--repo-path DIR | --relay ID] [--serve MODE[,MODE...]] [--seq N]\n"
+		"               [--repo-path DIR [--squat ID] | --relay ID] [--serve MODE[,...]]\n"
+		"               [--seq N]\n"
 		"               [--max-bundle BYTES]\n"
 		"       me-peer --root DIR --addr IP:PORT --listen [--wait SEC]\n"
 		"KIND: honest-node forged-node forged-sig replay future stale ttl ttl-raw255\n"
@@ -540,7 +543,7 @@ static int parse_args(struct app *a, int argc, char **argv)
 {
 	enum { O_ROOT = 256, O_ADDR, O_KEYFROM, O_IMP, O_DIAL, O_SEND, O_COUNT, O_WAIT, O_LISTEN,
 	       O_ALIAS, O_LOG, O_FETCH, O_OUT, O_HAVE, O_RESUME, O_STREAMS, O_XSEND, O_SERVE,
-	       O_REPO, O_RELAY, O_SEQ, O_MAXB };
+	       O_REPO, O_RELAY, O_SEQ, O_MAXB, O_SQUAT };
 	static const struct option opts[] = {
 		{ "root", required_argument, NULL, O_ROOT },
 		{ "addr", required_argument, NULL, O_ADDR },
@@ -564,6 +567,7 @@ static int parse_args(struct app *a, int argc, char **argv)
 		{ "relay", required_argument, NULL, O_RELAY },
 		{ "seq", required_argument, NULL, O_SEQ },
 		{ "max-bundle", required_argument, NULL, O_MAXB },
+		{ "squat", required_argument, NULL, O_SQUAT },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -676,6 +680,11 @@ static int parse_args(struct app *a, int argc, char **argv)
 				return usage();
 			a->xo.relay_id = optarg;
 			break;
+		case O_SQUAT:
+			if (!me_did_repo_valid(optarg))
+				return usage();
+			a->xo.squat_id = optarg;
+			break;
 		case O_SEQ:
 			if (parse_u64(optarg, &a->xo.seq) < 0 || a->xo.seq == 0)
 				return usage();
@@ -703,6 +712,7 @@ static int parse_args(struct app *a, int argc, char **argv)
 		return usage();
 	}
 	if ((a->xo.repo_path != NULL && a->xo.relay_id != NULL) ||
+	    (a->xo.squat_id != NULL && a->xo.repo_path == NULL) ||
 	    (xfer_enabled(a) && !a->dialing))
 		return usage();
 	if (optind != argc || a->root == NULL || !have_addr || a->dialing == a->listening)

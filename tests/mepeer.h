@@ -33,6 +33,7 @@ struct xopts {
 	const char *serve_list; /* --serve MODE[,MODE...]: one per announced state */
 	const char *repo_path;  /* --repo-path DIR: a git repository we are the creator of */
 	const char *relay_id;   /* --relay ID: a repository learnt by gossip from a dialed node */
+	const char *squat_id;   /* --squat ID: announce --repo-path under this id, as its creator */
 	uint64_t seq;           /* --seq N: seq of our signed state (default: now in ms) */
 	uint64_t max_bundle;    /* largest bundle held in memory */
 };

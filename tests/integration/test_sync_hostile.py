@@ -1,5 +1,5 @@
 """Hostile transfers: a daemon fetching from a peer that lies, and a daemon serving a peer that
-abuses it. The peer is me-peer (tests/mepeer.c, mepeer-xfer.c) on the real QUIC transport.
+abuses it. The peer is me-peer (tests/mepeer.c, mepeer-*.c) on the real QUIC transport.
 
 Fetching from a liar (test_hostile_serve): me-peer creates a repository of its own (made with the
 git CLI; its did:repo comes from the root commit and me-peer's key, as the daemon computes it),
@@ -7,14 +7,15 @@ announces it to a fresh daemon V and is V's only holder. It serves each announce
 --serve says; SIGUSR1 makes it sign a newer state and serve that with the next mode. Every
 variant goes through four states:
   0  the variant, V has no mirror yet     -> rejected; no mirror, sync columns untouched
-  1  honest                               -> V's mirror equals the repository (a stall resumes)
+  1  honest                               -> V's mirror equals the repository (a transfer cut
+                                             in the middle resumes where it stopped)
   2  the variant, after new commits, a new branch and a deleted tag (an update with haves)
                                           -> rejected; the mirror and sync columns as after 1
   3  honest                               -> V's mirror equals the repository again
-after each rejection: the reason is in V's database row (sync_error) and log, $ROOT/tmp holds no
-leftover (a stalled transfer keeps exactly its partial bundle, for the resume), nothing was
-written outside $ROOT, V still answers; at the end an honest daemon W that knows only V gets the
-repository from V, and V and W stop cleanly.
+After each rejection: the reason is in V's database row (sync_error), repo list and log;
+$ROOT/tmp holds no leftover (a transfer cut in the middle keeps exactly its partial bundle, for
+the resume); nothing was written outside $ROOT; V still answers. At the end an honest daemon W
+that knows only V gets the repository from V, and V and W stop cleanly.
 
 test_hostile_relay: the creator is a daemon A; me-peer learns A's repository (the creator's
 genuine signed state) and a full bundle from A by gossip and a transfer, then serves it, bad, to
@@ -22,11 +23,16 @@ V. V rejects it and recovers through an honest daemon W that knows A.
 
 test_server_*: me-peer opens transfer streams to a daemon and sends garbage, an unrequested
 Start, a traversal id, two requests, 20001 haves, an oversized frame, idle streams, 5 streams at
-once, requests for unknown repositories, and resumes; the daemon resets or refuses each, keeps
-serving honest requests (git bundle verify accepts what it sends) and stops cleanly.
+once, requests for unknown repositories, and resumes; the daemon resets or refuses each, drops
+idle streams after 15 s, keeps serving honest requests (git bundle verify accepts what it sends)
+and stops cleanly.
 
-Reads the database read-only with sqlite3 (repo list has no sync columns before the control
-plane's replication fields land); node status's "sync" counters are checked when present.
+Abuse of the requester's scheduling: slow peers (a byte every 2 s, or no answer) must not hold
+every fetch slot; a peer squatting someone else's did:repo must not keep a node from the real
+creator's repository; a ref state of 3000 refs replicates.
+
+The database is read read-only with sqlite3 (columns repo list does not show); node status's
+"sync" counters are checked when present.
 """
 import json
 import os
@@ -64,9 +70,10 @@ VARIANTS = {
     "garbage": ("malformed transfer message", False),
     "error": ("refused: ENOTFOUND", False),
     "stall": ("transfer stalled", False),
-    "silent": ("transfer stalled", False),
+    "reset": ("closed (reset by the peer", False),
 }
-SLOW = {"stall", "silent"}
+SLOW = {"stall"}               # the daemon waits 15 s for data
+PARTIAL = {"stall", "reset"}   # half the bundle arrived: the daemon keeps it to resume
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -282,10 +289,11 @@ def assert_alive(d):
 
 # ---- fetching from a liar --------------------------------------------------------------------
 
-def reject_stage(v, p, rid, reason, before, outside, env, slow):
-    """One rejected state: returns after checking everything the module docstring lists."""
-    n0 = fetch_failures(v, rid, p.did)
-    wait_rejected(v, rid, p.did, n0, reason, STALL_WAIT if slow else 20.0)
+def reject_stage(v, p, rid, mode, n0, before, outside, env):
+    """One rejected state (after n0 earlier failures): returns after checking everything the
+    module docstring lists."""
+    reason = VARIANTS[mode][0]
+    wait_rejected(v, rid, p.did, n0, reason, STALL_WAIT if mode in SLOW else 20.0)
     row = db_row(v, rid)
     for c in SYNC_COLS:
         assert row[c] == before["row"][c], (c, row, before["row"])
@@ -306,12 +314,13 @@ def reject_stage(v, p, rid, reason, before, outside, env, slow):
     else:
         assert mirror_refs(v, rid, env) == before["refs"]
         assert_fsck(mirror_path(v, rid), env)
-    stalled = p.lines("stalled")
-    if slow and stalled and stalled[-1][1] == "stall":
+    if mode in PARTIAL:
         # The partial bundle stays for a resume, and nothing else.
-        at = int(stalled[-1][3].split("=", 1)[1])
-        assert tmp_files(v) == [f"{b58(rid)}.part"], tmp_files(v)
-        assert (v.root / "tmp" / f"{b58(rid)}.part").stat().st_size == at
+        at = int(p.lines("cut")[-1][3].split("=", 1)[1])
+        parts = tmp_files(v)
+        assert len(parts) == 1 and parts[0].startswith(b58(rid) + ".") and \
+            parts[0].endswith(".part"), parts
+        assert (v.root / "tmp" / parts[0]).stat().st_size == at
     else:
         assert tmp_files(v) == [], tmp_files(v)
     outside.assert_unchanged()
@@ -320,20 +329,19 @@ def reject_stage(v, p, rid, reason, before, outside, env, slow):
 
 @pytest.mark.parametrize("mode", list(VARIANTS))
 def test_hostile_serve(mode, daemon_factory, peers, git_repo):
-    reason, verified = VARIANTS[mode]
-    slow = mode in SLOW
+    verified = VARIANTS[mode][1]
     env = git_repo.env
     v, v_did = start_node(daemon_factory, "victim")
     outside = Outside(v)
     repo = make_repo(git_repo)
+    stats0 = sync_stats(v)
     p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo,
               "--serve", f"{mode},honest,{mode},honest", "--wait", "300")
     rid, seq0 = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
-    stats0 = sync_stats(v)
 
     # 0: the variant, first fetch.
-    reject_stage(v, p, rid, reason, {"row": {c: 0 for c in SYNC_COLS}, "refs": None}, outside,
-                 env, slow)
+    reject_stage(v, p, rid, mode, 0, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
+                 outside, env)
     row = db_row(v, rid)
     assert row["is_external"] == 1 and row["ref_seq"] == seq0, row
     assert row["creator"] == p.did, row
@@ -343,9 +351,9 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     wait_mirror_seq(v, rid, seq1, "state 1")
     assert_mirror_is(v, rid, git_repo, repo)
     assert tmp_files(v) == []
-    if mode == "stall":
-        req = [ln for ln in p.lines("request")][-1]
-        at = int(p.lines("stalled")[0][3].split("=", 1)[1])
+    if mode in PARTIAL:
+        req = p.lines("request")[-1]
+        at = int(p.lines("cut")[0][3].split("=", 1)[1])
         assert "resume=1" in req and f"offset={at}" in req, p.info()
         assert f"offset={at}" in p.lines("start")[-1], p.info()
     before = {"row": db_row(v, rid), "refs": mirror_refs(v, rid, env)}
@@ -353,8 +361,9 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
 
     # 2: the variant again, on an update the mirror has the prerequisites of.
     change_repo(git_repo, repo)
+    n0 = fetch_failures(v, rid, p.did)
     _, seq2 = next_generation(p, 2)
-    reject_stage(v, p, rid, reason, before, outside, env, slow)
+    reject_stage(v, p, rid, mode, n0, before, outside, env)
     assert "haves=0" not in p.lines("request")[-1], p.info()
     assert db_row(v, rid)["ref_seq"] == seq2
 
@@ -432,9 +441,8 @@ def test_hostile_relay(mode, daemon_factory, peers, git_repo):
         wait_mirror_seq(v, rid, seq, "honest relay")
         assert_mirror_is(v, rid, git_repo, repo)
     else:
-        reason = VARIANTS[mode][0]
-        reject_stage(v, p, rid, reason, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
-                     outside, env, False)
+        reject_stage(v, p, rid, mode, 0, {"row": {c: 0 for c in SYNC_COLS}, "refs": None},
+                     outside, env)
         row = db_row(v, rid)
         assert row["creator"] == a_did and row["ref_seq"] == seq, row
         # The creator is unharmed, and an honest W that knows A gets the repository; V learns
@@ -475,27 +483,38 @@ def fetch(peers, a, a_did, rid, *extra, wait="30"):
     return p, json_lines(p)
 
 
-def assert_bundle_of(path, repo, git_repo, prereq_repo=None):
-    """git bundle verify accepts the file and its refs are the repository's."""
-    check_in = prereq_repo
-    if check_in is None:
-        check_in = Path(str(path) + ".verify")
-        git_repo.git(path.parent, "init", "-q", "--bare", check_in)
-    git_repo.git(check_in, "bundle", "verify", path)
-    heads = git_repo.git(check_in, "bundle", "list-heads", path)
+def assert_series_of(res, repo, git_repo, check_in):
+    """The bundles of one transfer (res, a JSON line) verify with git one after the other,
+    each on top of the ones before, in check_in (a bare repository holding what the requester
+    had), and leave exactly the repository's branches and tags."""
+    assert res["result"] == "done" and res["bundles"] >= 1, res
+    for b in res["series"]:
+        assert b["ok"], res
+        git_repo.git(check_in, "bundle", "verify", b["file"])
+        git_repo.git(check_in, "fetch", "-q", "--prune", b["file"],
+                     "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+    heads = git_repo.git(check_in, "bundle", "list-heads", res["series"][-1]["file"])
     got = sorted(tuple(ln.split(" ", 1)) for ln in heads.splitlines())
     assert got == sorted(git_repo.refs(repo)), heads
+    assert sorted(git_repo.refs(check_in)) == sorted(git_repo.refs(repo))
 
 
 def assert_serves_honestly(peers, a, a_did, rid, repo, git_repo, tmp):
+    """An honest request without haves gets the repository's whole series: returns its JSON
+    line."""
     out = tmp / "honest.bundle"
     p, res = fetch(peers, a, a_did, rid, "--out", out)
     assert [r["result"] for r in res] == ["done"], p.info()
-    assert res[0]["signature_ok"] and res[0]["repo_id_ok"] and res[0]["creator"] == a_did
-    assert res[0]["offset"] == 0 and res[0]["received"] == res[0]["total_size"]
-    assert out.stat().st_size == res[0]["total_size"]
-    assert_bundle_of(out, repo, git_repo)
-    return res[0]
+    r = res[0]
+    assert r["signature_ok"] and r["repo_id_ok"] and r["creator"] == a_did, r
+    assert r["series"][0]["offset"] == 0
+    assert r["received"] == sum(b["total_size"] for b in r["series"]), r
+    for b in r["series"]:
+        assert Path(b["file"]).stat().st_size == b["total_size"]
+    check = tmp / f"check-{len(list(tmp.glob('check-*')))}"
+    git_repo.git(tmp, "init", "-q", "--bare", check)
+    assert_series_of(r, repo, git_repo, check)
+    return r
 
 
 SERVER_ABUSE = {
@@ -603,7 +622,7 @@ def test_server_update_is_small(server, peers, git_repo, tmp_path):
     upd = res[0]
     assert upd["seq"] > whole["seq"]
     assert upd["bytes_in"] < 8192 and upd["bytes_in"] * 20 < whole["bytes_in"], (upd, whole)
-    assert_bundle_of(out, repo, git_repo, prereq_repo=old)
+    assert_series_of(upd, repo, git_repo, old)
     a.stop()
 
 
@@ -695,23 +714,108 @@ def test_server_drops_idle_streams(server, peers, git_repo, tmp_path):
     a.stop()
 
 
-def test_trickling_peers_do_not_block_replication(daemon_factory, peers, git_repo):
-    """Four peers each serving a repository of their own one byte every 2 s (never quiet for
-    15 s, never done) must not keep a daemon from replicating an honest repository."""
+@pytest.mark.parametrize("mode", ["trickle", "silent"])
+def test_slow_peers_do_not_block_replication(mode, daemon_factory, peers, git_repo):
+    """Four peers, each serving a repository of its own, slowly: one byte every 2 s (never
+    quiet for 15 s, never done), or no answer at all to the request (the daemon waits 5 minutes
+    for a Start). They must not keep a daemon from replicating an honest repository."""
     v, v_did = start_node(daemon_factory, "victim")
     slow = [peers("--dial", f"{v_did}@127.0.0.1:{v.port}",
                   "--repo-path", git_repo(name=f"slow{i}", commits=2),
-                  "--serve", "trickle", "--wait", "300") for i in range(4)]
+                  "--serve", mode, "--wait", "300") for i in range(4)]
     for p in slow:
-        wait_for(lambda: p.lines("trickling"), lambda: f"V to fetch from me-peer\n{p.info()}")
-    a, _ = start_node(daemon_factory, "alpha", ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+        wait_for(lambda: p.lines("trickling") or p.lines("served"),
+                 lambda: f"V to fetch from me-peer\n{p.info()}")
+    a, _ = start_node(daemon_factory, "alpha",
+                      ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
     repo = make_repo(git_repo)
     rid = a.mectl("repo", "add", repo, json=True).json["id"]
     seq = wait_signed(a, rid, git_repo, repo)
     wait_for(lambda: db_row(v, rid) is not None, "V to learn the honest repository")
-    wait_mirror_seq(v, rid, seq, "V from A while four peers trickle", timeout=60.0)
+    wait_mirror_seq(v, rid, seq, f"V from A while four peers {mode}", timeout=60.0)
     assert_mirror_is(v, rid, git_repo, repo)
     for p in slow:
         p.stop()
     a.stop()
+    v.stop()
+
+
+def test_squatted_repository_id(daemon_factory, peers, git_repo):
+    """A peer that announces someone else's did:repo as its own (a state it signs itself) to a
+    node that has not heard of the repository yet is caught when the first fetch checks the id
+    against the root commit; it must not keep that node from the genuine creator's repository."""
+    a, a_did = start_node(daemon_factory, "alpha")
+    repo = make_repo(git_repo)
+    rid = a.mectl("repo", "add", repo, json=True).json["id"]
+    seq = wait_signed(a, rid, git_repo, repo)
+    v, v_did = start_node(daemon_factory, "victim")
+    p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo, "--squat", rid,
+              "--serve", "honest", "--wait", "300")
+    wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
+    # The first fetch proves the claim false: the repository as learnt from the squatter is
+    # forgotten (it was never fetched) and the squatter's claim is ignored from then on.
+    wait_for(lambda: f"{p.did} is not the creator of {rid}" in v.stderr(),
+             lambda: f"V to refute the squatter\nlog:\n{v.stderr()[-3000:]}", timeout=20.0)
+    assert "no root commit of this history gives the repository id" in v.stderr()
+    wait_for(lambda: db_row(v, rid) is None, "V to forget the squatted repository")
+    assert not mirror_path(v, rid).exists()
+    # An honest W that knows the creator gets the repository and tells V it holds it.
+    w, _ = start_node(daemon_factory, "witness",
+                      ["--bootstrap-node", f"{a_did}@127.0.0.1:{a.port}",
+                       "--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+    wait_mirror_seq(w, rid, seq, "W from A")
+    wait_mirror_seq(v, rid, seq, "V from W or A, despite the squatter", timeout=40.0)
+    assert_mirror_is(v, rid, git_repo, repo)
+    assert repo_entry(v, rid)["creator"] == a_did
+    p.stop()
+    w.stop()
+    v.stop()
+    a.stop()
+
+
+def test_max_repo_size(daemon_factory, peers, git_repo):
+    """An honest bundle larger than the requester's --max-repo-size is refused at its Start,
+    before any of it is written."""
+    v, v_did = start_node(daemon_factory, "victim", ["--max-repo-size", "4K"])
+    outside = Outside(v)
+    repo = git_repo(commits=1)
+    (repo / "big.bin").write_bytes(os.urandom(50_000))
+    git_repo.git(repo, "add", ".")
+    git_repo.git(repo, "commit", "-qm", "big")
+    p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo, "--serve", "honest",
+              "--wait", "120")
+    rid, _ = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
+    wait_rejected(v, rid, p.did, 0, "is over the limit of 4096 (--max-repo-size)", 20.0)
+    start = p.lines("start")[-1]
+    assert int(start[4].split("=", 1)[1]) > 4096, p.info()
+    assert not mirror_path(v, rid).exists()
+    assert tmp_files(v) == []
+    outside.assert_unchanged()
+    assert_alive(v)
+    p.stop()
+    v.stop()
+
+
+def test_series_keeps_verified_bundles(daemon_factory, peers, git_repo):
+    """A transfer of two bundles whose second is not newer than the first: the first (a
+    complete signed state, verified) stays applied, the second is refused, the mirror is sound
+    and V serves what it has."""
+    v, v_did = start_node(daemon_factory, "victim")
+    outside = Outside(v)
+    repo = make_repo(git_repo)
+    p = peers("--dial", f"{v_did}@127.0.0.1:{v.port}", "--repo-path", repo, "--serve", "repeat",
+              "--wait", "120")
+    rid, seq0 = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
+    wait_for(lambda: fetch_failures(v, rid, p.did) > 0, lambda: f"V to refuse\n{v.stderr()}")
+    assert "failed: offered state is not newer than the mirror" in v.stderr()
+    wait_mirror_seq(v, rid, seq0, "the first bundle applied")
+    assert_mirror_is(v, rid, git_repo, repo)
+    assert tmp_files(v) == []
+    outside.assert_unchanged()
+    w, _ = start_node(daemon_factory, "witness",
+                      ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])
+    wait_mirror_seq(w, rid, seq0, "W from V")
+    assert_mirror_is(w, rid, git_repo, repo)
+    p.stop()
+    w.stop()
     v.stop()
