@@ -997,6 +997,98 @@ void gmsg_repo_ann_free(struct gmsg_repo_ann *a)
 	a->nrepos = 0;
 }
 
+/* ---- tree control messages: a fixed canonical layout, parsed byte by byte ---- */
+
+static bool ctl_count_ok(unsigned kind, size_t n)
+{
+	switch (kind) {
+	case GMSG_IHAVE:
+		return n >= 1 && n <= GMSG_CTL_MAX_IDS;
+	case GMSG_GRAFT:
+		return n <= GMSG_CTL_MAX_IDS;
+	case GMSG_PRUNE:
+		return n == 0;
+	default:
+		return false;
+	}
+}
+
+bool gmsg_is_ctl(const uint8_t *body, size_t len)
+{
+	return body != NULL && len > 0 && body[0] == 0x92;
+}
+
+int gmsg_ctl_encode(unsigned kind, const uint8_t (*ids)[GMSG_ID_LEN], size_t nids,
+		    msgpack_sbuffer *out)
+{
+	uint8_t hdr[5];
+	size_t h = 0, start;
+
+	if (out == NULL || !ctl_count_ok(kind, nids) || (nids > 0 && ids == NULL))
+		return ME_EINVAL;
+	hdr[h++] = 0x92;
+	hdr[h++] = (uint8_t)kind;
+	if (nids <= 15) {
+		hdr[h++] = (uint8_t)(0x90 | nids);
+	} else {
+		hdr[h++] = 0xdc;
+		hdr[h++] = (uint8_t)(nids >> 8);
+		hdr[h++] = (uint8_t)nids;
+	}
+	start = out->size;
+	if (msgpack_sbuffer_write(out, (const char *)hdr, h) != 0)
+		goto nomem;
+	for (size_t i = 0; i < nids; i++) {
+		static const char binhdr[2] = { (char)0xc4, GMSG_ID_LEN };
+		if (msgpack_sbuffer_write(out, binhdr, 2) != 0 ||
+		    msgpack_sbuffer_write(out, (const char *)ids[i], GMSG_ID_LEN) != 0)
+			goto nomem;
+	}
+	return 0;
+nomem:
+	out->size = start;
+	return ME_ENOMEM;
+}
+
+int gmsg_ctl_decode(const uint8_t *buf, size_t len, struct gmsg_ctl *out)
+{
+	size_t off = 0, n;
+
+	if (out == NULL)
+		return ME_EINVAL;
+	out->kind = 0;
+	out->nids = 0;
+	if (buf == NULL || len < 3 || buf[0] != 0x92)
+		return ME_EPROTO;
+	if (len > GMSG_CTL_MAX_BODY)
+		return ME_ETOOBIG;
+	unsigned kind = buf[1];
+	off = 2;
+	if ((buf[off] & 0xf0) == 0x90) {
+		n = buf[off] & 0x0f;
+		off += 1;
+	} else if (buf[off] == 0xdc && len >= off + 3) {
+		n = (size_t)buf[off + 1] << 8 | buf[off + 2];
+		off += 3;
+		if (n <= 15)
+			return ME_EPROTO; /* not the shortest form */
+	} else {
+		return ME_EPROTO;
+	}
+	if (n > GMSG_CTL_MAX_IDS)
+		return ME_ETOOBIG;
+	if (!ctl_count_ok(kind, n) || len - off != n * (2 + GMSG_ID_LEN))
+		return ME_EPROTO;
+	for (size_t i = 0; i < n; i++, off += 2 + GMSG_ID_LEN) {
+		if (buf[off] != 0xc4 || buf[off + 1] != GMSG_ID_LEN)
+			return ME_EPROTO;
+		memcpy(out->ids[i], buf + off + 2, GMSG_ID_LEN);
+	}
+	out->kind = kind;
+	out->nids = n;
+	return 0;
+}
+
 /* ---- transfer messages ---- */
 
 #define XMSG_OBJECTS (8 + XMSG_MAX_HAVES + 3 * GMSG_MAX_REFS + 8)

@@ -192,6 +192,38 @@ int gmsg_repo_ann_encode(const struct gmsg_repo_ann *a, msgpack_sbuffer *out);
 int gmsg_repo_ann_decode(const uint8_t *buf, size_t len, struct gmsg_repo_ann *out);
 void gmsg_repo_ann_free(struct gmsg_repo_ann *a);
 
+/* ---- tree control messages (Plumtree: docs/peer-protocol.md "Epidemic broadcast tree") ----
+ * Hop by hop between two connected peers, never relayed, unsigned: they carry only message ids.
+ *     [kind fixint, [id bin32 ...]]     canonical msgpack, exactly this shape
+ * A gossip frame whose body starts with 0x92 (fixarray of 2) is a control message, one that
+ * starts with 0x96 an envelope (gmsg_is_ctl). Id counts: IHAVE 1..GMSG_CTL_MAX_IDS, GRAFT
+ * 0..GMSG_CTL_MAX_IDS (none: only "push to me eagerly"), PRUNE none. */
+enum gmsg_ctl_kind {
+	GMSG_IHAVE = 1, /* I hold these messages (lazy push) */
+	GMSG_GRAFT = 2, /* push to me eagerly from now on, and send me these messages */
+	GMSG_PRUNE = 3, /* stop pushing to me eagerly (send IHAVE instead) */
+};
+
+#define GMSG_CTL_MAX_IDS 256
+#define GMSG_CTL_MAX_BODY (2 + 3 + GMSG_CTL_MAX_IDS * (2 + GMSG_ID_LEN))
+
+struct gmsg_ctl {
+	unsigned kind;
+	size_t nids;
+	uint8_t ids[GMSG_CTL_MAX_IDS][GMSG_ID_LEN];
+};
+
+/* true when body is meant as a control message (its first byte is 0x92). */
+bool gmsg_is_ctl(const uint8_t *body, size_t len);
+/* Appends one control message body (no frame header). ME_EINVAL for an unknown kind or an id
+ * count the decoder would refuse (ids may be NULL when nids is 0), ME_ENOMEM. */
+int gmsg_ctl_encode(unsigned kind, const uint8_t (*ids)[GMSG_ID_LEN], size_t nids,
+		    msgpack_sbuffer *out);
+/* Decodes exactly one canonical control message: ME_EPROTO for anything else (unknown kind,
+ * wrong count for the kind, non-canonical forms, trailing bytes), ME_ETOOBIG for more than
+ * GMSG_CTL_MAX_IDS ids. */
+int gmsg_ctl_decode(const uint8_t *buf, size_t len, struct gmsg_ctl *out);
+
 /* ---- transfer messages (docs/peer-protocol.md §3), one per frame on a transfer stream ----
  * request: [1, repo_id str, [oid bin20...], nil | [digest bin32, offset uint]]
  * start:   [2, file_name str, total_size uint, digest bin32, offset uint, creator_pk bin32,

@@ -30,6 +30,36 @@ struct origin {
 	int64_t touched;
 };
 
+/* A connected peer on the broadcast tree. */
+struct tpeer {
+	struct peer *p;
+	struct tpeer *next;
+	int eager;
+	uint8_t ihave[GMSG_CTL_MAX_IDS][GMSG_ID_LEN]; /* ids waiting for the next IHAVE */
+	size_t nihave;
+	int64_t ihave_since; /* mono ms the oldest queued id was queued */
+	size_t nmissing;     /* missing entries this peer announced first */
+	int64_t reply_window; /* GRAFT replies: the current second, and how many in it */
+	unsigned replies;
+};
+
+/* A full message kept to answer GRAFTs: the frame as we relayed it. */
+struct cached {
+	uint8_t id[GMSG_ID_LEN];
+	uint8_t *frame;
+	size_t len;
+	int64_t expires; /* mono ms; 0 = free slot */
+};
+
+/* A message announced by IHAVE that we do not hold yet. */
+struct missing {
+	uint8_t id[GMSG_ID_LEN];
+	struct peer *from[GOSSIP_MISSING_SOURCES]; /* announcers not grafted yet, oldest first */
+	size_t nfrom;
+	struct peer *charged; /* whose per-peer quota it counts against */
+	int64_t due; /* mono ms: graft from from[0]; 0 = free slot */
+};
+
 struct gossip {
 	uv_loop_t *loop;
 	struct node *node;
@@ -43,7 +73,15 @@ struct gossip {
 	uint8_t wanted[ME_MAX_OUTBOUND * 8][ME_PK_LEN]; /* nodes we dial, learnt by gossip */
 	size_t nwanted;
 	msgpack_sbuffer last_node, last_repo; /* our latest framed announcements */
+	msgpack_sbuffer last_node_payload; /* to tell whether the node announcement changed */
 	struct gossip_stats stats;
+	struct tpeer *tpeers;
+	struct cached *cache;
+	size_t cache_bytes;
+	struct missing *missing;
+	uv_timer_t tree_timer; /* IHAVE flushes and GRAFT timeouts */
+	int tree_timer_open;
+	int64_t tree_due; /* mono ms the tree timer fires, 0 when stopped */
 	int64_t reject_logged_at[GR__COUNT];
 	uint64_t reject_suppressed[GR__COUNT];
 };
@@ -93,6 +131,17 @@ static int dedup_rebuild(struct gossip *g, size_t cap, int64_t now)
 		g->dedup_len++;
 	}
 	free(old);
+	return 0;
+}
+
+static int dedup_seen(const struct gossip *g, const uint8_t *id, int64_t now)
+{
+	size_t s = dedup_slot(g, id);
+	while (g->dedup[s].expires != 0) {
+		if (memcmp(g->dedup[s].id, id, GMSG_ID_LEN) == 0)
+			return g->dedup[s].expires > now;
+		s = (s + 1) & (g->dedup_cap - 1);
+	}
 	return 0;
 }
 
@@ -172,18 +221,347 @@ static void reject(struct gossip *g, int reason, const struct peer *from, const 
 	g->reject_suppressed[reason] = 0;
 }
 
-/* ---- sending ---- */
+/* ---- the broadcast tree (Plumtree) ---- */
 
-static void send_frame(struct gossip *g, const uint8_t *frame, size_t len, const struct peer *skip)
+static struct tpeer *tpeer_find(struct gossip *g, const struct peer *p)
 {
+	for (struct tpeer *t = g->tpeers; t; t = t->next)
+		if (t->p == p)
+			return t;
+	return NULL;
+}
+
+static void tree_timer_cb(uv_timer_t *t);
+
+/* Makes the tree timer fire at `when` (mono ms) or earlier. */
+static void tree_arm(struct gossip *g, int64_t when)
+{
+	if (!g->tree_timer_open || (g->tree_due != 0 && g->tree_due <= when))
+		return;
+	int64_t now = me_mono_ms();
+	g->tree_due = when;
+	uv_timer_start(&g->tree_timer, tree_timer_cb, when > now ? (uint64_t)(when - now) : 0, 0);
+}
+
+static void send_ctl(struct gossip *g, struct tpeer *t, unsigned kind,
+		     const uint8_t (*ids)[GMSG_ID_LEN], size_t n)
+{
+	msgpack_sbuffer sb;
+	msgpack_sbuffer_init(&sb);
+	me_frame_begin(&sb);
+	if (gmsg_ctl_encode(kind, ids, n, &sb) == 0 && me_frame_end(&sb, 0, NET_MAX_FRAME) == 0 &&
+	    net_send(t->p, sb.data, sb.size) == 0) {
+		if (kind == GMSG_IHAVE) {
+			g->stats.ihave_frames++;
+			g->stats.ihave_ids += n;
+		} else if (kind == GMSG_GRAFT) {
+			g->stats.grafts++;
+		} else {
+			g->stats.prunes++;
+		}
+	}
+	msgpack_sbuffer_destroy(&sb);
+}
+
+static void ihave_flush(struct gossip *g, struct tpeer *t)
+{
+	if (t->nihave > 0)
+		send_ctl(g, t, GMSG_IHAVE, (const uint8_t(*)[GMSG_ID_LEN])t->ihave, t->nihave);
+	t->nihave = 0;
+	t->ihave_since = 0;
+}
+
+static void ihave_queue(struct gossip *g, struct tpeer *t, const uint8_t *id, int64_t now)
+{
+	if (t->nihave == GMSG_CTL_MAX_IDS)
+		ihave_flush(g, t);
+	memcpy(t->ihave[t->nihave++], id, GMSG_ID_LEN);
+	if (t->nihave == 1) {
+		t->ihave_since = now;
+		tree_arm(g, now + GOSSIP_IHAVE_DELAY_MS);
+	}
+}
+
+/* t holds id: it needs no IHAVE for it any more. */
+static void ihave_unqueue(struct tpeer *t, const uint8_t *id)
+{
+	for (size_t i = 0; i < t->nihave; i++) {
+		if (memcmp(t->ihave[i], id, GMSG_ID_LEN) == 0) {
+			memmove(t->ihave[i], t->ihave[i + 1], (t->nihave - i - 1) * GMSG_ID_LEN);
+			t->nihave--;
+			return;
+		}
+	}
+}
+
+static void set_eager(struct gossip *g, struct tpeer *t, int eager)
+{
+	(void)g;
+	t->eager = eager;
+}
+
+/* ---- cache of recent full messages, for GRAFT replies ---- */
+
+static void cache_drop(struct gossip *g, struct cached *c)
+{
+	g->cache_bytes -= c->len;
+	free(c->frame);
+	memset(c, 0, sizeof(*c));
+}
+
+static void cache_put(struct gossip *g, const uint8_t *id, const uint8_t *frame, size_t len,
+		      int64_t now)
+{
+	struct cached *slot = NULL, *oldest = NULL;
+
+	if (len > GOSSIP_CACHE_BYTES / 4)
+		return;
+	for (size_t i = 0; i < GOSSIP_CACHE_MAX; i++) {
+		struct cached *c = &g->cache[i];
+		if (c->expires != 0 && c->expires <= now)
+			cache_drop(g, c);
+		if (c->expires == 0) {
+			if (slot == NULL)
+				slot = c;
+		} else if (oldest == NULL || c->expires < oldest->expires) {
+			oldest = c;
+		}
+	}
+	if (slot == NULL) {
+		cache_drop(g, oldest);
+		slot = oldest;
+	}
+	while (g->cache_bytes + len > GOSSIP_CACHE_BYTES) {
+		oldest = NULL;
+		for (size_t i = 0; i < GOSSIP_CACHE_MAX; i++)
+			if (g->cache[i].expires != 0 &&
+			    (oldest == NULL || g->cache[i].expires < oldest->expires))
+				oldest = &g->cache[i];
+		if (oldest == NULL)
+			break;
+		cache_drop(g, oldest);
+	}
+	slot->frame = malloc(len);
+	if (slot->frame == NULL)
+		return;
+	memcpy(slot->frame, frame, len);
+	memcpy(slot->id, id, GMSG_ID_LEN);
+	slot->len = len;
+	slot->expires = now + GOSSIP_CACHE_MS;
+	g->cache_bytes += len;
+}
+
+static const struct cached *cache_get(const struct gossip *g, const uint8_t *id, int64_t now)
+{
+	for (size_t i = 0; i < GOSSIP_CACHE_MAX; i++)
+		if (g->cache[i].expires > now && memcmp(g->cache[i].id, id, GMSG_ID_LEN) == 0)
+			return &g->cache[i];
+	return NULL;
+}
+
+/* ---- messages announced to us that we lack ---- */
+
+static struct missing *missing_find(struct gossip *g, const uint8_t *id)
+{
+	for (size_t i = 0; i < GOSSIP_MISSING_MAX; i++)
+		if (g->missing[i].due != 0 && memcmp(g->missing[i].id, id, GMSG_ID_LEN) == 0)
+			return &g->missing[i];
+	return NULL;
+}
+
+static void missing_free(struct gossip *g, struct missing *m)
+{
+	struct tpeer *t = m->charged ? tpeer_find(g, m->charged) : NULL;
+	if (t != NULL && t->nmissing > 0)
+		t->nmissing--;
+	memset(m, 0, sizeof(*m));
+}
+
+static void missing_add(struct gossip *g, struct tpeer *from, const uint8_t *id, int64_t now)
+{
+	struct missing *m = missing_find(g, id);
+	if (m != NULL) {
+		for (size_t i = 0; i < m->nfrom; i++)
+			if (m->from[i] == from->p)
+				return;
+		if (m->nfrom < GOSSIP_MISSING_SOURCES)
+			m->from[m->nfrom++] = from->p;
+		return;
+	}
+	if (from->nmissing >= GOSSIP_MISSING_PER_PEER)
+		return;
+	for (size_t i = 0; i < GOSSIP_MISSING_MAX; i++) {
+		if (g->missing[i].due == 0) {
+			m = &g->missing[i];
+			memcpy(m->id, id, GMSG_ID_LEN);
+			m->from[0] = from->p;
+			m->nfrom = 1;
+			m->charged = from->p;
+			m->due = now + GOSSIP_GRAFT_TIMEOUT_MS;
+			from->nmissing++;
+			tree_arm(g, m->due);
+			return;
+		}
+	}
+}
+
+/* id arrived: forget that it was missing; *known gets the peers that announced it. */
+static size_t missing_done(struct gossip *g, const uint8_t *id,
+			   struct peer *known[GOSSIP_MISSING_SOURCES])
+{
+	struct missing *m = missing_find(g, id);
+	size_t n = 0;
+	if (m == NULL)
+		return 0;
+	n = m->nfrom;
+	memcpy(known, m->from, n * sizeof(*known));
+	missing_free(g, m);
+	return n;
+}
+
+static void tree_timer_cb(uv_timer_t *timer)
+{
+	struct gossip *g = timer->data;
+	int64_t now = me_mono_ms(), next = 0;
+
+	g->tree_due = 0;
+	for (size_t i = 0; i < GOSSIP_MISSING_MAX; i++) {
+		struct missing *m = &g->missing[i];
+		if (m->due == 0)
+			continue;
+		if (m->due <= now) {
+			if (dedup_seen(g, m->id, me_now_ms()) || m->nfrom == 0) {
+				missing_free(g, m);
+				continue;
+			}
+			/* Not here in time: ask the first announcer, and make it our tree parent. */
+			struct tpeer *t = tpeer_find(g, m->from[0]);
+			memmove(m->from, m->from + 1, (m->nfrom - 1) * sizeof(m->from[0]));
+			m->nfrom--;
+			if (t != NULL) {
+				set_eager(g, t, 1);
+				ihave_unqueue(t, m->id);
+				send_ctl(g, t, GMSG_GRAFT, (const uint8_t(*)[GMSG_ID_LEN])m->id, 1);
+			}
+			if (m->nfrom == 0) {
+				missing_free(g, m);
+				continue;
+			}
+			m->due = now + GOSSIP_GRAFT_RETRY_MS;
+		}
+		if (next == 0 || m->due < next)
+			next = m->due;
+	}
+	for (struct tpeer *t = g->tpeers; t; t = t->next) {
+		if (t->nihave == 0)
+			continue;
+		if (t->ihave_since + GOSSIP_IHAVE_DELAY_MS <= now)
+			ihave_flush(g, t);
+		else if (next == 0 || t->ihave_since + GOSSIP_IHAVE_DELAY_MS < next)
+			next = t->ihave_since + GOSSIP_IHAVE_DELAY_MS;
+	}
+	if (next != 0)
+		tree_arm(g, next);
+}
+
+/* Sends a full message on the tree: in full to the eager peers, by id to the lazy ones; never
+ * to skip (the sender) nor to the peers in known[] (they announced it to us). */
+static void tree_push(struct gossip *g, const uint8_t *id, const uint8_t *frame, size_t len,
+		      const struct peer *skip, struct peer *const *known, size_t nknown)
+{
+	int64_t now = me_mono_ms();
 	if (g->net == NULL)
 		return;
-	for (struct peer *p = net_peer_first(g->net); p; p = net_peer_next(p)) {
-		if (p == skip)
+	for (struct tpeer *t = g->tpeers; t; t = t->next) {
+		size_t k;
+		if (t->p == skip)
 			continue;
-		if (net_send(p, frame, len) == 0)
+		for (k = 0; k < nknown && known[k] != t->p; k++)
+			;
+		if (k < nknown)
+			continue;
+		if (!t->eager)
+			ihave_queue(g, t, id, now);
+		else if (net_send(t->p, frame, len) == 0)
 			g->stats.sent++;
 	}
+}
+
+/* A full message we already had came from p: the link is redundant, make it lazy. */
+static void tree_duplicate(struct gossip *g, struct peer *p, const uint8_t *id)
+{
+	struct tpeer *t = tpeer_find(g, p);
+	if (t == NULL)
+		return;
+	ihave_unqueue(t, id);
+	if (t->eager) {
+		set_eager(g, t, 0);
+		send_ctl(g, t, GMSG_PRUNE, NULL, 0);
+	}
+}
+
+static int on_ctl(struct gossip *g, struct peer *from, const uint8_t *body, size_t len)
+{
+	static struct gmsg_ctl c; /* 8 KiB; the loop is single-threaded */
+	struct tpeer *t = tpeer_find(g, from);
+	int64_t now = me_mono_ms();
+
+	if (gmsg_ctl_decode(body, len, &c) < 0) {
+		reject(g, GR_MALFORMED, from, "tree control message");
+		return -1;
+	}
+	if (t == NULL)
+		return 0;
+	switch (c.kind) {
+	case GMSG_IHAVE:
+		g->stats.ihave_ids_received += c.nids;
+		for (size_t i = 0; i < c.nids; i++) {
+			if (dedup_seen(g, c.ids[i], me_now_ms()))
+				ihave_unqueue(t, c.ids[i]); /* it has it: no IHAVE for it from us */
+			else
+				missing_add(g, t, c.ids[i], now);
+		}
+		break;
+	case GMSG_GRAFT:
+		g->stats.grafts_received++;
+		set_eager(g, t, 1);
+		if (now - t->reply_window >= 1000) {
+			t->reply_window = now;
+			t->replies = 0;
+		}
+		for (size_t i = 0; i < c.nids && t->replies < GOSSIP_GRAFT_REPLIES; i++) {
+			const struct cached *m = cache_get(g, c.ids[i], now);
+			if (m == NULL)
+				continue; /* not ours to give (any more): ignored */
+			t->replies++;
+			ihave_unqueue(t, c.ids[i]);
+			if (net_send(t->p, m->frame, m->len) == 0) {
+				g->stats.sent++;
+				g->stats.graft_replies++;
+			}
+		}
+		break;
+	case GMSG_PRUNE:
+		g->stats.prunes_received++;
+		set_eager(g, t, 0);
+		break;
+	}
+	return 0;
+}
+
+/* Our own new message: recorded as seen and cached like a received one, then pushed. */
+static void originate(struct gossip *g, const msgpack_sbuffer *fr)
+{
+	struct gmsg_envelope e;
+	int64_t now = me_now_ms();
+
+	if (fr->size <= ME_FRAME_HDR ||
+	    gmsg_envelope_decode((const uint8_t *)fr->data + ME_FRAME_HDR,
+				 fr->size - ME_FRAME_HDR, &e) < 0)
+		return;
+	dedup_check(g, e.id, now);
+	cache_put(g, e.id, (const uint8_t *)fr->data, fr->size, me_mono_ms());
+	tree_push(g, e.id, (const uint8_t *)fr->data, fr->size, NULL, NULL, 0);
 }
 
 static int frame_envelope(struct gossip *g, unsigned type, const msgpack_sbuffer *payload,
@@ -249,7 +627,9 @@ static size_t our_addresses(struct gossip *g, char out[][GMSG_MAX_ADDR_LEN + 1],
 	return n;
 }
 
-static int build_node_ann(struct gossip *g)
+/* 1 when g->last_node holds a new announcement to send, 0 when nothing changed (and
+ * force is 0), < 0 on error. */
+static int build_node_ann(struct gossip *g, int force)
 {
 	char addrs[GMSG_MAX_ADDRS][GMSG_MAX_ADDR_LEN + 1];
 	struct gmsg_node_ann a;
@@ -266,10 +646,20 @@ static int build_node_ann(struct gossip *g)
 	a.version = gmsg_str(ME_VERSION);
 	msgpack_sbuffer_init(&pl);
 	rc = gmsg_node_ann_encode(&a, &pl);
+	if (rc == 0 && !force && g->last_node.size > 0 && pl.size == g->last_node_payload.size &&
+	    memcmp(pl.data, g->last_node_payload.data, pl.size) == 0) {
+		msgpack_sbuffer_destroy(&pl);
+		return 0;
+	}
 	if (rc == 0)
 		rc = frame_envelope(g, GMSG_NODE_ANN, &pl, &g->last_node);
+	if (rc == 0) {
+		msgpack_sbuffer_clear(&g->last_node_payload);
+		if (msgpack_sbuffer_write(&g->last_node_payload, pl.data, pl.size) != 0)
+			rc = ME_ENOMEM;
+	}
 	msgpack_sbuffer_destroy(&pl);
-	return rc;
+	return rc < 0 ? rc : 1;
 }
 
 static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
@@ -390,29 +780,32 @@ out:
 	return rc;
 }
 
-static void announce(struct gossip *g)
+/* Builds and sends our announcements: the repository one always, the node one when
+ * force_node or when it changed since the last one sent. */
+static void announce(struct gossip *g, int force_node)
 {
 	if (!g->node->has_key || g->net == NULL)
 		return;
-	if (build_node_ann(g) == 0)
-		send_frame(g, (const uint8_t *)g->last_node.data, g->last_node.size, NULL);
-	else
+	int rc = build_node_ann(g, force_node);
+	if (rc == 1)
+		originate(g, &g->last_node);
+	else if (rc < 0)
 		log_warn("gossip: cannot build the node announcement");
 	if (build_repo_ann(g) == 0)
-		send_frame(g, (const uint8_t *)g->last_repo.data, g->last_repo.size, NULL);
+		originate(g, &g->last_repo);
 	else
 		log_warn("gossip: cannot build the repository announcement");
 }
 
 static void on_timer(uv_timer_t *t)
 {
-	announce(t->data);
+	announce(t->data, 1);
 }
 
 void gossip_changed(struct gossip *g)
 {
 	if (g != NULL)
-		announce(g);
+		announce(g, 0);
 	if (g != NULL && g->timer_open) /* next periodic one a full (maybe reloaded) interval on */
 		uv_timer_start(&g->timer, on_timer, g->node->cfg->gossip_interval_ms,
 			       g->node->cfg->gossip_interval_ms);
@@ -580,7 +973,11 @@ static int on_frame(void *ud, struct peer *from, const uint8_t *body, size_t len
 	struct gmsg_envelope e;
 	int64_t now = me_now_ms();
 	const char *why = NULL;
+	struct peer *known[GOSSIP_MISSING_SOURCES];
+	size_t nknown;
 
+	if (gmsg_is_ctl(body, len))
+		return on_ctl(g, from, body, len);
 	g->stats.received++;
 	int rc = gmsg_envelope_decode(body, len, &e);
 	if (rc == ME_EPERM) {
@@ -601,10 +998,12 @@ static int on_frame(void *ud, struct peer *from, const uint8_t *body, size_t len
 	}
 	if (dedup_check(g, e.id, now)) {
 		g->stats.duplicates++;
+		tree_duplicate(g, from, e.id);
 		return 0;
 	}
+	nknown = missing_done(g, e.id, known);
 	if (memcmp(e.origin_pk, g->node->kp.pk, ME_PK_LEN) == 0)
-		return 0; /* ours, back again */
+		return 0; /* ours, back again after the dedup window */
 	if (e.type != GMSG_NODE_ANN && e.type != GMSG_REPO_ANN)
 		goto relay; /* unknown types travel on, for newer nodes */
 	struct origin *o = origin_get(g, e.origin_pk, now);
@@ -630,7 +1029,8 @@ relay:
 		memcpy(fr + ME_FRAME_HDR, body, len);
 		if (gmsg_envelope_set_ttl(fr + ME_FRAME_HDR, len, e.ttl - 1) == 0) {
 			uint64_t before = g->stats.sent;
-			send_frame(g, fr, ME_FRAME_HDR + len, from);
+			cache_put(g, e.id, fr, ME_FRAME_HDR + len, me_mono_ms());
+			tree_push(g, e.id, fr, ME_FRAME_HDR + len, from, known, nknown);
 			g->stats.relayed += g->stats.sent - before;
 		}
 		free(fr);
@@ -641,13 +1041,23 @@ relay:
 static void on_peer_up(void *ud, struct peer *p)
 {
 	struct gossip *g = ud;
+	struct tpeer *t = tpeer_find(g, p);
+
+	if (t == NULL && (t = calloc(1, sizeof(*t))) != NULL) {
+		t->p = p;
+		t->next = g->tpeers;
+		g->tpeers = t;
+	}
+	if (t != NULL)
+		set_eager(g, t, 1); /* new links start eager; duplicates prune them */
 	/* Bring the newcomer up to date with our latest announcements. */
-	if (g->last_node.size == 0)
-		announce(g);
-	else {
-		net_send(p, g->last_node.data, g->last_node.size);
-		if (g->last_repo.size > 0)
-			net_send(p, g->last_repo.data, g->last_repo.size);
+	if (g->last_node.size == 0) {
+		announce(g, 1);
+	} else {
+		if (net_send(p, g->last_node.data, g->last_node.size) == 0)
+			g->stats.sent++;
+		if (g->last_repo.size > 0 && net_send(p, g->last_repo.data, g->last_repo.size) == 0)
+			g->stats.sent++;
 	}
 	struct store_node sn;
 	if (store_node_get(g->node->store, net_peer_did(p), &sn) == 0) {
@@ -659,9 +1069,29 @@ static void on_peer_up(void *ud, struct peer *p)
 
 static void on_peer_down(void *ud, struct peer *p, const char *why)
 {
-	(void)ud;
-	(void)p;
+	struct gossip *g = ud;
 	(void)why;
+
+	for (size_t i = 0; i < GOSSIP_MISSING_MAX; i++) {
+		struct missing *m = &g->missing[i];
+		if (m->due == 0)
+			continue;
+		size_t k = 0;
+		for (size_t j = 0; j < m->nfrom; j++)
+			if (m->from[j] != p)
+				m->from[k++] = m->from[j];
+		m->nfrom = k;
+		if (m->charged == p)
+			m->charged = NULL; /* its quota goes with it */
+	}
+	for (struct tpeer **pp = &g->tpeers; *pp; pp = &(*pp)->next) {
+		if ((*pp)->p == p) {
+			struct tpeer *t = *pp;
+			*pp = t->next;
+			free(t);
+			break;
+		}
+	}
 }
 
 struct net_callbacks gossip_net_callbacks(struct gossip *g)
@@ -683,16 +1113,21 @@ int gossip_init(struct gossip **out, uv_loop_t *loop, struct node *node, char *e
 	g->dedup_cap = DEDUP_MIN_CAP;
 	g->dedup = calloc(g->dedup_cap, sizeof(*g->dedup));
 	g->origins = calloc(ORIGINS_MAX, sizeof(*g->origins));
-	if (g->dedup == NULL || g->origins == NULL)
+	g->cache = calloc(GOSSIP_CACHE_MAX, sizeof(*g->cache));
+	g->missing = calloc(GOSSIP_MISSING_MAX, sizeof(*g->missing));
+	if (g->dedup == NULL || g->origins == NULL || g->cache == NULL || g->missing == NULL)
 		goto nomem;
 	msgpack_sbuffer_init(&g->last_node);
 	msgpack_sbuffer_init(&g->last_repo);
+	msgpack_sbuffer_init(&g->last_node_payload);
 	*out = g;
 	return 0;
 nomem:
 	if (g) {
 		free(g->dedup);
 		free(g->origins);
+		free(g->cache);
+		free(g->missing);
 		free(g);
 	}
 	snprintf(err, errsz, "out of memory");
@@ -730,17 +1165,37 @@ void gossip_start(struct gossip *g, struct net *net)
 	uv_timer_init(g->loop, &g->timer);
 	g->timer.data = g;
 	g->timer_open = 1;
+	uv_timer_init(g->loop, &g->tree_timer);
+	g->tree_timer.data = g;
+	g->tree_timer_open = 1;
 	uv_timer_start(&g->timer, on_timer, 0, cfg->gossip_interval_ms);
 }
 
-static void timer_on_close(uv_handle_t *h)
+static void gossip_release(struct gossip *g)
 {
-	struct gossip *g = h->data;
 	msgpack_sbuffer_destroy(&g->last_node);
 	msgpack_sbuffer_destroy(&g->last_repo);
+	msgpack_sbuffer_destroy(&g->last_node_payload);
+	while (g->tpeers != NULL) {
+		struct tpeer *t = g->tpeers;
+		g->tpeers = t->next;
+		free(t);
+	}
+	for (size_t i = 0; i < GOSSIP_CACHE_MAX; i++)
+		free(g->cache[i].frame);
+	free(g->cache);
+	free(g->missing);
 	free(g->dedup);
 	free(g->origins);
 	free(g);
+}
+
+/* Both timers are closed together; the second close callback releases g. */
+static void timer_on_close(uv_handle_t *h)
+{
+	struct gossip *g = h->data;
+	if (--g->timer_open == 0)
+		gossip_release(g);
 }
 
 void gossip_free(struct gossip *g)
@@ -748,18 +1203,27 @@ void gossip_free(struct gossip *g)
 	if (g == NULL)
 		return;
 	if (g->timer_open) {
+		g->timer_open = 2; /* counts the close callbacks still to come */
 		uv_timer_stop(&g->timer);
+		uv_timer_stop(&g->tree_timer);
+		g->tree_timer_open = 0;
 		uv_close((uv_handle_t *)&g->timer, timer_on_close);
+		uv_close((uv_handle_t *)&g->tree_timer, timer_on_close);
 	} else {
-		g->timer.data = g;
-		timer_on_close((uv_handle_t *)&g->timer);
+		gossip_release(g);
 	}
 }
 
 void gossip_get_stats(const struct gossip *g, struct gossip_stats *out)
 {
+	memset(out, 0, sizeof(*out));
 	if (g == NULL)
-		memset(out, 0, sizeof(*out));
-	else
-		*out = g->stats;
+		return;
+	*out = g->stats;
+	for (const struct tpeer *t = g->tpeers; t; t = t->next) {
+		if (t->eager)
+			out->eager_peers++;
+		else
+			out->lazy_peers++;
+	}
 }
