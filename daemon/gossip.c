@@ -73,7 +73,8 @@ struct gossip {
 	uint8_t wanted[ME_MAX_OUTBOUND * 8][ME_PK_LEN]; /* nodes we dial, learnt by gossip */
 	size_t nwanted;
 	msgpack_sbuffer last_node, last_repo; /* our latest framed announcements */
-	msgpack_sbuffer last_node_payload; /* to tell whether the node announcement changed */
+	msgpack_sbuffer last_node_payload, last_repo_payload; /* to tell what changed */
+	uint8_t last_node_id[GMSG_ID_LEN], last_repo_id[GMSG_ID_LEN]; /* ids of last_node/repo */
 	struct gossip_stats stats;
 	struct tpeer *tpeers;
 	struct cached *cache;
@@ -294,9 +295,12 @@ static void ihave_unqueue(struct tpeer *t, const uint8_t *id)
 	}
 }
 
-static void set_eager(struct gossip *g, struct tpeer *t, int eager)
+static void set_eager(struct gossip *g, struct tpeer *t, int eager, const char *why)
 {
 	(void)g;
+	if (t->eager != eager)
+		log_debug("gossip: %s is now %s (%s)", net_peer_did(t->p), eager ? "eager" : "lazy",
+			  why);
 	t->eager = eager;
 }
 
@@ -439,7 +443,7 @@ static void tree_timer_cb(uv_timer_t *timer)
 			memmove(m->from, m->from + 1, (m->nfrom - 1) * sizeof(m->from[0]));
 			m->nfrom--;
 			if (t != NULL) {
-				set_eager(g, t, 1);
+				set_eager(g, t, 1, "GRAFT sent");
 				ihave_unqueue(t, m->id);
 				send_ctl(g, t, GMSG_GRAFT, (const uint8_t(*)[GMSG_ID_LEN])m->id, 1);
 			}
@@ -495,7 +499,7 @@ static void tree_duplicate(struct gossip *g, struct peer *p, const uint8_t *id)
 		return;
 	ihave_unqueue(t, id);
 	if (t->eager) {
-		set_eager(g, t, 0);
+		set_eager(g, t, 0, "duplicate, PRUNE sent");
 		send_ctl(g, t, GMSG_PRUNE, NULL, 0);
 	}
 }
@@ -524,18 +528,25 @@ static int on_ctl(struct gossip *g, struct peer *from, const uint8_t *body, size
 		break;
 	case GMSG_GRAFT:
 		g->stats.grafts_received++;
-		set_eager(g, t, 1);
+		set_eager(g, t, 1, "GRAFT received");
 		if (now - t->reply_window >= 1000) {
 			t->reply_window = now;
 			t->replies = 0;
 		}
 		for (size_t i = 0; i < c.nids && t->replies < GOSSIP_GRAFT_REPLIES; i++) {
 			const struct cached *m = cache_get(g, c.ids[i], now);
-			if (m == NULL)
+			const msgpack_sbuffer *own = NULL;
+			if (g->last_node.size > 0 && memcmp(c.ids[i], g->last_node_id, GMSG_ID_LEN) == 0)
+				own = &g->last_node; /* our latest, however old */
+			else if (g->last_repo.size > 0 &&
+				 memcmp(c.ids[i], g->last_repo_id, GMSG_ID_LEN) == 0)
+				own = &g->last_repo;
+			if (m == NULL && own == NULL)
 				continue; /* not ours to give (any more): ignored */
 			t->replies++;
 			ihave_unqueue(t, c.ids[i]);
-			if (net_send(t->p, m->frame, m->len) == 0) {
+			if (net_send(t->p, own ? (const uint8_t *)own->data : m->frame,
+				     own ? own->size : m->len) == 0) {
 				g->stats.sent++;
 				g->stats.graft_replies++;
 			}
@@ -543,7 +554,7 @@ static int on_ctl(struct gossip *g, struct peer *from, const uint8_t *body, size
 		break;
 	case GMSG_PRUNE:
 		g->stats.prunes_received++;
-		set_eager(g, t, 0);
+		set_eager(g, t, 0, "PRUNE received");
 		break;
 	}
 	return 0;
@@ -560,6 +571,7 @@ static void originate(struct gossip *g, const msgpack_sbuffer *fr)
 				 fr->size - ME_FRAME_HDR, &e) < 0)
 		return;
 	dedup_check(g, e.id, now);
+	memcpy(e.type == GMSG_NODE_ANN ? g->last_node_id : g->last_repo_id, e.id, GMSG_ID_LEN);
 	cache_put(g, e.id, (const uint8_t *)fr->data, fr->size, me_mono_ms());
 	tree_push(g, e.id, (const uint8_t *)fr->data, fr->size, NULL, NULL, 0);
 }
@@ -711,7 +723,8 @@ static int ensure_refstate(struct gossip *g, struct store_repo *r)
 	return rc;
 }
 
-static int build_repo_ann(struct gossip *g)
+/* Like build_node_ann, for the repository announcement. */
+static int build_repo_ann(struct gossip *g, int force)
 {
 	struct store_repo *repos;
 	size_t nrepos, k = 0;
@@ -765,8 +778,16 @@ static int build_repo_ann(struct gossip *g)
 	ann.nrepos = k;
 	qsort(ann.repos, k, sizeof(*ann.repos), gmsg_repo_cmp);
 	rc = gmsg_repo_ann_encode(&ann, &pl);
+	if (rc == 0 && !force && g->last_repo.size > 0 && pl.size == g->last_repo_payload.size &&
+	    memcmp(pl.data, g->last_repo_payload.data, pl.size) == 0)
+		goto out; /* rc 0: unchanged */
 	if (rc == 0)
 		rc = frame_envelope(g, GMSG_REPO_ANN, &pl, &g->last_repo);
+	if (rc == 0) {
+		msgpack_sbuffer_clear(&g->last_repo_payload);
+		rc = msgpack_sbuffer_write(&g->last_repo_payload, pl.data, pl.size) != 0 ? ME_ENOMEM
+											: 1;
+	}
 out:
 	for (size_t i = 0; ann.repos && i < k; i++)
 		free(ann.repos[i].refstate.refs);
@@ -780,20 +801,21 @@ out:
 	return rc;
 }
 
-/* Builds and sends our announcements: the repository one always, the node one when
- * force_node or when it changed since the last one sent. */
-static void announce(struct gossip *g, int force_node)
+/* Builds and sends our announcements: both when force (the periodic one), else each only
+ * when it changed since the last one sent (something else changed, or nothing). */
+static void announce(struct gossip *g, int force)
 {
 	if (!g->node->has_key || g->net == NULL)
 		return;
-	int rc = build_node_ann(g, force_node);
+	int rc = build_node_ann(g, force);
 	if (rc == 1)
 		originate(g, &g->last_node);
 	else if (rc < 0)
 		log_warn("gossip: cannot build the node announcement");
-	if (build_repo_ann(g) == 0)
+	rc = build_repo_ann(g, force);
+	if (rc == 1)
 		originate(g, &g->last_repo);
-	else
+	else if (rc < 0)
 		log_warn("gossip: cannot build the repository announcement");
 }
 
@@ -1048,16 +1070,19 @@ static void on_peer_up(void *ud, struct peer *p)
 		t->next = g->tpeers;
 		g->tpeers = t;
 	}
-	if (t != NULL)
-		set_eager(g, t, 1); /* new links start eager; duplicates prune them */
-	/* Bring the newcomer up to date with our latest announcements. */
+	if (t != NULL) {
+		t->eager = 1; /* new links start eager; duplicates prune them */
+		log_debug("gossip: %s is up, eager", net_peer_did(p));
+	}
+	/* Tell the newcomer about our latest announcements by id: it GRAFTs what it lacks. */
 	if (g->last_node.size == 0) {
 		announce(g, 1);
-	} else {
-		if (net_send(p, g->last_node.data, g->last_node.size) == 0)
-			g->stats.sent++;
-		if (g->last_repo.size > 0 && net_send(p, g->last_repo.data, g->last_repo.size) == 0)
-			g->stats.sent++;
+	} else if (t != NULL) {
+		uint8_t ids[2][GMSG_ID_LEN];
+		memcpy(ids[0], g->last_node_id, GMSG_ID_LEN);
+		memcpy(ids[1], g->last_repo_id, GMSG_ID_LEN);
+		send_ctl(g, t, GMSG_IHAVE, (const uint8_t(*)[GMSG_ID_LEN])ids,
+			 g->last_repo.size > 0 ? 2 : 1);
 	}
 	struct store_node sn;
 	if (store_node_get(g->node->store, net_peer_did(p), &sn) == 0) {
@@ -1120,6 +1145,7 @@ int gossip_init(struct gossip **out, uv_loop_t *loop, struct node *node, char *e
 	msgpack_sbuffer_init(&g->last_node);
 	msgpack_sbuffer_init(&g->last_repo);
 	msgpack_sbuffer_init(&g->last_node_payload);
+	msgpack_sbuffer_init(&g->last_repo_payload);
 	*out = g;
 	return 0;
 nomem:
@@ -1176,6 +1202,7 @@ static void gossip_release(struct gossip *g)
 	msgpack_sbuffer_destroy(&g->last_node);
 	msgpack_sbuffer_destroy(&g->last_repo);
 	msgpack_sbuffer_destroy(&g->last_node_payload);
+	msgpack_sbuffer_destroy(&g->last_repo_payload);
 	while (g->tpeers != NULL) {
 		struct tpeer *t = g->tpeers;
 		g->tpeers = t->next;
