@@ -7,7 +7,11 @@
  * Invariants: the payload lies inside the frame; an accepted envelope still decodes, with the
  * same id, after gmsg_envelope_set_ttl (what a relay does); the ref states of an accepted
  * announcement fail verification only by their signature. The payload decoders have targets
- * of their own (node-ann, repo-ann): mutated envelopes rarely keep a valid signature. */
+ * of their own (node-ann, repo-ann): mutated envelopes rarely keep a valid signature.
+ *
+ * Frames that start with 0x92 are tree control messages (IHAVE / GRAFT / PRUNE) and are
+ * decoded with gmsg_ctl_decode, as gossip.c does: a decoded one has a known kind, an id count
+ * allowed for it, and encodes back to exactly the same bytes (the form is canonical). */
 #include <string.h>
 
 #include "common/err.h"
@@ -61,6 +65,26 @@ static void check_envelope(const uint8_t *body, size_t len)
 	}
 }
 
+static void check_ctl(const uint8_t *body, size_t len)
+{
+	static struct gmsg_ctl c;
+	int rc = gmsg_ctl_decode(body, len, &c);
+
+	if (rc < 0) {
+		FUZZ_ASSERT(rc == ME_EPROTO || rc == ME_ETOOBIG);
+		return;
+	}
+	FUZZ_ASSERT(c.kind >= GMSG_IHAVE && c.kind <= GMSG_PRUNE);
+	FUZZ_ASSERT(c.nids <= GMSG_CTL_MAX_IDS && len <= GMSG_CTL_MAX_BODY);
+	FUZZ_ASSERT(c.kind != GMSG_IHAVE || c.nids >= 1);
+	FUZZ_ASSERT(c.kind != GMSG_PRUNE || c.nids == 0);
+	msgpack_sbuffer sb;
+	msgpack_sbuffer_init(&sb);
+	FUZZ_ASSERT(gmsg_ctl_encode(c.kind, (const uint8_t(*)[GMSG_ID_LEN])c.ids, c.nids, &sb) == 0);
+	FUZZ_ASSERT(sb.size == len && memcmp(sb.data, body, len) == 0);
+	msgpack_sbuffer_destroy(&sb);
+}
+
 static uint32_t be32(const uint8_t *p)
 {
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
@@ -81,7 +105,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		FUZZ_ASSERT(size - off >= ME_FRAME_HDR + len && len == be32(data + off));
 		FUZZ_ASSERT(memcmp(body, data + off + ME_FRAME_HDR, len) == 0);
 		off += ME_FRAME_HDR + len;
-		check_envelope(body, len);
+		if (gmsg_is_ctl(body, len))
+			check_ctl(body, len);
+		else
+			check_envelope(body, len);
 	}
 	me_frame_reader_free(&rd);
 	return 0;

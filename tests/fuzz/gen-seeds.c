@@ -256,6 +256,29 @@ static void seeds_gossip(void)
 	envelope(&e, 200, 0, &other);
 	frame(&stream, &e);
 	put("peer-frame", "stream", stream.data, stream.size);
+	/* Tree control messages: IHAVE with 1 and 17 ids, GRAFT, PRUNE, in one stream. */
+	{
+		uint8_t ids[17][GMSG_ID_LEN];
+		msgpack_sbuffer ctl, cs;
+		for (size_t i = 0; i < 17; i++)
+			memset(ids[i], (int)(0x40 + i), GMSG_ID_LEN);
+		msgpack_sbuffer_init(&cs);
+		const struct {
+			unsigned kind;
+			size_t n;
+		} ks[] = { { GMSG_IHAVE, 1 }, { GMSG_IHAVE, 17 }, { GMSG_GRAFT, 1 }, { GMSG_GRAFT, 0 },
+			   { GMSG_PRUNE, 0 } };
+		for (size_t k = 0; k < sizeof(ks) / sizeof(ks[0]); k++) {
+			msgpack_sbuffer_init(&ctl);
+			if (gmsg_ctl_encode(ks[k].kind, (const uint8_t(*)[GMSG_ID_LEN])ids, ks[k].n,
+					    &ctl) != 0)
+				abort();
+			frame(&cs, &ctl);
+			msgpack_sbuffer_destroy(&ctl);
+		}
+		put("peer-frame", "tree-control", cs.data, cs.size);
+		msgpack_sbuffer_destroy(&cs);
+	}
 	msgpack_sbuffer_destroy(&e);
 	msgpack_sbuffer_destroy(&other);
 	msgpack_sbuffer_destroy(&stream);

@@ -2935,6 +2935,177 @@ static void test_xmsg_mutations(void **state)
 	assert_true(ok > 0 && proto > 0);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* tree control messages (IHAVE / GRAFT / PRUNE)                                              */
+
+static void fill_ids(uint8_t (*ids)[GMSG_ID_LEN], size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		for (size_t k = 0; k < GMSG_ID_LEN; k++)
+			ids[i][k] = (uint8_t)(i * 31 + k);
+}
+
+static void test_ctl_roundtrip(void **state)
+{
+	(void)state;
+	static uint8_t ids[GMSG_CTL_MAX_IDS][GMSG_ID_LEN];
+	static struct gmsg_ctl c;
+	const size_t counts[] = { 0, 1, 2, 15, 16, 17, 255, 256 };
+
+	fill_ids(ids, GMSG_CTL_MAX_IDS);
+	for (unsigned kind = GMSG_IHAVE; kind <= GMSG_PRUNE; kind++) {
+		for (size_t ci = 0; ci < sizeof(counts) / sizeof(counts[0]); ci++) {
+			size_t n = counts[ci];
+			msgpack_sbuffer sb;
+			msgpack_sbuffer_init(&sb);
+			int rc = gmsg_ctl_encode(kind, (const uint8_t(*)[GMSG_ID_LEN])ids, n, &sb);
+			int valid = kind == GMSG_IHAVE ? n >= 1 : kind == GMSG_GRAFT ? 1 : n == 0;
+			if (!valid) {
+				assert_int_equal(rc, ME_EINVAL);
+				assert_int_equal(sb.size, 0);
+				msgpack_sbuffer_destroy(&sb);
+				continue;
+			}
+			assert_int_equal(rc, 0);
+			/* canonical: the size is fixed by the count */
+			assert_int_equal(sb.size, 2 + (n <= 15 ? 1 : 3) + n * (2 + GMSG_ID_LEN));
+			assert_true(sb.size <= GMSG_CTL_MAX_BODY);
+			assert_true(gmsg_is_ctl((const uint8_t *)sb.data, sb.size));
+			/* msgpack-c reads the same thing */
+			msgpack_unpacked u;
+			msgpack_unpacked_init(&u);
+			size_t off = 0;
+			assert_int_equal(msgpack_unpack_next(&u, sb.data, sb.size, &off),
+					 MSGPACK_UNPACK_SUCCESS);
+			assert_int_equal(off, sb.size);
+			assert_int_equal(u.data.type, MSGPACK_OBJECT_ARRAY);
+			assert_int_equal(u.data.via.array.size, 2);
+			assert_int_equal(u.data.via.array.ptr[0].via.u64, kind);
+			assert_int_equal(u.data.via.array.ptr[1].via.array.size, n);
+			msgpack_unpacked_destroy(&u);
+			assert_int_equal(gmsg_ctl_decode((const uint8_t *)sb.data, sb.size, &c), 0);
+			assert_int_equal(c.kind, kind);
+			assert_int_equal(c.nids, n);
+			assert_memory_equal(c.ids, ids, n * GMSG_ID_LEN + (n == 0));
+			msgpack_sbuffer_destroy(&sb);
+		}
+	}
+	/* An envelope is not a control message and the other way round. */
+	msgpack_sbuffer sb;
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(gmsg_envelope_encode(&kp1, 1, 1, 1, "x", 1, &sb), 0);
+	assert_false(gmsg_is_ctl((const uint8_t *)sb.data, sb.size));
+	assert_int_equal(gmsg_ctl_decode((const uint8_t *)sb.data, sb.size, &c), ME_EPROTO);
+	msgpack_sbuffer_clear(&sb);
+	assert_int_equal(gmsg_ctl_encode(GMSG_PRUNE, NULL, 0, &sb), 0);
+	struct gmsg_envelope e;
+	assert_int_equal(gmsg_envelope_decode((const uint8_t *)sb.data, sb.size, &e), ME_EPROTO);
+	msgpack_sbuffer_destroy(&sb);
+}
+
+static void test_ctl_encoder_refusals(void **state)
+{
+	(void)state;
+	static uint8_t ids[GMSG_CTL_MAX_IDS + 1][GMSG_ID_LEN];
+	msgpack_sbuffer sb;
+
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(gmsg_ctl_encode(0, NULL, 0, &sb), ME_EINVAL);
+	assert_int_equal(gmsg_ctl_encode(4, NULL, 0, &sb), ME_EINVAL);
+	assert_int_equal(gmsg_ctl_encode(GMSG_IHAVE, NULL, 1, &sb), ME_EINVAL);
+	assert_int_equal(gmsg_ctl_encode(GMSG_IHAVE, (const uint8_t(*)[GMSG_ID_LEN])ids,
+					 GMSG_CTL_MAX_IDS + 1, &sb), ME_EINVAL);
+	assert_int_equal(gmsg_ctl_encode(GMSG_GRAFT, (const uint8_t(*)[GMSG_ID_LEN])ids,
+					 GMSG_CTL_MAX_IDS + 1, &sb), ME_EINVAL);
+	assert_int_equal(gmsg_ctl_encode(GMSG_PRUNE, (const uint8_t(*)[GMSG_ID_LEN])ids, 1, &sb),
+			 ME_EINVAL);
+	assert_int_equal(gmsg_ctl_encode(GMSG_PRUNE, NULL, 0, NULL), ME_EINVAL);
+	assert_int_equal(sb.size, 0);
+	msgpack_sbuffer_destroy(&sb);
+}
+
+static void test_ctl_hostile(void **state)
+{
+	(void)state;
+	static struct gmsg_ctl c;
+	static uint8_t buf[GMSG_CTL_MAX_BODY + 64];
+	uint8_t id[GMSG_ID_LEN];
+	memset(id, 0xab, sizeof(id));
+
+	/* Hand-made bodies and what they must give. */
+	static const struct {
+		const char *b;
+		size_t len;
+		int rc;
+	} cases[] = {
+		{ "", 0, ME_EPROTO },
+		{ "\x92", 1, ME_EPROTO },
+		{ "\x92\x03", 2, ME_EPROTO },
+		{ "\x92\x03\x90", 3, 0 },                 /* PRUNE */
+		{ "\x92\x02\x90", 3, 0 },                 /* GRAFT without ids */
+		{ "\x92\x01\x90", 3, ME_EPROTO },         /* IHAVE without ids */
+		{ "\x92\x00\x90", 3, ME_EPROTO },         /* kind 0 */
+		{ "\x92\x04\x90", 3, ME_EPROTO },         /* kind 4 */
+		{ "\x92\xcc\x03\x90", 4, ME_EPROTO },     /* kind not a fixint */
+		{ "\x92\x03\x90\x00", 4, ME_EPROTO },     /* trailing byte */
+		{ "\x93\x03\x90\x00", 4, ME_EPROTO },     /* three elements */
+		{ "\x92\x03\xdc\x00\x00", 5, ME_EPROTO }, /* array16 for 0: not the shortest */
+		{ "\x92\x03\xc0", 3, ME_EPROTO },         /* nil instead of the array */
+		{ "\x92\x02\x91\xc4\x20", 5, ME_EPROTO }, /* id cut short */
+		{ "\x92\x02\xdc\x01\x01", 5, ME_ETOOBIG }, /* 257 ids announced */
+		{ "\x92\x02\xdc\xff\xff", 5, ME_ETOOBIG },
+		{ "\x92\x02\xdd\x00\x00\x00\x01", 7, ME_EPROTO }, /* array32 */
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		int rc = gmsg_ctl_decode((const uint8_t *)cases[i].b, cases[i].len, &c);
+		if (rc != cases[i].rc)
+			fail_msg("case %zu: %d, want %d", i, rc, cases[i].rc);
+	}
+	assert_int_equal(gmsg_ctl_decode(NULL, 0, &c), ME_EPROTO);
+	assert_int_equal(gmsg_ctl_decode(buf, sizeof(buf), &c), ME_EPROTO); /* 0x00 first */
+
+	/* One id with a wrong binary header: str, bin8 of 31 and 33 bytes, bin16. */
+	const uint8_t heads[][2] = { { 0xd9, 0x20 }, { 0xc4, 0x1f }, { 0xc4, 0x21 }, { 0xc5, 0x00 } };
+	for (size_t h = 0; h < sizeof(heads) / sizeof(heads[0]); h++) {
+		size_t n = 0;
+		buf[n++] = 0x92;
+		buf[n++] = GMSG_IHAVE;
+		buf[n++] = 0x91;
+		buf[n++] = heads[h][0];
+		buf[n++] = heads[h][1];
+		memcpy(buf + n, id, GMSG_ID_LEN);
+		n += GMSG_ID_LEN;
+		assert_int_equal(gmsg_ctl_decode(buf, n, &c), ME_EPROTO);
+	}
+	/* Over the size limit whatever it says. */
+	memset(buf, 0, sizeof(buf));
+	buf[0] = 0x92;
+	assert_int_equal(gmsg_ctl_decode(buf, GMSG_CTL_MAX_BODY + 1, &c), ME_ETOOBIG);
+	/* A count that disagrees with the bytes: 2 announced, 1 present, and the other way. */
+	msgpack_sbuffer sb;
+	msgpack_sbuffer_init(&sb);
+	uint8_t two[2][GMSG_ID_LEN] = { { 1 }, { 2 } };
+	assert_int_equal(gmsg_ctl_encode(GMSG_IHAVE, (const uint8_t(*)[GMSG_ID_LEN])two, 2, &sb),
+			 0);
+	memcpy(buf, sb.data, sb.size);
+	buf[2] = 0x93;
+	assert_int_equal(gmsg_ctl_decode(buf, sb.size, &c), ME_EPROTO);
+	buf[2] = 0x91;
+	assert_int_equal(gmsg_ctl_decode(buf, sb.size, &c), ME_EPROTO);
+	/* Every truncation and every single-bit flip: an error or a message of the same shape. */
+	for (size_t cut = 0; cut < sb.size; cut++)
+		assert_int_not_equal(gmsg_ctl_decode((const uint8_t *)sb.data, cut, &c), 0);
+	for (size_t i = 0; i < sb.size * 8; i++) {
+		memcpy(buf, sb.data, sb.size);
+		buf[i / 8] ^= (uint8_t)(1u << (i % 8));
+		int rc = gmsg_ctl_decode(buf, sb.size, &c);
+		assert_true(rc == 0 || rc == ME_EPROTO || rc == ME_ETOOBIG);
+		if (rc == 0)
+			assert_true(c.nids <= GMSG_CTL_MAX_IDS && c.kind >= 1 && c.kind <= 3);
+	}
+	msgpack_sbuffer_destroy(&sb);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -2969,6 +3140,9 @@ int main(void)
 		cmocka_unit_test(test_xmsg_truncated),
 		cmocka_unit_test(test_xmsg_huge),
 		cmocka_unit_test(test_xmsg_mutations),
+		cmocka_unit_test(test_ctl_roundtrip),
+		cmocka_unit_test(test_ctl_encoder_refusals),
+		cmocka_unit_test(test_ctl_hostile),
 	};
 	return cmocka_run_group_tests(tests, group_setup, NULL);
 }
