@@ -498,10 +498,10 @@ static void tree_duplicate(struct gossip *g, struct peer *p, const uint8_t *id)
 	if (t == NULL)
 		return;
 	ihave_unqueue(t, id);
-	if (t->eager) {
-		set_eager(g, t, 0, "duplicate, PRUNE sent");
-		send_ctl(g, t, GMSG_PRUNE, NULL, 0);
-	}
+	/* Also when it is lazy already: it pushed, so it takes us for eager (the link was
+	 * replaced, or a GRAFT and a PRUNE crossed); the PRUNE puts both ends in step. */
+	set_eager(g, t, 0, "duplicate, PRUNE sent");
+	send_ctl(g, t, GMSG_PRUNE, NULL, 0);
 }
 
 static int on_ctl(struct gossip *g, struct peer *from, const uint8_t *body, size_t len)
