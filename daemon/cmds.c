@@ -222,12 +222,13 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	struct gossip_stats gs;
 	gossip_get_stats(n->gossip, &gs);
 	me_mp_pack_str(out, "gossip");
-	msgpack_pack_map(out, 16);
+	msgpack_pack_map(out, 17);
 	me_mp_pack_kv_int(out, "received", (int64_t)gs.received);
 	me_mp_pack_kv_int(out, "accepted", (int64_t)gs.accepted);
 	me_mp_pack_kv_int(out, "duplicates", (int64_t)gs.duplicates);
 	me_mp_pack_kv_int(out, "sent", (int64_t)gs.sent);
 	me_mp_pack_kv_int(out, "relayed", (int64_t)gs.relayed);
+	me_mp_pack_kv_int(out, "catchup", (int64_t)gs.catchup);
 	me_mp_pack_kv_int(out, "graft_replies", (int64_t)gs.graft_replies);
 	me_mp_pack_kv_int(out, "ihave_frames", (int64_t)gs.ihave_frames);
 	me_mp_pack_kv_int(out, "ihave_ids", (int64_t)gs.ihave_ids);

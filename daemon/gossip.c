@@ -39,6 +39,7 @@ struct tpeer {
 	size_t nihave;
 	int64_t ihave_since; /* mono ms the oldest queued id was queued */
 	size_t nmissing;     /* missing entries this peer announced first */
+	int64_t up_at;       /* mono ms the link came up */
 	int64_t reply_window; /* GRAFT replies: the current second, and how many in it */
 	unsigned replies;
 };
@@ -401,7 +402,10 @@ static void missing_add(struct gossip *g, struct tpeer *from, const uint8_t *id,
 			m->from[0] = from->p;
 			m->nfrom = 1;
 			m->charged = from->p;
-			m->due = now + GOSSIP_GRAFT_TIMEOUT_MS;
+			/* On a link that just came up, the IHAVE is the catch-up digest of the peer's
+			 * repository announcement (on_peer_up): nothing else brings it, graft now. */
+			m->due = now - from->up_at < GOSSIP_GRAFT_TIMEOUT_MS
+				 ? now : now + GOSSIP_GRAFT_TIMEOUT_MS;
 			from->nmissing++;
 			tree_arm(g, m->due);
 			return;
@@ -1072,17 +1076,20 @@ static void on_peer_up(void *ud, struct peer *p)
 	}
 	if (t != NULL) {
 		t->eager = 1; /* new links start eager; duplicates prune them */
+		t->up_at = me_mono_ms();
 		log_debug("gossip: %s is up, eager", net_peer_did(p));
 	}
-	/* Tell the newcomer about our latest announcements by id: it GRAFTs what it lacks. */
+	/* Bring the newcomer up to date: our node announcement in full (small, and what any
+	 * peer needs first), our repository announcement by id (it GRAFTs it if it lacks it). */
 	if (g->last_node.size == 0) {
 		announce(g, 1);
-	} else if (t != NULL) {
-		uint8_t ids[2][GMSG_ID_LEN];
-		memcpy(ids[0], g->last_node_id, GMSG_ID_LEN);
-		memcpy(ids[1], g->last_repo_id, GMSG_ID_LEN);
-		send_ctl(g, t, GMSG_IHAVE, (const uint8_t(*)[GMSG_ID_LEN])ids,
-			 g->last_repo.size > 0 ? 2 : 1);
+	} else {
+		if (net_send(p, g->last_node.data, g->last_node.size) == 0) {
+			g->stats.sent++;
+			g->stats.catchup++;
+		}
+		if (t != NULL && g->last_repo.size > 0)
+			send_ctl(g, t, GMSG_IHAVE, (const uint8_t(*)[GMSG_ID_LEN])g->last_repo_id, 1);
 	}
 	struct store_node sn;
 	if (store_node_get(g->node->store, net_peer_did(p), &sn) == 0) {

@@ -48,6 +48,7 @@ enum gossip_reject {
 struct gossip_stats {
 	uint64_t received, accepted, duplicates, relayed;
 	uint64_t sent; /* full messages (envelopes) sent: ours, relays, GRAFT replies, catch-up */
+	uint64_t catchup; /* our node announcement sent to a peer whose link came up (in sent) */
 	uint64_t ihave_frames, ihave_ids, grafts, prunes; /* control frames sent (ids in IHAVEs) */
 	uint64_t graft_replies; /* full messages sent in answer to GRAFTs (also in sent) */
 	uint64_t ihave_ids_received, grafts_received, prunes_received;
