@@ -374,7 +374,7 @@ class Bench:
                  f"a node sends on a link that comes up); the window runs from "
                  f"counters at rest to counters at rest (2 s without change), with nothing else "
                  f"gossiped (--gossip-interval 3600, --max-repo-size 1). The IHAVE digests (ids "
-                 f"batched per lazy link every {100} ms) are the tree's repair channel: "
+                 f"batched per lazy link every 150 ms) are the tree's repair channel: "
                  f"at most one id per lazy link and direction.")
         self.ok = ok_t and ok_m
         print("\n".join(L), flush=True)

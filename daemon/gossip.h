@@ -20,9 +20,9 @@
 #include "daemon/node.h"
 
 #define GOSSIP_DEDUP_MS (5 * 60 * 1000)
-#define GOSSIP_IHAVE_DELAY_MS 100   /* lazy ids wait this long, to share one IHAVE per peer */
-#define GOSSIP_GRAFT_TIMEOUT_MS 500 /* an announced message not here by then is grafted */
-#define GOSSIP_GRAFT_RETRY_MS 250   /* then from the next peer that announced it */
+#define GOSSIP_IHAVE_DELAY_MS 150   /* lazy ids wait this long, to share one IHAVE per peer */
+#define GOSSIP_GRAFT_TIMEOUT_MS 1000 /* an announced message not here by then is grafted */
+#define GOSSIP_GRAFT_RETRY_MS 500   /* then from the next peer that announced it */
 #define GOSSIP_CACHE_MS 60000       /* messages kept to answer GRAFTs */
 #define GOSSIP_CACHE_MAX 1024       /* ... at most this many */
 #define GOSSIP_CACHE_BYTES (16u << 20) /* ... and bytes */
