@@ -42,6 +42,7 @@ struct tpeer {
 	int64_t up_at;       /* mono ms the link came up */
 	int64_t reply_window; /* GRAFT replies: the current second, and how many in it */
 	unsigned replies;
+	size_t reply_bytes;
 };
 
 /* A full message kept to answer GRAFTs: the frame as we relayed it. */
@@ -536,18 +537,24 @@ static int on_ctl(struct gossip *g, struct peer *from, const uint8_t *body, size
 		if (now - t->reply_window >= 1000) {
 			t->reply_window = now;
 			t->replies = 0;
+			t->reply_bytes = 0;
 		}
-		for (size_t i = 0; i < c.nids && t->replies < GOSSIP_GRAFT_REPLIES; i++) {
-			const struct cached *m = cache_get(g, c.ids[i], now);
+		for (size_t i = 0; i < c.nids && t->replies < GOSSIP_GRAFT_REPLIES &&
+				   t->reply_bytes < GOSSIP_GRAFT_REPLY_BYTES;
+		     i++) {
+			const struct cached *m = NULL;
 			const msgpack_sbuffer *own = NULL;
 			if (g->last_node.size > 0 && memcmp(c.ids[i], g->last_node_id, GMSG_ID_LEN) == 0)
 				own = &g->last_node; /* our latest, however old */
 			else if (g->last_repo.size > 0 &&
 				 memcmp(c.ids[i], g->last_repo_id, GMSG_ID_LEN) == 0)
 				own = &g->last_repo;
+			else if (dedup_seen(g, c.ids[i], me_now_ms())) /* cheap test first */
+				m = cache_get(g, c.ids[i], now);
 			if (m == NULL && own == NULL)
 				continue; /* not ours to give (any more): ignored */
 			t->replies++;
+			t->reply_bytes += own ? own->size : m->len;
 			ihave_unqueue(t, c.ids[i]);
 			if (net_send(t->p, own ? (const uint8_t *)own->data : m->frame,
 				     own ? own->size : m->len) == 0) {

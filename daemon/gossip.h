@@ -30,6 +30,7 @@
 #define GOSSIP_MISSING_PER_PEER 256 /* ... first announced by one peer */
 #define GOSSIP_MISSING_SOURCES 4    /* peers remembered per announced message */
 #define GOSSIP_GRAFT_REPLIES 32     /* messages sent to one peer per second in answer to GRAFTs */
+#define GOSSIP_GRAFT_REPLY_BYTES (2u << 20) /* ... and bytes (one message always goes) */
 
 struct gossip;
 
