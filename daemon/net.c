@@ -448,13 +448,15 @@ void net_peer_penalize(struct peer *c, int points, const char *why)
 	}
 	uint64_t sup;
 	if (ratelog_due(&n->log_banned, &sup)) {
-		char ip[80];
+		char ip[80], ab[120];
 		ip_text((const struct sockaddr *)&c->remote, ip, sizeof(ip));
-		log_warn("peer %s (%s) misbehaved (last: %s): disconnected, key banned for %u s, "
-			 "address %s (%llu similar suppressed)", c->has_pk ? c->did : "(no key yet)",
-			 c->remote_text, why, kms / 1000, ip, (unsigned long long)sup);
 		if (ims)
-			log_info("address %s banned for %u s", ip, ims / 1000);
+			snprintf(ab, sizeof(ab), "address %s banned for %u s", ip, ims / 1000);
+		else
+			snprintf(ab, sizeof(ab), "address %s not banned (this host)", ip);
+		log_warn("peer %s (%s) misbehaved (last: %s): disconnected; key banned for %u s, "
+			 "%s (%llu similar suppressed)", c->has_pk ? c->did : "(no key yet)",
+			 c->remote_text, why, kms / 1000, ab, (unsigned long long)sup);
 	}
 	/* From the loop: this may run inside ngtcp2's callbacks or a transfer dispatch. */
 	c->pending_close = NET_ERR_MISBEHAVED;
