@@ -159,6 +159,8 @@ def test_duplicate_flood_is_rate_limited(pair, peer, git_repo):
     assert f"peer {p.did}: over the rate limit" in a.stderr()
     assert not [ln for ln in p.lines("down") if ln[1] == a_did], p.info()
     assert b_did in peer_dids(a) and a_did in peer_dids(b)
+    a.stop()
+    b.stop()
 
 
 def test_sustained_flood_is_banned(pair, peer, git_repo):
@@ -186,6 +188,8 @@ def test_sustained_flood_is_banned(pair, peer, git_repo):
     assert "refused by the peer (banned)" in q.stderr(), q.info()
     assert transport(a)["connections_banned"] >= 1
     honest_gossip_flows(a, b, b_did, git_repo, "after-ban")
+    a.stop()
+    b.stop()
 
 
 def test_forgeries_disconnect_and_ban(pair, peer, git_repo):
@@ -227,6 +231,8 @@ def test_forgeries_disconnect_and_ban(pair, peer, git_repo):
     assert s.stop() == 0, s.info()
     assert transport(a)["peers_misbehaved"] == 1
     honest_gossip_flows(a, b, b_did, git_repo, "after-forgeries")
+    a.stop()
+    b.stop()
 
 
 def test_few_bad_frames_do_not_ban(pair, peer):
@@ -240,6 +246,8 @@ def test_few_bad_frames_do_not_ban(pair, peer):
     assert p.stop() == 0, p.info()
     t = transport(a)
     assert t["peers_misbehaved"] == 0 and t["bans_active"] == 0, t
+    a.stop()
+    b.stop()
 
 
 def test_connections_per_source_address(pair, peer, git_repo):
@@ -269,3 +277,5 @@ def test_connections_per_source_address(pair, peer, git_repo):
     assert transport(a)["connections_refused"] == 1
     for p in held[1:] + [other, again]:
         assert p.stop() == 0, p.info()
+    a.stop()
+    b.stop()
