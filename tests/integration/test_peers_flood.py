@@ -7,11 +7,18 @@ for other hosts (127.0.0.1, where every test daemon dials from, is exempt from t
 and from address bans). Every test keeps an honest daemon B connected to A and checks that B's
 gossip still reaches A while A refuses the flood.
 """
+import os
+import select
 import signal
 import socket
+import struct
 import subprocess
 
 import pytest
+from cryptography.hazmat.primitives import hashes, hmac, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from conftest import BUILD_DIR, assert_no_sanitizer
 from test_peers_hostile import nodes, peer_dids, repos, start_node, wait_for
@@ -19,6 +26,7 @@ from test_peers_hostile import nodes, peer_dids, repos, start_node, wait_for
 MEPEER = BUILD_DIR / "tests" / "me-peer"
 WAIT = 30.0
 PER_IP = 8  # NET_MAX_IN_PER_IP
+HANDSHAKING = 32  # NET_MAX_HANDSHAKING
 BAN_SCORE, PENALTY_MESSAGE = 100, 10  # NET_BAN_SCORE, NET_PENALTY_MESSAGE
 
 
@@ -176,7 +184,8 @@ def test_sustained_flood_is_banned(pair, peer, git_repo):
     t = transport(a)
     assert t["peers_misbehaved"] == 1 and t["bans_active"] == 2, t
     assert t["frames_rate_limited"] > 0, t
-    banned = [ln for ln in a.stderr().splitlines() if f"peer {p.did} (" in ln and "misbehaved" in ln]
+    banned = [ln for ln in a.stderr().splitlines()
+              if f"peer {p.did} (" in ln and "misbehaved" in ln]
     assert len(banned) == 1 and "over the rate limit" in banned[0] and \
         "banned for 60 s" in banned[0], banned
     assert p.did not in peer_dids(a)
@@ -206,7 +215,8 @@ def test_forgeries_disconnect_and_ban(pair, peer, git_repo):
     assert BAN_SCORE // PENALTY_MESSAGE <= bad < 20, bad
     t = transport(a)
     assert t["bans_active"] == 2, t
-    logged = [ln for ln in a.stderr().splitlines() if f"peer {p.did} (" in ln and "misbehaved" in ln]
+    logged = [ln for ln in a.stderr().splitlines()
+              if f"peer {p.did} (" in ln and "misbehaved" in ln]
     assert len(logged) == 1 and "bad signature" in logged[0], logged
     assert p.did not in peer_dids(a) and p.did not in nodes(a)
 
@@ -277,5 +287,131 @@ def test_connections_per_source_address(pair, peer, git_repo):
     assert transport(a)["connections_refused"] == 1
     for p in held[1:] + [other, again]:
         assert p.stop() == 0, p.info()
+    a.stop()
+    b.stop()
+
+
+# ---- a client that starts a QUIC handshake and never finishes it (RFC 9000/9001 Initial) ----
+V1_SALT = bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a")
+
+def hkdf_extract(salt, ikm):
+    h = hmac.HMAC(salt, hashes.SHA256())
+    h.update(ikm)
+    return h.finalize()
+
+def hkdf_expand_label(secret, label, length):
+    full = b"tls13 " + label.encode()
+    info = struct.pack(">H", length) + bytes([len(full)]) + full + b"\x00"
+    out, t, i = b"", b"", 1
+    while len(out) < length:
+        h = hmac.HMAC(secret, hashes.SHA256())
+        h.update(t + info + bytes([i]))
+        t = h.finalize()
+        out += t
+        i += 1
+    return out[:length]
+
+def varint(v):
+    if v < 0x40:
+        return bytes([v])
+    if v < 0x4000:
+        return struct.pack(">H", v | 0x4000)
+    return struct.pack(">I", v | 0x80000000)
+
+def ext(t, body):
+    return struct.pack(">HH", t, len(body)) + body
+
+def client_hello(scid):
+    """A TLS 1.3 ClientHello as megaengine accepts it: X25519, Ed25519, ALPN megaengine/1, and
+    the one transport parameter QUIC requires of a client."""
+    pub = X25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    tp = varint(0x0f) + varint(len(scid)) + scid  # initial_source_connection_id
+    alpn = b"megaengine/1"
+    exts = b"".join([
+        ext(0x002b, b"\x02\x03\x04"),
+        ext(0x000a, b"\x00\x02\x00\x1d"),
+        ext(0x0033, struct.pack(">HHH", 36, 0x001d, 32) + pub),
+        ext(0x000d, b"\x00\x02\x08\x07"),
+        ext(0x0010, struct.pack(">HB", len(alpn) + 1, len(alpn)) + alpn),
+        ext(0x0039, tp),
+    ])
+    body = b"\x03\x03" + os.urandom(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + \
+        struct.pack(">H", len(exts)) + exts
+    return b"\x01" + struct.pack(">I", len(body))[1:] + body
+
+def initial_packet(dcid, scid, crypto):
+    """One client Initial packet (packet number 0) carrying crypto, padded to 1200 bytes and
+    protected with the keys derived from dcid (RFC 9001 5.2, 5.4)."""
+    secret = hkdf_extract(V1_SALT, dcid)
+    cs = hkdf_expand_label(secret, "client in", 32)
+    key, iv, hp = (hkdf_expand_label(cs, "quic key", 16), hkdf_expand_label(cs, "quic iv", 12),
+                   hkdf_expand_label(cs, "quic hp", 16))
+    frames = b"\x06" + varint(0) + varint(len(crypto)) + crypto
+    pn = 0
+    hdr_wo_len = bytes([0xc3]) + struct.pack(">I", 1) + bytes([len(dcid)]) + dcid + \
+        bytes([len(scid)]) + scid + varint(0)
+    # pad the payload so the datagram is 1200 bytes
+    plen = 1200 - len(hdr_wo_len) - 2 - 4 - 16
+    frames += b"\x00" * (plen - len(frames))
+    length = 4 + len(frames) + 16
+    hdr = hdr_wo_len + struct.pack(">H", length | 0x4000) + struct.pack(">I", pn)
+    nonce = (int.from_bytes(iv, "big") ^ pn).to_bytes(12, "big")
+    ct = AESGCM(key).encrypt(nonce, frames, hdr)
+    pn_off = len(hdr) - 4
+    sample = ct[0:16]  # pn_off + 4 - len(hdr) == 0
+    enc = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
+    mask = enc.update(sample) + enc.finalize()
+    h = bytearray(hdr)
+    h[0] ^= mask[0] & 0x0f
+    for i in range(4):
+        h[pn_off + i] ^= mask[1 + i]
+    return bytes(h) + ct
+
+def stalled_handshake(src_ip, dst):
+    """Sends one valid Initial (a ClientHello) from src_ip and never answers: the server keeps
+    the connection in its handshake until its timeout. Returns the socket (keep it open)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src_ip, 0))
+    dcid, scid = os.urandom(16), os.urandom(16)
+    s.sendto(initial_packet(dcid, scid, client_hello(scid)), dst)
+    return s
+
+
+def test_handshakes_in_progress(pair, peer):
+    """32 handshakes that never finish (a real ClientHello each, from four addresses, 8 apiece)
+    fill the handshake slots: the next connection is refused at its first packet while B stays
+    connected; once the handshake timeout (10 s) frees the slots, a peer gets in."""
+    a, a_did, b, b_did = pair
+    dst = ("127.0.0.1", a.port)
+    socks = [stalled_handshake(f"127.0.0.{20 + i // PER_IP}", dst) for i in range(HANDSHAKING)]
+    try:
+        for s in socks:  # the daemon answered each: it holds a connection for it
+            ready, _, _ = select.select([s], [], [], WAIT)
+            assert ready, f"no answer to a ClientHello\n{a.stderr()[-3000:]}"
+            assert len(s.recv(2048)) >= 1200  # the server's Initial and Handshake flight
+        t = transport(a)
+        assert t["connections_refused"] == 0 and t["handshakes_failed"] == 0, t
+        extra = stalled_handshake("127.0.0.30", dst)
+        socks.append(extra)
+        ready, _, _ = select.select([extra], [], [], WAIT)
+        assert ready
+        refusal = extra.recv(2048)
+        assert refusal[0] & 0xf0 == 0xc0 and len(refusal) < 1200, refusal  # a short Initial
+        wait_for(lambda: transport(a)["connections_refused"] == 1, "A to count the refusal")
+        p = peer("127.0.0.31", "--dial", f"{a_did}@127.0.0.1:{a.port}", "--wait", "20")
+        assert p.wait() == 1, p.info()
+        assert "refused by the peer (busy)" in p.stderr(), p.info()
+        assert transport(a)["connections_refused"] == 2
+        assert b_did in peer_dids(a) and a_did in peer_dids(b)
+        # The stalled ones time out; then the slots are free again.
+        wait_for(lambda: transport(a)["handshakes_failed"] == HANDSHAKING,
+                 f"the stalled handshakes to time out\n{a.stderr()[-3000:]}")
+        q = peer("127.0.0.31", "--dial", f"{a_did}@127.0.0.1:{a.port}", "--wait", "60")
+        wait_for(lambda: q.did in peer_dids(a), f"A to accept a peer again\n{q.info()}")
+        assert q.stop() == 0, q.info()
+    finally:
+        for s in socks:
+            s.close()
     a.stop()
     b.stop()
