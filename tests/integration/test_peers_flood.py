@@ -1,6 +1,7 @@
-"""Floods and misbehaving peers (docs/peer-protocol.md, "Limits"): a per-peer rate limit on
+"""Floods and misbehaving peers (docs/peer-protocol.md 1.6, "Limits"): a per-peer rate limit on
 gossip frames, misbehaviour scores that end in a disconnect and a ban of the key and the address,
-and a limit on inbound connections from one source address.
+a limit on inbound connections from one source address and one on handshakes in progress (held
+open by a minimal QUIC client below that sends a real ClientHello and never answers).
 
 The hostile peers are me-peer processes bound to 127.0.0.2 and up: loopback addresses that stand
 for other hosts (127.0.0.1, where every test daemon dials from, is exempt from the per-source limit
