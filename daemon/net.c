@@ -150,11 +150,14 @@ struct peer {
 
 enum { BAN_KEY, BAN_IP };
 
+/* A banned key or address, or a key whose last connection ended with a misbehaviour score
+ * (until_ms 0 when never banned): a reconnect starts from that score, decayed. */
 struct ban {
 	uint8_t kind;
 	uint8_t id[ME_PK_LEN]; /* the key, or the ipkey */
 	int64_t until_ms;      /* monotonic */
 	uint32_t next_ms;      /* length of the next ban */
+	int64_t score_mp, score_ms;
 };
 
 /* A log line that is written at most once per LIMIT_LOG_EVERY_MS. */
@@ -395,15 +398,13 @@ static int ip_banned(const struct net *n, const struct sockaddr *sa)
 	return ban_active(n, BAN_IP, k);
 }
 
-/* Bans id (ME_PK_LEN bytes) and returns for how long (ms); 0 when out of memory. */
-static uint32_t ban_add(struct net *n, int kind, const uint8_t *id)
+/* The entry for id, made when missing (replacing the one whose ban ends first when the table
+ * is full); NULL when out of memory. */
+static struct ban *ban_get(struct net *n, int kind, const uint8_t *id)
 {
-	int64_t now = me_mono_ms();
 	if (n->bans == NULL && (n->bans = calloc(NET_MAX_BANS, sizeof(*n->bans))) == NULL)
-		return 0;
+		return NULL;
 	struct ban *b = ban_find(n, kind, id);
-	if (b != NULL && now - b->until_ms > NET_BAN_MAX_MS)
-		b->next_ms = NET_BAN_MIN_MS; /* well behaved for long enough: start over */
 	if (b == NULL) {
 		if (n->nbans < NET_MAX_BANS) {
 			b = &n->bans[n->nbans++];
@@ -413,14 +414,59 @@ static uint32_t ban_add(struct net *n, int kind, const uint8_t *id)
 				if (n->bans[i].until_ms < b->until_ms)
 					b = &n->bans[i];
 		}
+		memset(b, 0, sizeof(*b));
 		b->kind = (uint8_t)kind;
 		memcpy(b->id, id, ME_PK_LEN);
 		b->next_ms = NET_BAN_MIN_MS;
 	}
+	return b;
+}
+
+/* Bans id (ME_PK_LEN bytes) and returns for how long (ms); 0 when out of memory. */
+static uint32_t ban_add(struct net *n, int kind, const uint8_t *id)
+{
+	int64_t now = me_mono_ms();
+	struct ban *b = ban_get(n, kind, id);
+	if (b == NULL)
+		return 0;
+	if (b->until_ms != 0 && now - b->until_ms > NET_BAN_MAX_MS)
+		b->next_ms = NET_BAN_MIN_MS; /* well behaved for long enough: start over */
+	b->score_mp = 0;
 	uint32_t ms = b->next_ms;
 	b->until_ms = now + ms;
 	b->next_ms = ms >= NET_BAN_MAX_MS / 2 ? NET_BAN_MAX_MS : ms * 2;
 	return ms;
+}
+
+/* A score (thousandths of a point) set at `at`, decayed until now. */
+static int64_t score_now(int64_t score_mp, int64_t at, int64_t now)
+{
+	int64_t v = score_mp - (now - at) * NET_SCORE_DECAY; /* thousandths per ms */
+	return v > 0 ? v : 0;
+}
+
+/* A connection with a score ends: its key keeps the score for the next one. */
+static void score_save(struct peer *c)
+{
+	int64_t now = me_mono_ms(), v;
+	if (!c->has_pk || c->misbehaved || (v = score_now(c->score_mp, c->score_ms, now)) == 0)
+		return;
+	struct ban *b = ban_get(c->net, BAN_KEY, c->pk);
+	if (b != NULL && score_now(b->score_mp, b->score_ms, now) < v) {
+		b->score_mp = v;
+		b->score_ms = now;
+	}
+}
+
+/* A connection is identified: it starts from what its key left. */
+static void score_restore(struct peer *c)
+{
+	const struct ban *b = c->net->nbans > 0 ? ban_find(c->net, BAN_KEY, c->pk) : NULL;
+	int64_t now = me_mono_ms();
+	if (b != NULL && b->score_mp > 0) {
+		c->score_mp = score_now(b->score_mp, b->score_ms, now);
+		c->score_ms = now;
+	}
 }
 
 void net_peer_penalize(struct peer *c, int points, const char *why)
@@ -429,9 +475,7 @@ void net_peer_penalize(struct peer *c, int points, const char *why)
 	int64_t now = me_mono_ms();
 	if (c->released || c->misbehaved || c->pending_close || points <= 0)
 		return;
-	c->score_mp -= (now - c->score_ms) * NET_SCORE_DECAY; /* thousandths per ms */
-	if (c->score_mp < 0)
-		c->score_mp = 0;
+	c->score_mp = score_now(c->score_mp, c->score_ms, now);
 	c->score_ms = now;
 	c->score_mp += (int64_t)points * 1000;
 	if (c->score_mp < (int64_t)NET_BAN_SCORE * 1000)
@@ -1100,6 +1144,7 @@ static int handshake_completed_cb(ngtcp2_conn *q, void *ud)
 		c->pending_why = "banned";
 		return 0;
 	}
+	score_restore(c);
 	/* One connection per pair: the one dialed by the smaller key wins; between two dialed by
 	 * the same node, the newer (the older is a leftover of a restart). */
 	struct peer *old = NULL;
@@ -1216,6 +1261,7 @@ static void conn_release(struct peer *c, const char *why)
 	if (c->released)
 		return;
 	c->released = 1;
+	score_save(c);
 	/* Its transfers are told from conn_on_close, on the loop: this may run inside another
 	 * connection's ngtcp2 callbacks. */
 	c->lost_code = c->close_code;

@@ -54,7 +54,8 @@ enum {
  * NET_RATE_BYTES_BURST). Frames over it are dropped unread (frames_rate_limited); every second in
  * which some were dropped costs NET_PENALTY_FLOOD.
  *
- * Misbehaviour: each connection has a score that decays by NET_SCORE_DECAY points per second.
+ * Misbehaviour: each connection has a score that decays by NET_SCORE_DECAY points per second
+ * (kept for its key when it closes, and restored when the key connects again).
  * Malformed frames cost NET_PENALTY_FRAME (net.c: framing on any stream, frames a transfer
  * callback refused), forged or badly signed messages NET_PENALTY_MESSAGE (the gossip plane calls
  * net_peer_penalize). At NET_BAN_SCORE the connection is closed with NET_ERR_MISBEHAVED

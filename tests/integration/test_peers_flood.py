@@ -261,6 +261,28 @@ def test_few_bad_frames_do_not_ban(pair, peer):
     b.stop()
 
 
+def test_score_survives_reconnect(pair, peer):
+    """Reconnecting does not wipe the slate: six forgeries (60 points), a new connection with the
+    same key, six more: the key's score is restored (less what decayed meanwhile, well under 20
+    points), so the second connection is banned before its sixth."""
+    a, a_did, b, b_did = pair
+    p = peer("127.0.0.9", "--dial", f"{a_did}@127.0.0.1:{a.port}", "--send", "forged-sig",
+             "--repeat", "6", "--wait", "60")
+    wait_for(lambda: gossip(a)["rejected"]["bad signature"] == 6, "A to reject the six")
+    assert p.stop() == 0, p.info()
+    wait_for(lambda: p.did not in peer_dids(a), "A to see me-peer leave")
+    q = peer("127.0.0.9", "--key-from", p.root, "--dial", f"{a_did}@127.0.0.1:{a.port}",
+             "--send", "forged-sig", "--repeat", "6", "--wait", "60")
+    assert q.did == p.did
+    assert q.wait() == 3, q.info()
+    assert "closed by the peer: misbehaving (banned)" in q.stderr(), q.info()
+    assert gossip(a)["rejected"]["bad signature"] < 12
+    t = transport(a)
+    assert t["peers_misbehaved"] == 1 and t["bans_active"] == 2, t
+    a.stop()
+    b.stop()
+
+
 def test_connections_per_source_address(pair, peer, git_repo):
     """Eight connections from one address are accepted; the ninth is refused at its first
     packet and counted; another address is still welcome, and so is B."""
