@@ -191,7 +191,7 @@ struct net {
 	uint8_t reset_secret[32];
 	struct net_stats stats;
 	struct peer *rx_list; /* connections read in this recvmmsg batch: written after it */
-	struct ban *bans;     /* NET_MAX_BANS, allocated at the first ban */
+	struct ban *bans;     /* NET_MAX_BANS, allocated at the first use */
 	size_t nbans;
 	struct ratelog log_refused, log_banned, log_flood;
 	ngtcp2_cid refused[REFUSED_RING];

@@ -34,7 +34,7 @@ enum {
 	NET_ERR_DUPLICATE = 0x102, /* another connection to the same node wins */
 	NET_ERR_SELF = 0x103,      /* dialed ourselves */
 	NET_ERR_SHUTDOWN = 0x104,
-	NET_ERR_POLICY = 0x105,    /* misbehaving peer */
+	NET_ERR_POLICY = 0x105,    /* no usable identity, or our message stream was closed */
 	NET_ERR_CANCEL = 0x106,    /* transfer abandoned (verification failed, stall, shutdown) */
 	NET_ERR_BUSY = 0x107,      /* transfer refused: too many at once */
 	NET_ERR_MISBEHAVED = 0x108, /* misbehaving peer: disconnected and banned (below) */
