@@ -192,6 +192,16 @@ void out_node_status(json_t *r)
 			if (json_integer_value(v) > 0)
 				printf("  rejected:   %lld %s\n", (long long)json_integer_value(v), k);
 	}
+	json_t *t = json_object_get(r, "transport");
+	if (json_is_object(t)) {
+		printf("Transport:    %lld handshakes failed, %lld frames rejected\n",
+		       num(t, "handshakes_failed"), num(t, "frames_rejected"));
+		printf("Limits:       %lld connections refused, %lld frames rate-limited, "
+		       "%lld peers disconnected for misbehaving, %lld refused while banned, "
+		       "%lld bans active\n", num(t, "connections_refused"),
+		       num(t, "frames_rate_limited"), num(t, "peers_misbehaved"),
+		       num(t, "connections_banned"), num(t, "bans_active"));
+	}
 	json_t *s = json_object_get(r, "sync");
 	if (json_is_object(s)) {
 		char f[32], sv[32];

@@ -248,11 +248,16 @@ static int cmd_node_status(struct cmd_ctx *ctx, const msgpack_object *args, msgp
 	if (n->net != NULL)
 		net_get_stats(n->net, &ns);
 	me_mp_pack_str(out, "transport");
-	msgpack_pack_map(out, 4);
+	msgpack_pack_map(out, 9);
 	me_mp_pack_kv_int(out, "handshakes_failed", (int64_t)ns.handshakes_failed);
 	me_mp_pack_kv_int(out, "frames_rejected", (int64_t)ns.frames_rejected);
 	me_mp_pack_kv_int(out, "packets_in", (int64_t)ns.pkts_in);
 	me_mp_pack_kv_int(out, "packets_out", (int64_t)ns.pkts_out);
+	me_mp_pack_kv_int(out, "connections_refused", (int64_t)ns.conns_refused);
+	me_mp_pack_kv_int(out, "connections_banned", (int64_t)ns.conns_banned);
+	me_mp_pack_kv_int(out, "frames_rate_limited", (int64_t)ns.frames_rate_limited);
+	me_mp_pack_kv_int(out, "peers_misbehaved", (int64_t)ns.peers_misbehaved);
+	me_mp_pack_kv_int(out, "bans_active", (int64_t)ns.bans_active);
 
 	me_mp_pack_str(out, "sync");
 	if (n->sync == NULL) {

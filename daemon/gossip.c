@@ -205,10 +205,12 @@ static struct origin *origin_get(struct gossip *g, const uint8_t *pk, int64_t no
 
 /* ---- rejections: counted always, logged at most once per reason per 10 s ---- */
 
-static void reject(struct gossip *g, int reason, const struct peer *from, const char *detail)
+static void reject(struct gossip *g, int reason, struct peer *from, const char *detail)
 {
 	int64_t now = me_mono_ms();
 	g->stats.rejected[reason]++;
+	if (reason == GR_MALFORMED || reason == GR_SIGNATURE || reason == GR_FORGED_NODE)
+		net_peer_penalize(from, NET_PENALTY_MESSAGE, reject_names[reason]); /* not honest */
 	if (g->reject_logged_at[reason] != 0 &&
 	    now - g->reject_logged_at[reason] < REJECT_LOG_EVERY_MS) {
 		g->reject_suppressed[reason]++;
@@ -880,7 +882,7 @@ update:
 	}
 }
 
-static int apply_node_ann(struct gossip *g, const struct gmsg_envelope *e, const struct peer *from)
+static int apply_node_ann(struct gossip *g, const struct gmsg_envelope *e, struct peer *from)
 {
 	struct gmsg_node_ann a;
 	char alias[GMSG_MAX_ALIAS + 1], version[GMSG_MAX_VERSION + 1];
@@ -913,7 +915,7 @@ static int apply_node_ann(struct gossip *g, const struct gmsg_envelope *e, const
 	return 0;
 }
 
-static int apply_repo_ann(struct gossip *g, const struct gmsg_envelope *e, const struct peer *from)
+static int apply_repo_ann(struct gossip *g, const struct gmsg_envelope *e, struct peer *from)
 {
 	struct gmsg_repo_ann ann;
 	int rc = gmsg_repo_ann_decode(e->payload, e->payload_len, &ann);

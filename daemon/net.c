@@ -22,8 +22,10 @@
 #define CID_LEN 16
 #define MAX_CIDS 10
 #define MAX_IN_STREAMS 4
-#define MAX_CONNS 256
-#define MAX_HANDSHAKING 64
+#define MAX_CONNS (NET_MAX_IN + NET_MAX_OUT)
+#define IPKEY_LEN 17      /* family, then the IPv4 address or the IPv6 /64 */
+#define LIMIT_LOG_EVERY_MS 10000
+#define REFUSED_RING 16   /* Initial packets refused lately (counted once per connection) */
 #define MAX_PKT 1452
 #define DIAL_TICK_MS 500
 #define MAX_VEC 16
@@ -135,7 +137,33 @@ struct peer {
 	int rx_pending;
 	struct peer *awaiting; /* a connection to the same node that must prove it is alive */
 	uint64_t probe_start_ns;
+	uint8_t ipkey[IPKEY_LEN];
+	/* rate limit on the frames of the peer's message streams: token buckets */
+	uint64_t rl_ns;
+	double rl_frames, rl_bytes;
+	uint64_t flood_ns; /* start of the last second that cost NET_PENALTY_FLOOD */
+	int64_t score_mp;  /* misbehaviour, in thousandths of a point */
+	int64_t score_ms;
+	int misbehaved;
 	struct peer *prev, *next;
+};
+
+enum { BAN_KEY, BAN_IP };
+
+/* A banned key or address, or a key whose last connection ended with a misbehaviour score
+ * (until_ms 0 when never banned): a reconnect starts from that score, decayed. */
+struct ban {
+	uint8_t kind;
+	uint8_t id[ME_PK_LEN]; /* the key, or the ipkey */
+	int64_t until_ms;      /* monotonic */
+	uint32_t next_ms;      /* length of the next ban */
+	int64_t score_mp, score_ms;
+};
+
+/* A log line that is written at most once per LIMIT_LOG_EVERY_MS. */
+struct ratelog {
+	int64_t at;
+	uint64_t suppressed;
 };
 
 struct target {
@@ -163,6 +191,11 @@ struct net {
 	uint8_t reset_secret[32];
 	struct net_stats stats;
 	struct peer *rx_list; /* connections read in this recvmmsg batch: written after it */
+	struct ban *bans;     /* NET_MAX_BANS, allocated at the first use */
+	size_t nbans;
+	struct ratelog log_refused, log_banned, log_flood;
+	ngtcp2_cid refused[REFUSED_RING];
+	size_t refused_next;
 	/* Packets conn_write made for one connection, sent together with sendmmsg. */
 	struct mmsghdr tx_msg[TX_BATCH];
 	struct iovec tx_iov[TX_BATCH];
@@ -174,6 +207,7 @@ struct net {
 static void conn_write(struct peer *c);
 static void on_timer(uv_timer_t *t);
 static void conn_close(struct peer *c, uint64_t app_error, const char *why);
+static void conn_kick(struct peer *c);
 
 static uint64_t now_ns(void)
 {
@@ -190,6 +224,7 @@ static void net_maybe_release(struct net *n)
 			t = nx;
 		}
 		sodium_memzero(n->reset_secret, sizeof(n->reset_secret));
+		free(n->bans);
 		free(n);
 	}
 }
@@ -294,6 +329,291 @@ static struct target *target_find(struct net *n, const uint8_t pk[ME_PK_LEN])
 	return NULL;
 }
 
+/* ---- limits, misbehaviour and bans (net.h, "limits") ---- */
+
+static void ip_key(const struct sockaddr *sa, uint8_t key[IPKEY_LEN])
+{
+	memset(key, 0, IPKEY_LEN);
+	key[0] = (uint8_t)sa->sa_family;
+	if (sa->sa_family == AF_INET)
+		memcpy(key + 1, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+	else if (sa->sa_family == AF_INET6)
+		memcpy(key + 1, &((const struct sockaddr_in6 *)sa)->sin6_addr, 8);
+}
+
+/* 127.0.0.1 or ::1: this host, where every local daemon dials from. */
+static int ip_is_host(const struct sockaddr *sa)
+{
+	if (sa->sa_family == AF_INET)
+		return ((const struct sockaddr_in *)sa)->sin_addr.s_addr == htonl(INADDR_LOOPBACK);
+	if (sa->sa_family == AF_INET6)
+		return IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)sa)->sin6_addr);
+	return 0;
+}
+
+static void ip_text(const struct sockaddr *sa, char *buf, size_t sz)
+{
+	char t[80];
+	addr_text(sa, t, sizeof(t));
+	char *colon = strrchr(t, ':'); /* drop the port */
+	if (colon != NULL)
+		*colon = '\0';
+	snprintf(buf, sz, "%s", t);
+}
+
+/* True when a line may be logged now; *suppressed is how many were not since the last one. */
+static int ratelog_due(struct ratelog *r, uint64_t *suppressed)
+{
+	int64_t now = me_mono_ms();
+	if (r->at != 0 && now - r->at < LIMIT_LOG_EVERY_MS) {
+		r->suppressed++;
+		return 0;
+	}
+	*suppressed = r->suppressed;
+	r->suppressed = 0;
+	r->at = now;
+	return 1;
+}
+
+static struct ban *ban_find(const struct net *n, int kind, const uint8_t *id)
+{
+	for (size_t i = 0; i < n->nbans; i++)
+		if (n->bans[i].kind == kind && memcmp(n->bans[i].id, id, ME_PK_LEN) == 0)
+			return &n->bans[i];
+	return NULL;
+}
+
+static int ban_active(const struct net *n, int kind, const uint8_t *id)
+{
+	const struct ban *b = ban_find(n, kind, id);
+	return b != NULL && b->until_ms > me_mono_ms();
+}
+
+static int ip_banned(const struct net *n, const struct sockaddr *sa)
+{
+	uint8_t k[ME_PK_LEN] = { 0 };
+	if (n->nbans == 0 || ip_is_host(sa))
+		return 0;
+	ip_key(sa, k);
+	return ban_active(n, BAN_IP, k);
+}
+
+/* The entry for id, made when missing (replacing the one whose ban ends first when the table
+ * is full); NULL when out of memory. */
+static struct ban *ban_get(struct net *n, int kind, const uint8_t *id)
+{
+	if (n->bans == NULL && (n->bans = calloc(NET_MAX_BANS, sizeof(*n->bans))) == NULL)
+		return NULL;
+	struct ban *b = ban_find(n, kind, id);
+	if (b == NULL) {
+		if (n->nbans < NET_MAX_BANS) {
+			b = &n->bans[n->nbans++];
+		} else {
+			b = &n->bans[0];
+			for (size_t i = 1; i < n->nbans; i++)
+				if (n->bans[i].until_ms < b->until_ms)
+					b = &n->bans[i];
+		}
+		memset(b, 0, sizeof(*b));
+		b->kind = (uint8_t)kind;
+		memcpy(b->id, id, ME_PK_LEN);
+		b->next_ms = NET_BAN_MIN_MS;
+	}
+	return b;
+}
+
+/* Bans id (ME_PK_LEN bytes) and returns for how long (ms); 0 when out of memory. */
+static uint32_t ban_add(struct net *n, int kind, const uint8_t *id)
+{
+	int64_t now = me_mono_ms();
+	struct ban *b = ban_get(n, kind, id);
+	if (b == NULL)
+		return 0;
+	if (b->until_ms != 0 && now - b->until_ms > NET_BAN_MAX_MS)
+		b->next_ms = NET_BAN_MIN_MS; /* well behaved for long enough: start over */
+	b->score_mp = 0;
+	uint32_t ms = b->next_ms;
+	b->until_ms = now + ms;
+	b->next_ms = ms >= NET_BAN_MAX_MS / 2 ? NET_BAN_MAX_MS : ms * 2;
+	return ms;
+}
+
+/* A score (thousandths of a point) set at `at`, decayed until now. */
+static int64_t score_now(int64_t score_mp, int64_t at, int64_t now)
+{
+	int64_t v = score_mp - (now - at) * NET_SCORE_DECAY; /* thousandths per ms */
+	return v > 0 ? v : 0;
+}
+
+/* A connection with a score ends: its key keeps the score for the next one. */
+static void score_save(struct peer *c)
+{
+	int64_t now = me_mono_ms(), v;
+	if (!c->has_pk || c->misbehaved || (v = score_now(c->score_mp, c->score_ms, now)) == 0)
+		return;
+	struct ban *b = ban_get(c->net, BAN_KEY, c->pk);
+	if (b != NULL && score_now(b->score_mp, b->score_ms, now) < v) {
+		b->score_mp = v;
+		b->score_ms = now;
+	}
+}
+
+/* A connection is identified: it starts from what its key left. */
+static void score_restore(struct peer *c)
+{
+	const struct ban *b = c->net->nbans > 0 ? ban_find(c->net, BAN_KEY, c->pk) : NULL;
+	int64_t now = me_mono_ms();
+	if (b != NULL && b->score_mp > 0) {
+		c->score_mp = score_now(b->score_mp, b->score_ms, now);
+		c->score_ms = now;
+	}
+}
+
+void net_peer_penalize(struct peer *c, int points, const char *why)
+{
+	struct net *n = c->net;
+	int64_t now = me_mono_ms();
+	if (c->released || c->misbehaved || c->pending_close || points <= 0)
+		return;
+	c->score_mp = score_now(c->score_mp, c->score_ms, now);
+	c->score_ms = now;
+	c->score_mp += (int64_t)points * 1000;
+	if (c->score_mp < (int64_t)NET_BAN_SCORE * 1000)
+		return;
+	c->misbehaved = 1;
+	n->stats.peers_misbehaved++;
+	uint32_t kms = 0, ims = 0;
+	if (c->has_pk)
+		kms = ban_add(n, BAN_KEY, c->pk);
+	if (!ip_is_host((const struct sockaddr *)&c->remote)) {
+		uint8_t k[ME_PK_LEN] = { 0 };
+		ip_key((const struct sockaddr *)&c->remote, k);
+		ims = ban_add(n, BAN_IP, k);
+	}
+	uint64_t sup;
+	if (ratelog_due(&n->log_banned, &sup)) {
+		char ip[80], ab[120];
+		ip_text((const struct sockaddr *)&c->remote, ip, sizeof(ip));
+		if (ims)
+			snprintf(ab, sizeof(ab), "address %s banned for %u s", ip, ims / 1000);
+		else
+			snprintf(ab, sizeof(ab), "address %s not banned (this host)", ip);
+		log_warn("peer %s (%s) misbehaved (last: %s): disconnected; key banned for %u s, "
+			 "%s (%llu similar suppressed)", c->has_pk ? c->did : "(no key yet)",
+			 c->remote_text, why, kms / 1000, ab, (unsigned long long)sup);
+	}
+	/* From the loop: this may run inside ngtcp2's callbacks or a transfer dispatch. */
+	c->pending_close = NET_ERR_MISBEHAVED;
+	c->pending_why = "misbehaving peer";
+	conn_kick(c);
+}
+
+/* Takes one frame of len bytes from c's buckets; 0 when over the rate. */
+static int rate_take(struct peer *c, size_t len)
+{
+	uint64_t now = now_ns();
+	double dt = (double)(now - c->rl_ns) / 1e9;
+	c->rl_ns = now;
+	c->rl_frames += dt * NET_RATE_FRAMES;
+	if (c->rl_frames > NET_RATE_FRAMES_BURST)
+		c->rl_frames = NET_RATE_FRAMES_BURST;
+	c->rl_bytes += dt * NET_RATE_BYTES;
+	if (c->rl_bytes > NET_RATE_BYTES_BURST)
+		c->rl_bytes = NET_RATE_BYTES_BURST;
+	if (c->rl_frames < 1 || c->rl_bytes < (double)len)
+		return 0;
+	c->rl_frames -= 1;
+	c->rl_bytes -= (double)len;
+	return 1;
+}
+
+static void rate_limited(struct peer *c)
+{
+	struct net *n = c->net;
+	uint64_t now = now_ns(), sup;
+	n->stats.frames_rate_limited++;
+	if (c->flood_ns != 0 && now - c->flood_ns < 1000 * NGTCP2_MILLISECONDS)
+		return;
+	c->flood_ns = now;
+	if (ratelog_due(&n->log_flood, &sup))
+		log_info("peer %s: over the rate limit (%u frames/s, %u bytes/s): dropping frames "
+			 "(%llu similar suppressed)", c->did, NET_RATE_FRAMES, NET_RATE_BYTES,
+			 (unsigned long long)sup);
+	net_peer_penalize(c, NET_PENALTY_FLOOD, "over the rate limit");
+}
+
+/* Refuses a new inbound connection with a stateless CONNECTION_CLOSE in an Initial packet
+ * (CONNECTION_REFUSED; the reason says why), before any state or TLS work. Counted and logged
+ * once per connection (the client may send several Initial packets). */
+static void refuse(struct endpoint *ep, const struct sockaddr *sa, const ngtcp2_pkt_hd *hd,
+		   int banned, const char *reason)
+{
+	struct net *n = ep->net;
+	uint8_t buf[256];
+	int seen = 0;
+	for (size_t i = 0; i < REFUSED_RING; i++)
+		seen |= ngtcp2_cid_eq(&n->refused[i], &hd->dcid);
+	ngtcp2_ssize w = ngtcp2_crypto_write_connection_close(
+		buf, sizeof(buf), hd->version, &hd->scid, &hd->dcid, NGTCP2_CONNECTION_REFUSED,
+		(const uint8_t *)reason, strlen(reason));
+	if (w > 0) {
+		uv_buf_t b = uv_buf_init((char *)buf, (unsigned)w);
+		if (uv_udp_try_send(&ep->udp, &b, 1, sa) >= 0)
+			n->stats.pkts_out++;
+	}
+	if (seen)
+		return;
+	n->refused[n->refused_next] = hd->dcid;
+	n->refused_next = (n->refused_next + 1) % REFUSED_RING;
+	if (banned)
+		n->stats.conns_banned++;
+	else
+		n->stats.conns_refused++;
+	uint64_t sup;
+	if (ratelog_due(&n->log_refused, &sup)) {
+		char t[80];
+		addr_text(sa, t, sizeof(t));
+		log_info("refused a connection from %s: %s (%llu similar suppressed)", t, reason,
+			 (unsigned long long)sup);
+	}
+}
+
+/* Whether a new inbound connection from sa may be created; refuses it when not. */
+static int admit(struct endpoint *ep, const struct sockaddr *sa, const ngtcp2_pkt_hd *hd)
+{
+	struct net *n = ep->net;
+	size_t in = 0, shaking = 0, same = 0;
+	uint8_t k[IPKEY_LEN];
+	int host = ip_is_host(sa);
+
+	if (ip_banned(n, sa)) {
+		refuse(ep, sa, hd, 1, "banned");
+		return 0;
+	}
+	ip_key(sa, k);
+	for (const struct peer *c = n->peers; c; c = c->next) {
+		if (c->outbound)
+			continue;
+		in++;
+		shaking += !c->has_pk;
+		same += !host && memcmp(c->ipkey, k, IPKEY_LEN) == 0;
+	}
+	if (in >= NET_MAX_IN || shaking >= NET_MAX_HANDSHAKING || same >= NET_MAX_IN_PER_IP ||
+	    n->nconns >= MAX_CONNS) {
+		refuse(ep, sa, hd, 0, "busy");
+		return 0;
+	}
+	return 1;
+}
+
+static size_t count_outbound(const struct net *n)
+{
+	size_t k = 0;
+	for (const struct peer *c = n->peers; c; c = c->next)
+		k += c->outbound != 0;
+	return k;
+}
+
 /* ---- transfer streams ---- */
 
 /* Work for the connection's timer: runs from the event loop, never inside ngtcp2. */
@@ -369,6 +689,7 @@ static void xfer_reject(struct net_xfer *x, const char *why)
 	struct peer *c = x->c;
 	c->net->stats.frames_rejected++;
 	log_info("peer %s: %s; resetting transfer stream %lld", c->did, why, (long long)x->sid);
+	net_peer_penalize(c, NET_PENALTY_FRAME, why);
 	if (!x->reset_req) {
 		x->reset_req = 1;
 		x->code = NET_ERR_FRAME;
@@ -637,8 +958,9 @@ static int recv_stream_data_cb(ngtcp2_conn *q, uint32_t flags, int64_t sid, uint
 	}
 	if (s->dead || len == 0)
 		return 0;
-	if (!c->up) {
-		/* A connection that lost the duplicate race: nothing it says is used. */
+	if (!c->up || c->pending_close) {
+		/* A connection that lost the duplicate race, or that is closing: nothing it says
+		 * is used. */
 		return 0;
 	}
 	int rc = me_frame_reader_feed(&s->rd, data, len);
@@ -652,6 +974,12 @@ static int recv_stream_data_cb(ngtcp2_conn *q, uint32_t flags, int64_t sid, uint
 		}
 		if (fr == 0)
 			break;
+		if (!rate_take(c, blen)) {
+			rate_limited(c);
+			if (c->pending_close)
+				return 0;
+			continue;
+		}
 		if (c->net->cb.frame(c->net->cb.ud, c, body, blen) < 0) {
 			stream_reject(c, s, sid, "rejected message");
 			return 0;
@@ -659,9 +987,11 @@ static int recv_stream_data_cb(ngtcp2_conn *q, uint32_t flags, int64_t sid, uint
 		if (c->pending_close)
 			return 0;
 	}
-	if (rc < 0)
+	if (rc < 0) {
 		stream_reject(c, s, sid, rc == ME_ETOOBIG ? "frame over the size limit"
 							   : "malformed frame");
+		net_peer_penalize(c, NET_PENALTY_FRAME, "malformed frame");
+	}
 	return 0;
 }
 
@@ -803,6 +1133,18 @@ static int handshake_completed_cb(ngtcp2_conn *q, void *ud)
 		c->pending_why = "connected to ourselves";
 		return 0;
 	}
+	if (n->nbans > 0 && ban_active(n, BAN_KEY, c->pk)) {
+		uint64_t sup;
+		n->stats.conns_banned++;
+		if (ratelog_due(&n->log_refused, &sup))
+			log_info("refused a connection %s %s: %s is banned (%llu similar suppressed)",
+				 c->outbound ? "to" : "from", c->remote_text, c->did,
+				 (unsigned long long)sup);
+		c->pending_close = NET_ERR_MISBEHAVED;
+		c->pending_why = "banned";
+		return 0;
+	}
+	score_restore(c);
 	/* One connection per pair: the one dialed by the smaller key wins; between two dialed by
 	 * the same node, the newer (the older is a leftover of a restart). */
 	struct peer *old = NULL;
@@ -919,6 +1261,7 @@ static void conn_release(struct peer *c, const char *why)
 	if (c->released)
 		return;
 	c->released = 1;
+	score_save(c);
 	/* Its transfers are told from conn_on_close, on the loop: this may run inside another
 	 * connection's ngtcp2 callbacks. */
 	c->lost_code = c->close_code;
@@ -999,7 +1342,22 @@ static void conn_close(struct peer *c, uint64_t app_error, const char *why)
 static void conn_fail(struct peer *c, int lib_err)
 {
 	if (lib_err == NGTCP2_ERR_DRAINING || lib_err == NGTCP2_ERR_CLOSING) {
-		conn_release(c, "closed by the peer");
+		const ngtcp2_ccerr *ce = ngtcp2_conn_get_ccerr(c->q);
+		char why[96];
+		if (ce->type == NGTCP2_CCERR_TYPE_TRANSPORT &&
+		    ce->error_code == NGTCP2_CONNECTION_REFUSED) {
+			char r[32] = "";
+			for (size_t i = 0; i < ce->reasonlen && i + 1 < sizeof(r); i++)
+				r[i] = ce->reason[i] >= 0x20 && ce->reason[i] < 0x7f ? (char)ce->reason[i]
+										      : '?';
+			snprintf(why, sizeof(why), "refused by the peer (%s)", r);
+			conn_release(c, why);
+		} else if (ce->type == NGTCP2_CCERR_TYPE_APPLICATION &&
+			   ce->error_code == NET_ERR_MISBEHAVED) {
+			conn_release(c, "closed by the peer: misbehaving (banned)");
+		} else {
+			conn_release(c, "closed by the peer");
+		}
 		return;
 	}
 	if (lib_err == NGTCP2_ERR_IDLE_CLOSE) {
@@ -1201,6 +1559,11 @@ static struct peer *conn_alloc(struct net *n, struct endpoint *ep, const struct 
 	c->ref.user_data = c;
 	c->sq.sid = -1;
 	c->started_ns = now_ns();
+	ip_key(remote, c->ipkey);
+	c->rl_ns = c->started_ns;
+	c->rl_frames = NET_RATE_FRAMES_BURST;
+	c->rl_bytes = NET_RATE_BYTES_BURST;
+	c->score_ms = me_mono_ms();
 	for (int i = 0; i < MAX_IN_STREAMS; i++)
 		c->ins[i].sid = -1;
 	uv_timer_init(n->loop, &c->timer);
@@ -1214,14 +1577,6 @@ static struct peer *conn_alloc(struct net *n, struct endpoint *ep, const struct 
 	return c;
 }
 
-static size_t count_handshaking(const struct net *n)
-{
-	size_t k = 0;
-	for (const struct peer *c = n->peers; c; c = c->next)
-		k += !c->has_pk;
-	return k;
-}
-
 static struct peer *server_conn_new(struct endpoint *ep, const struct sockaddr *remote,
 				    socklen_t rlen, const ngtcp2_pkt_hd *hd)
 {
@@ -1231,8 +1586,6 @@ static struct peer *server_conn_new(struct endpoint *ep, const struct sockaddr *
 	ngtcp2_callbacks cb = base_callbacks;
 	ngtcp2_cid scid;
 
-	if (n->nconns >= MAX_CONNS || count_handshaking(n) >= MAX_HANDSHAKING)
-		return NULL;
 	struct peer *c = conn_alloc(n, ep, remote, rlen);
 	if (c == NULL)
 		return NULL;
@@ -1282,7 +1635,7 @@ static int dial(struct net *n, const uint8_t pk[ME_PK_LEN], const struct me_sock
 	struct endpoint *ep = endpoint_for(n, addr->ss.ss_family);
 	if (ep == NULL)
 		return ME_EINVAL;
-	if (n->nconns >= MAX_CONNS)
+	if (n->nconns >= MAX_CONNS || count_outbound(n) >= NET_MAX_OUT)
 		return ME_EBUSY;
 	struct peer *c = conn_alloc(n, ep, (const struct sockaddr *)&addr->ss, addr->len);
 	if (c == NULL)
@@ -1412,6 +1765,8 @@ static void on_recv(uv_udp_t *u, ssize_t nread, const uv_buf_t *buf, const struc
 		}
 		if (ngtcp2_accept(&hd, data, (size_t)nread) != 0)
 			return;
+		if (!admit(ep, sa, &hd))
+			return;
 		c = server_conn_new(ep, sa, slen, &hd);
 		if (c == NULL)
 			return;
@@ -1500,6 +1855,9 @@ static void on_dial_tick(uv_timer_t *t)
 	for (struct target *tg = n->targets; tg; tg = tg->next) {
 		if (target_busy(n, tg->pk) || now < tg->next_try_ms)
 			continue;
+		if (n->nbans > 0 && (ban_active(n, BAN_KEY, tg->pk) ||
+				     ip_banned(n, (const struct sockaddr *)&tg->addr.ss)))
+			continue; /* banned: not dialed either (tried again once it expires) */
 		/* Next attempt after the backoff, with +-25 % jitter; doubled each time. */
 		uint32_t b = tg->backoff_ms;
 		int64_t jitter = (int64_t)randombytes_uniform(b / 2 + 1) - b / 4;
@@ -1807,5 +2165,9 @@ void net_peer_close(struct peer *p, uint64_t app_error, const char *why)
 
 void net_get_stats(const struct net *n, struct net_stats *out)
 {
+	int64_t now = me_mono_ms();
 	*out = n->stats;
+	out->bans_active = 0;
+	for (size_t i = 0; i < n->nbans; i++)
+		out->bans_active += n->bans[i].until_ms > now;
 }

@@ -34,10 +34,53 @@ enum {
 	NET_ERR_DUPLICATE = 0x102, /* another connection to the same node wins */
 	NET_ERR_SELF = 0x103,      /* dialed ourselves */
 	NET_ERR_SHUTDOWN = 0x104,
-	NET_ERR_POLICY = 0x105,    /* misbehaving peer */
+	NET_ERR_POLICY = 0x105,    /* no usable identity, or our message stream was closed */
 	NET_ERR_CANCEL = 0x106,    /* transfer abandoned (verification failed, stall, shutdown) */
 	NET_ERR_BUSY = 0x107,      /* transfer refused: too many at once */
+	NET_ERR_MISBEHAVED = 0x108, /* misbehaving peer: disconnected and banned (below) */
 };
+
+/* ---- limits (docs/peer-protocol.md, "Limits") ----
+ * Connections: an Initial packet that would open an inbound connection beyond NET_MAX_IN, beyond
+ * NET_MAX_IN_PER_IP from one source (an IPv4 address, an IPv6 /64), or while NET_MAX_HANDSHAKING
+ * inbound connections are still in their handshake, is answered with a stateless
+ * CONNECTION_CLOSE (transport error CONNECTION_REFUSED, reason "busy") before any TLS work and
+ * counted in conns_refused. We dial at most NET_MAX_OUT connections. 127.0.0.1 and ::1 (this host:
+ * every local daemon dials from there) are exempt from the per-source limit and from address
+ * bans; other loopback addresses are not.
+ *
+ * Rate: the frames a peer sends on its message streams pass a token bucket per connection,
+ * NET_RATE_FRAMES frames/s (burst NET_RATE_FRAMES_BURST) and NET_RATE_BYTES bytes/s (burst
+ * NET_RATE_BYTES_BURST). Frames over it are dropped unread (frames_rate_limited); every second in
+ * which some were dropped costs NET_PENALTY_FLOOD.
+ *
+ * Misbehaviour: each connection has a score that decays by NET_SCORE_DECAY points per second
+ * (kept for its key when it closes, and restored when the key connects again).
+ * Malformed frames cost NET_PENALTY_FRAME (net.c: framing on any stream, frames a transfer
+ * callback refused), forged or badly signed messages NET_PENALTY_MESSAGE (the gossip plane calls
+ * net_peer_penalize). At NET_BAN_SCORE the connection is closed with NET_ERR_MISBEHAVED
+ * (peers_misbehaved) and both the node key and the source address are banned: inbound
+ * connections from the address are refused like those over a limit (reason "banned"), a
+ * handshake with the key is closed with NET_ERR_MISBEHAVED, and we do not dial either (all
+ * counted in conns_banned). A ban lasts NET_BAN_MIN_MS, doubled for each further ban of the same
+ * key or address up to NET_BAN_MAX_MS; an offender banned for NET_BAN_MAX_MS ago and not since
+ * starts over. At most NET_MAX_BANS are kept (the one expiring first is forgotten). */
+#define NET_MAX_IN 128
+#define NET_MAX_IN_PER_IP 8
+#define NET_MAX_OUT 64
+#define NET_MAX_HANDSHAKING 32
+#define NET_RATE_FRAMES 200
+#define NET_RATE_FRAMES_BURST 400
+#define NET_RATE_BYTES (1u << 20)
+#define NET_RATE_BYTES_BURST (4u << 20)
+#define NET_SCORE_DECAY 1
+#define NET_BAN_SCORE 100
+#define NET_PENALTY_FRAME 20
+#define NET_PENALTY_MESSAGE 10
+#define NET_PENALTY_FLOOD 10
+#define NET_BAN_MIN_MS 60000
+#define NET_BAN_MAX_MS 3600000
+#define NET_MAX_BANS 1024
 
 /* ---- transfer streams ----
  * A transfer is one bidirectional QUIC stream opened by the requester. Both directions carry
@@ -176,6 +219,10 @@ int64_t net_peer_since_ms(const struct peer *p); /* wall clock, ms */
 uint64_t net_peer_rtt_us(const struct peer *p);
 /* Closes a peer's connection with an application error code. */
 void net_peer_close(struct peer *p, uint64_t app_error, const char *why);
+/* Adds points to p's misbehaviour score (above); at NET_BAN_SCORE p is banned and its
+ * connection closed from the event loop (nothing more it sends is delivered). why says what p
+ * did (logged). Safe from any net callback; a no-op once p is closing. */
+void net_peer_penalize(struct peer *p, int points, const char *why);
 
 /* Counters for node status. */
 struct net_stats {
@@ -185,6 +232,11 @@ struct net_stats {
 	uint64_t bytes_in, bytes_out;
 	uint64_t xfers_opened, xfers_accepted, xfers_refused; /* refused: by us, NET_ERR_BUSY */
 	uint64_t xfer_bytes_in, xfer_bytes_out; /* transfer stream frames, headers included */
+	uint64_t conns_refused;       /* inbound connections over a limit (above) */
+	uint64_t conns_banned;        /* connections refused or closed because of a ban */
+	uint64_t frames_rate_limited; /* frames dropped by the per-peer rate limit */
+	uint64_t peers_misbehaved;    /* connections closed with NET_ERR_MISBEHAVED */
+	uint64_t bans_active;         /* keys and addresses banned now (not a counter) */
 };
 void net_get_stats(const struct net *n, struct net_stats *out);
 

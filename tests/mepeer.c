@@ -13,6 +13,10 @@
  *                       key is used (its secret key is never used); default: a random key
  *   --alias NAME        alias in the NodeAnnouncements sent (default "mepeer")
  *   --count N           announcements for "flood" (default 100)
+ *   --repeat N          send the frames of KIND N times over (default 1): e.g. forged-sig
+ *                       --repeat 20 is twenty badly signed announcements
+ *   --rate R            then keep sending copies of them, R frames per second, until the wait
+ *                       ends (what the queue does not take is skipped; "flooded N" at the end)
  *   --wait SEC          how long to wait for the connection, then how long to keep it open
  *                       once up (default 5; decimals allowed)
  *   --log-level LEVEL   transport log on stderr (default info)
@@ -43,6 +47,7 @@
  *   listening IP:PORT
  *   up DID ADDR inbound|outbound
  *   sent KIND FRAMES BYTES              what was queued to a dialed node
+ *   flooded FRAMES                      copies sent by --rate, when me-peer stops
  *   frame node|repo|type=N ORIGIN_DID from PEER_DID [alias=... | repos=N]
  *   frame invalid ERROR from PEER_DID
  *   down DID REASON
@@ -123,7 +128,8 @@ static int usage(void)
 	fprintf(stderr,
 		"usage: me-peer --root DIR --addr IP:PORT --dial DID@IP:PORT [--dial ...]\n"
 		"               [--send KIND] [--key-from DIR] [--impersonate DID|DIR]\n"
-		"               [--alias NAME] [--count N] [--wait SEC] [--log-level LEVEL]\n"
+		"               [--alias NAME] [--count N] [--repeat N] [--rate R]\n"
+		"               [--wait SEC] [--log-level LEVEL]\n"
 		"               [--fetch ID|random [--streams N] [--xsend XSEND] [--have HEX]...\n"
 		"                [--resume DIGEST:OFFSET] [--out FILE]]\n"
 		"               [--repo-path DIR [--squat ID] | --relay ID] [--serve MODE[,...]]\n"
@@ -339,6 +345,30 @@ int mepeer_honest_node(const struct app *a, uint64_t ts, msgpack_sbuffer *out)
 	return honest_node(a, ts, GMSG_MAX_TTL, a->alias, out);
 }
 
+/* --repeat and --rate */
+static unsigned long opt_repeat = 1, opt_rate;
+static msgpack_sbuffer flood_buf; /* the frames of KIND, once */
+static unsigned long flood_nframes, flood_sent;
+static uint64_t flood_done; /* frames due so far, sent or skipped */
+static struct peer *flood_peer;
+static uint64_t flood_start_ms;
+static uv_timer_t flood_timer;
+
+/* Sends copies of flood_buf to keep up with --rate. */
+static void on_flood(uv_timer_t *t)
+{
+	(void)t;
+	if (flood_peer == NULL || flood_nframes == 0)
+		return;
+	uint64_t due = (uint64_t)(me_mono_ms() - (int64_t)flood_start_ms) * opt_rate / 1000;
+	while (flood_done + flood_nframes <= due) {
+		flood_done += flood_nframes;
+		if (net_send(flood_peer, flood_buf.data, flood_buf.size) < 0)
+			continue; /* the queue is full: skipped */
+		flood_sent += flood_nframes;
+	}
+}
+
 static void send_kind(struct app *a, struct peer *p)
 {
 	msgpack_sbuffer out;
@@ -347,6 +377,16 @@ static void send_kind(struct app *a, struct peer *p)
 
 	msgpack_sbuffer_init(&out);
 	rc = build(a, &out, &nframes);
+	if (rc == 0 && (opt_rate > 0 || opt_repeat > 1)) {
+		msgpack_sbuffer_init(&flood_buf);
+		if (msgpack_sbuffer_write(&flood_buf, out.data, out.size) != 0)
+			rc = ME_ENOMEM;
+		flood_nframes = nframes;
+		for (unsigned long i = 1; i < opt_repeat && rc == 0; i++)
+			if (msgpack_sbuffer_write(&out, flood_buf.data, flood_buf.size) != 0)
+				rc = ME_ENOMEM;
+		nframes *= opt_repeat;
+	}
 	if (rc == 0 && out.size > 0)
 		rc = net_send(p, out.data, out.size);
 	if (rc < 0) {
@@ -357,6 +397,11 @@ static void send_kind(struct app *a, struct peer *p)
 	}
 	printf("sent %s %lu %zu\n", a->kind_name, nframes, out.size);
 	msgpack_sbuffer_destroy(&out);
+	if (opt_rate > 0 && flood_nframes > 0) {
+		flood_peer = p;
+		flood_start_ms = (uint64_t)me_mono_ms();
+		uv_timer_start(&flood_timer, on_flood, 10, 10);
+	}
 }
 
 /* ---- network callbacks ---- */
@@ -409,6 +454,8 @@ static void on_peer_down(void *ud, struct peer *p, const char *why)
 	if (a->stopping)
 		return;
 	printf("down %s %s\n", net_peer_did(p), why);
+	if (p == flood_peer)
+		flood_peer = NULL;
 	if (idx >= 0)
 		a->target_up[idx] = 0;
 	if (idx >= 0 && !xfer_enabled(a)) {
@@ -543,7 +590,7 @@ static int parse_args(struct app *a, int argc, char **argv)
 {
 	enum { O_ROOT = 256, O_ADDR, O_KEYFROM, O_IMP, O_DIAL, O_SEND, O_COUNT, O_WAIT, O_LISTEN,
 	       O_ALIAS, O_LOG, O_FETCH, O_OUT, O_HAVE, O_RESUME, O_STREAMS, O_XSEND, O_SERVE,
-	       O_REPO, O_RELAY, O_SEQ, O_MAXB, O_SQUAT };
+	       O_REPO, O_RELAY, O_SEQ, O_MAXB, O_SQUAT, O_REPEAT, O_RATE };
 	static const struct option opts[] = {
 		{ "root", required_argument, NULL, O_ROOT },
 		{ "addr", required_argument, NULL, O_ADDR },
@@ -568,6 +615,8 @@ static int parse_args(struct app *a, int argc, char **argv)
 		{ "seq", required_argument, NULL, O_SEQ },
 		{ "max-bundle", required_argument, NULL, O_MAXB },
 		{ "squat", required_argument, NULL, O_SQUAT },
+		{ "repeat", required_argument, NULL, O_REPEAT },
+		{ "rate", required_argument, NULL, O_RATE },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -615,6 +664,17 @@ static int parse_args(struct app *a, int argc, char **argv)
 			    a->count > 100000)
 				return usage();
 			break;
+		case O_REPEAT:
+		case O_RATE: {
+			uint64_t v;
+			if (parse_u64(optarg, &v) < 0 || v < 1 || v > 1000000)
+				return usage();
+			if (c == O_REPEAT)
+				opt_repeat = (unsigned long)v;
+			else
+				opt_rate = (unsigned long)v;
+			break;
+		}
 		case O_WAIT:
 			if (parse_wait(optarg, &a->wait_ms) < 0)
 				return usage();
@@ -789,6 +849,7 @@ int main(int argc, char **argv)
 
 	uv_timer_init(&a.loop, &a.wait_timer);
 	uv_timer_init(&a.loop, &a.poll_timer);
+	uv_timer_init(&a.loop, &flood_timer);
 	a.wait_timer.data = a.poll_timer.data = &a;
 	uv_timer_start(&a.wait_timer, on_wait, a.wait_ms, 0);
 	uv_timer_start(&a.poll_timer, on_poll, 20, 20);
@@ -812,6 +873,10 @@ int main(int argc, char **argv)
 		uv_run(&a.loop, UV_RUN_DEFAULT);
 
 	a.stopping = 1;
+	if (opt_rate > 0)
+		printf("flooded %lu\n", flood_sent);
+	uv_close((uv_handle_t *)&flood_timer, NULL);
+	msgpack_sbuffer_destroy(&flood_buf);
 	uv_close((uv_handle_t *)&a.wait_timer, NULL);
 	uv_close((uv_handle_t *)&a.poll_timer, NULL);
 	uv_close((uv_handle_t *)&a.sigint, NULL);
