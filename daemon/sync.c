@@ -137,6 +137,7 @@ struct fetch {
 	struct segrx *verifying;
 	int ended; /* the server finished its side after a Done */
 	int64_t last_rx_ms;
+	int64_t begun_ms;      /* wall clock: when it was requested */
 	int64_t window_ms;     /* start of the current rate window (monotonic) */
 	uint64_t window_bytes; /* bytes_done at its start */
 	int failed; /* a reason was recorded; the closing stream only cleans up */
@@ -413,6 +414,13 @@ static int was_tried(const struct srepo *r, const uint8_t pk[ME_PK_LEN])
 	return 0;
 }
 
+/* A connection to pk came up after since_ms (wall clock): a holder that restarted. */
+static int reconnected(struct sync *s, const uint8_t pk[ME_PK_LEN], int64_t since_ms)
+{
+	struct peer *p = s->net != NULL ? net_peer_find(s->net, pk) : NULL;
+	return p != NULL && net_peer_since_ms(p) > since_ms;
+}
+
 static void mark_tried(struct srepo *r, const uint8_t pk[ME_PK_LEN])
 {
 	if (!was_tried(r, pk) && r->ntried < MAX_TRIED)
@@ -530,7 +538,10 @@ static void fetch_end(struct fetch *f, int rc, const char *why)
 	f->failed = 1;
 	log_info("sync: fetch of %s from %s failed: %s", r->id, f->peer_did, why);
 	fmt(r->error, sizeof(r->error), "%s", why);
-	mark_tried(r, f->peer);
+	/* A lost connection whose holder is back already (it restarted and its new connection
+	 * replaced the old one) is not a failed holder: try it again at once, resuming. */
+	if (rc != ME_ECONN || !reconnected(s, f->peer, f->begun_ms))
+		mark_tried(r, f->peer);
 	s->stats.fetches_failed++;
 	if (f->fd >= 0) {
 		close(f->fd);
@@ -1669,8 +1680,19 @@ static int fetch_begin(struct sync *s, struct srepo *r, const struct store_repo 
 	s->nfetches++;
 	f->phase = F_REQUEST;
 	f->last_rx_ms = f->window_ms = me_mono_ms();
+	f->begun_ms = me_now_ms();
 	log_info("sync: fetching %s from %s (%zu haves%s)", r->id, f->peer_did, nhaves,
 		 r->has_part ? ", resuming" : "");
+	return 0;
+}
+
+/* While waiting for a new round: a holder of a newer state connected again since the last
+ * round failed (it restarted, or a partition healed), so the round need not wait. */
+static int holder_back(struct sync *s, struct srepo *r, int64_t mirror_seq)
+{
+	for (struct holder *h = r->holders; h; h = h->next)
+		if (h->seq > mirror_seq && reconnected(s, h->pk, r->retry_at_ms - RETRY_MS))
+			return 1;
 	return 0;
 }
 
@@ -1701,7 +1723,7 @@ static void schedule_repo(struct sync *s, struct srepo *r, int64_t now, int64_t 
 	}
 	if (!r->want && r->waiters == NULL)
 		goto out;
-	if (r->waiters == NULL && now < r->retry_at_ms)
+	if (r->waiters == NULL && now < r->retry_at_ms && !holder_back(s, r, sr.mirror_seq))
 		goto out;
 	if (s->net == NULL || s->nfetches >= SYNC_MAX_FETCHES)
 		goto out;
