@@ -147,3 +147,92 @@ def test_kill_9_sender_or_receiver_at_random_moments(daemon_factory, git_repo):
           f"(sender {kills['alpha']}, receiver {kills['bravo']}; {mid} with a partial bundle "
           f"on disk, {stayed_old} left the mirror at the old state), corruptions 0, "
           f"fetches_ok {st['fetches_ok']}, {time.monotonic() - t0:.1f} s, seed {SEED}")
+
+
+# ---- 2. a full disk -------------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(daemon_factory):
+    """mount(path, size): a tmpfs at path. Teardown stops the daemons whose root is on one
+    (SIGTERM, then SIGKILL) and unmounts it, even when the test failed."""
+    mounted = []
+
+    def mount(path, size):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], check=True, capture_output=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for d in daemon_factory.daemons:
+        if any(Path(d.root) == p or p in Path(d.root).parents for p in mounted) and \
+                d.proc.poll() is None:
+            d.proc.terminate()
+            try:
+                d.proc.wait(conftest.STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait()
+    for p in reversed(mounted):
+        subprocess.run(["umount", str(p)], capture_output=True)
+        if os.path.ismount(p):
+            subprocess.run(["umount", "-l", str(p)], capture_output=True)
+
+
+def used_bytes(path):
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@pytest.mark.parametrize("room", ["bundle", "mirror"])
+def test_full_disk_fails_cleanly_then_succeeds_once_space_is_freed(daemon_factory, git_repo,
+                                                                   tmpfs, room):
+    """room=bundle: the bundle itself does not fit; room=mirror: the bundle fits, the mirror
+    made from it does not."""
+    env = git_repo.env
+    base = "127.0.14." if room == "bundle" else "127.0.15."
+    a = Node(daemon_factory, "alpha", base + "1").start()
+    b = Node(daemon_factory, "bravo", base + "2")
+    src = git_repo(name="large", commits=2)
+    add_blob_commit(git_repo, src, 8 << 20, "x")
+    add_blob_commit(git_repo, src, 8 << 20, "y")
+    # the root on a small tmpfs, the identity made again on it
+    shutil.rmtree(b.root, ignore_errors=True)
+    size = "6m" if room == "bundle" else "24m"
+    tmpfs(b.root, size)
+    b.new_identity()
+    rid = a.j("repo", "add", src)["id"]
+    b.start([a])
+
+    def failed():
+        r = b.repos().get(rid) or {}
+        # "queued" while it waits for the next round, with the reason of the last failure
+        return r.get("state") in ("failed", "queued") and \
+            "no space left" in (r.get("error") or "").lower(), r
+    wait_for(failed, "B reports the full disk", [a, b], timeout=60)
+    err = b.repos()[rid]["error"]
+    assert "no space left" in b.d.stderr().lower(), b.log_tail()
+    # the daemon is up and answers, nothing is corrupted, nothing half-written is kept
+    assert b.d.proc.poll() is None
+    st = b.j("node", "status")["sync"]
+    assert st["fetches_failed"] >= 1
+    assert st["rejected_bundles"] == 0, "a full disk is not the peer's bad bundle"
+    assert_integrity(b)
+    m = mirror_of(b, rid)
+    if (m / "HEAD").exists():
+        fsck(m, env)
+        assert refs_of(m, env) == [], "refs of a state whose objects did not fit"
+    wait_for(lambda: (not parts(b), parts(b)), "the partial bundle is removed", [a, b])
+
+    # more room, same daemon: a sync now succeeds
+    subprocess.run(["mount", "-o", "remount,size=96m", str(b.root)], check=True)
+    b.mectl("repo", "sync", rid, timeout=120)
+    wait_for(synced(b, rid, src, env), "B mirrors once space is freed", [a, b], timeout=60)
+    fsck(m, env)
+    assert_integrity(b)
+    assert b.repos()[rid]["error"] is None
+    print(f"\nfaults: full disk ({room} does not fit in {size}): failed cleanly with "
+          f"{err!r}; after remount to 96m the same daemon replicated {used_bytes(b.root)} "
+          f"bytes, fsck and integrity_check clean, corruptions 0")
