@@ -236,3 +236,230 @@ def test_full_disk_fails_cleanly_then_succeeds_once_space_is_freed(daemon_factor
     print(f"\nfaults: full disk ({room} does not fit in {size}): failed cleanly with "
           f"{err!r}; after remount to 96m the same daemon replicated {used_bytes(b.root)} "
           f"bytes, fsck and integrity_check clean, corruptions 0")
+
+
+# ---- 3. partitions and packet loss between network namespaces ------------------------------
+
+NET = "10.77.0."
+
+
+def sh(*argv, check=True):
+    r = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=30)
+    if check:
+        assert r.returncode == 0, f"{' '.join(map(str, argv))}: {r.stderr}"
+    return r
+
+
+class Netns:
+    """Network namespaces, one per node, each with a veth to a bridge in a namespace of its
+    own: node i is 10.77.0.i/24. Nothing here touches the host's network."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.tag = f"mef{os.getpid() % 100000}"
+        self.bridge = f"{self.tag}br"
+        self.names = []
+        self.nodes = []
+
+    def setup_bridge(self):
+        r = sh("ip", "netns", "add", self.bridge, check=False)
+        if r.returncode != 0:
+            pytest.skip(f"ip netns add is not permitted here: {r.stderr.strip()}")
+        self.names.append(self.bridge)
+        sh("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.bridge, "link", "set", "br0", "up")
+
+    def ns(self, i):
+        return f"{self.tag}n{i}"
+
+    def node(self, i, alias):
+        """Node i in its namespace, listening on 10.77.0.i:9000 (not started)."""
+        ns = self.ns(i)
+        sh("ip", "netns", "add", ns)
+        self.names.append(ns)
+        sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}",
+           "netns", self.bridge)
+        sh("ip", "-n", ns, "addr", "add", f"{NET}{i}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", self.bridge, "link", "set", f"p{i}", "master", "br0", "up")
+        n = NsNode(self.factory, alias, f"{NET}{i}", port=9000)
+        n.ns = ns
+        self.nodes.append(n)
+        return n
+
+    def nft(self, node, *script):
+        sh("ip", "netns", "exec", node.ns, "nft", *script)
+
+    def partition(self, left, right):
+        """Every node drops what comes from the other group (both directions are cut)."""
+        for group, other in ((left, right), (right, left)):
+            addrs = ", ".join(n.ip for n in other)
+            for n in group:
+                self.nft(n, "add", "table", "inet", "mepart")
+                self.nft(n, "add", "chain", "inet", "mepart", "in",
+                         "{ type filter hook input priority 0; policy accept; }")
+                self.nft(n, "add", "rule", "inet", "mepart", "in", "ip", "saddr",
+                         "{", addrs, "}", "drop")
+
+    def heal(self, nodes):
+        for n in nodes:
+            self.nft(n, "delete", "table", "inet", "mepart")
+
+    def loss(self, nodes, percent):
+        """Each node drops percent % of the packets it receives (numgen random)."""
+        for n in nodes:
+            self.nft(n, "add", "table", "inet", "meloss")
+            self.nft(n, "add", "chain", "inet", "meloss", "in",
+                     "{ type filter hook input priority 0; policy accept; }")
+            self.nft(n, "add", "rule", "inet", "meloss", "in", "iifname", "eth0", "numgen",
+                     "random", "mod", "100", "<", str(percent), "counter", "drop")
+
+    def dropped(self, node, table):
+        out = sh("ip", "netns", "exec", node.ns, "nft", "list", "table", "inet", table).stdout
+        return sum(int(w.split()[0]) for w in out.split("packets")[1:])
+
+    def cleanup(self):
+        for n in self.nodes:
+            if n.d is not None and n.d.proc.poll() is None:
+                n.d.proc.terminate()
+                try:
+                    n.d.proc.wait(conftest.STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    n.d.proc.kill()
+                    n.d.proc.wait()
+        for name in reversed(self.names):
+            sh("ip", "netns", "del", name, check=False)
+
+
+class NsNode(Node):
+    """A Node whose daemon runs inside its network namespace (ip netns exec); its control
+    socket, a Unix socket in its root, is reached from here as usual."""
+    ns = None
+
+    def start(self, boots=(), extra=(), wait=True, interval=1):
+        argv = ["ip", "netns", "exec", self.ns, str(MEGAENGINED), "--root", str(self.root),
+                "--addr", self.addr, "--alias", self.alias, "--gossip-interval", str(interval),
+                "--log-level", "debug"]
+        for b in boots:
+            argv += ["--bootstrap-node", b.bootstrap]
+        argv += [str(a) for a in extra]
+        errpath = self.factory._logpath()
+        with open(errpath, "wb") as errf:
+            proc = subprocess.Popen(argv, env=self.factory.env, stdin=subprocess.DEVNULL,
+                                    stdout=errf, stderr=errf)
+        self.d = Daemon(self.factory, self.root, self.root / conftest.SOCKET_NAME, proc, errpath,
+                        self.port, self.factory.env, argv, custom_socket=False)
+        self.factory.daemons.append(self.d)
+        if wait:
+            self.d.wait_ready()
+        return self
+
+
+@pytest.fixture
+def netns(daemon_factory):
+    n = Netns(daemon_factory)
+    try:
+        n.setup_bridge()
+        yield n
+    finally:
+        n.cleanup()
+
+
+def knows(node, rid):
+    def check():
+        r = node.repos()
+        return rid in r, sorted(r)
+    return check
+
+
+def cross_peers(left, right):
+    """Connections between the groups that a node still lists."""
+    out = []
+    for group, other in ((left, right), (right, left)):
+        dids = {o.did for o in other}
+        out += [(n.alias, d) for n in group for d in n.peer_dids() if d in dids]
+    return out
+
+
+def test_partition_then_heal_converges_without_restart(daemon_factory, git_repo, netns):
+    env = git_repo.env
+    n1, n2, n3, n4 = (netns.node(i, a) for i, a in
+                      ((1, "alpha"), (2, "bravo"), (3, "charlie"), (4, "delta")))
+    n1.start()
+    n2.start([n1])
+    n3.start([n2])
+    n4.start([n3])
+    nodes = [n1, n2, n3, n4]
+    left, right = [n1, n2], [n3, n4]
+    pids = [n.d.pid for n in nodes]
+    src = git_repo(name="parted", commits=3)
+    add_blob_commit(git_repo, src, 1 << 20, "a")
+    rid = n1.j("repo", "add", src)["id"]
+    for n in nodes[1:]:
+        wait_for(synced(n, rid, src, env), f"{n.alias} mirrors before the partition", nodes,
+                 timeout=60)
+    before = refs_of(src, env)
+
+    netns.partition(left, right)
+    t_part = time.monotonic()
+    # on the left: a new commit; on the right: a new repository
+    add_blob_commit(git_repo, src, 1 << 20, "b")
+    other = git_repo(name="rightside", commits=2)
+    qid = n4.j("repo", "add", other)["id"]
+    wait_for(synced(n2, rid, src, env), "the commit reaches bravo (same side)", nodes)
+    wait_for(synced(n3, qid, other, env), "the new repository reaches charlie (same side)",
+             nodes)
+    # the connections across time out (idle timeout): the partition is a real one
+    wait_for(lambda: (not cross_peers(left, right), cross_peers(left, right)),
+             "connections across the partition are gone", nodes, timeout=90)
+    for n in right:
+        m = mirror_of(n, rid)
+        assert refs_of(m, env) == before, f"{n.alias} got the commit across the partition"
+        fsck(m, env)
+    for n in left:
+        assert qid not in n.repos(), f"{n.alias} learnt {qid} across the partition"
+    held = time.monotonic() - t_part
+
+    netns.heal(nodes)
+    t_heal = time.monotonic()
+    for n in right:
+        wait_for(synced(n, rid, src, env), f"the commit reaches {n.alias} after the heal",
+                 nodes, timeout=120)
+    for n in left:
+        wait_for(synced(n, qid, other, env), f"the new repository reaches {n.alias} after "
+                 f"the heal", nodes, timeout=120)
+    converged = time.monotonic() - t_heal
+    assert [n.d.pid for n in nodes] == pids and all(n.d.proc.poll() is None for n in nodes), \
+        "a daemon restarted"
+    for n in nodes:
+        for r, s in ((rid, src), (qid, other)):
+            if n is not n1 and not (n is n4 and r == qid):
+                fsck(mirror_of(n, r), env)
+        assert_integrity(n)
+    print(f"\nfaults: partition 2|2 held {held:.1f} s (connections across gone), a commit and a "
+          f"new repository stayed on their side; healed without a restart, converged in "
+          f"{converged:.1f} s; fsck and integrity_check clean, corruptions 0")
+
+
+def test_ten_percent_packet_loss_still_replicates(daemon_factory, git_repo, netns):
+    env = git_repo.env
+    a, b = netns.node(1, "alpha"), netns.node(2, "bravo")
+    netns.loss([a, b], 10)
+    a.start()
+    src = git_repo(name="lossy", commits=3)
+    add_blob_commit(git_repo, src, 6 << 20, "a")
+    rid = a.j("repo", "add", src)["id"]
+    t0 = time.monotonic()
+    b.start([a])
+    wait_for(synced(b, rid, src, env), "B replicates through 10 % loss", [a, b], timeout=150)
+    full = time.monotonic() - t0
+    add_blob_commit(git_repo, src, 1 << 20, "b")
+    wait_for(synced(b, rid, src, env), "B gets a commit through 10 % loss", [a, b],
+             timeout=120)
+    fsck(mirror_of(b, rid), env)
+    assert_integrity(b)
+    dropped = netns.dropped(a, "meloss") + netns.dropped(b, "meloss")
+    assert dropped > 0, "the loss rule dropped nothing"
+    print(f"\nfaults: 10 % packet loss: {dropped} packets dropped; 7 MiB replicated in "
+          f"{full:.1f} s and a commit after it; fsck and integrity_check clean, corruptions 0")
