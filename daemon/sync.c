@@ -1073,20 +1073,20 @@ static void verify_done(uv_work_t *w, int status)
 	if (g->vrc < 0) {
 		char why[ERRSZ];
 		/* a full disk (or memory) is this node's failure, not a bad bundle of the peer's */
-		int local = g->vrc == ME_ENOSPC || g->vrc == ME_ENOMEM;
+		int vrc = g->vrc, local = vrc == ME_ENOSPC || vrc == ME_ENOMEM;
 		if (local)
 			fmt(why, sizeof(why), "cannot store the bundle from %s: %s (%s)", g->peer_did,
-			    me_strerror(g->vrc), g->verr);
+			    me_strerror(vrc), g->verr);
 		else
 			fmt(why, sizeof(why), "bundle from %s rejected: %s", g->peer_did, g->verr);
-		log_warn("sync: %s (%s)", why, me_errname(g->vrc));
+		log_warn("sync: %s (%s)", why, me_errname(vrc));
 		if (!local)
 			s->stats.rejected_bundles++;
 		if (g->refuted && r != NULL && !s->closing)
 			refute_creator(s, r, g->creator_pk);
 		segrx_free(g, 1);
 		if (f != NULL && !s->closing)
-			fetch_end(f, local ? g->vrc : ME_EPROTO, why);
+			fetch_end(f, local ? vrc : ME_EPROTO, why);
 		else if (r != NULL && !s->closing)
 			fmt(r->error, sizeof(r->error), "%s", why);
 	} else {
