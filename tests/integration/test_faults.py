@@ -120,7 +120,7 @@ def test_kill_9_sender_or_receiver_at_random_moments(daemon_factory, git_repo):
         fsck(m, env)
         have = refs_of(m, env)
         assert have in (old, new), \
-            f"kill {i} ({victim.alias}, {when}): mirror refs are neither the old nor the new " \
+            f"kill {i} ({victim.alias}, {when}, seed {SEED}): mirror refs are neither the old nor the new " \
             f"state\nmirror: {have}\nold: {old}\nnew: {new}"
         stayed_old += have == old
         assert_integrity(victim)
@@ -131,7 +131,7 @@ def test_kill_9_sender_or_receiver_at_random_moments(daemon_factory, git_repo):
         else:
             b.start([a])
         dt = wait_for(synced(b, rid, src, env), f"transfer {i} completes after kill -9 of "
-                      f"{victim.alias} {when}", [a, b], timeout=COMPLETE_TIMEOUT)
+                      f"{victim.alias} {when} (seed {SEED})", [a, b], timeout=COMPLETE_TIMEOUT)
         if os.environ.get("ME_FAULT_VERBOSE"):
             print(f"  kill {i}: {victim.alias} {when}, part {had_part}, "
                   f"{'old' if have == old else 'new'}, completed {dt:.2f} s later")
@@ -142,11 +142,23 @@ def test_kill_9_sender_or_receiver_at_random_moments(daemon_factory, git_repo):
     wait_for(lambda: (not parts(b) and not list((Path(b.root) / "tmp").iterdir()),
                       list((Path(b.root) / "tmp").iterdir())),
              "B's partial bundles are gone", [a, b])
+    # what B kept through the kills is sound: each bundle of its series verifies, and a newcomer
+    # that only B can serve (A stopped) gets the whole history from it
+    series = sorted((Path(b.root) / "series" / rid[len("did:repo:z"):]).glob("*.bundle"))
+    assert series, "B kept no series"
+    for f in series:
+        git(mirror_of(b, rid), "bundle", "verify", "-q", f, env=env)
+    a.d.stop()
+    c = Node(daemon_factory, "charlie", "127.0.13.3").start([b])
+    t_c = wait_for(synced(c, rid, src, env), "C gets everything from B", [b, c], timeout=60)
+    fsck(mirror_of(c, rid), env)
+    assert_integrity(c)
     st = b.j("node", "status")["sync"]
     print(f"faults: kill -9: {KILL_TRANSFERS} transfers, {sum(kills.values())} kills "
           f"(sender {kills['alpha']}, receiver {kills['bravo']}; {mid} with a partial bundle "
           f"on disk, {stayed_old} left the mirror at the old state), corruptions 0, "
-          f"fetches_ok {st['fetches_ok']}, {time.monotonic() - t0:.1f} s, seed {SEED}")
+          f"{len(series)} bundles in B's series served to a newcomer in {t_c:.1f} s, "
+          f"{time.monotonic() - t0:.1f} s, seed {SEED}")
 
 
 # ---- 2. a full disk -------------------------------------------------------------------------
