@@ -131,6 +131,7 @@ struct fetch {
 	uint8_t creator_pk[ME_PK_LEN];
 	int64_t last_seq;    /* state of the last bundle announced (the mirror's at first) */
 	int64_t applied_seq; /* the mirror's state after the last bundle applied */
+	int base_unknown;    /* the mirror's refs are not those of applied_seq (see fetch_begin) */
 	int npieces;         /* bundles received */
 	uint64_t bytes_done, bytes_total;
 	struct segrx *queue; /* received, to verify in order */
@@ -593,7 +594,8 @@ static void verify_next(struct fetch *f)
 		return;
 	f->queue = g->next;
 	g->next = NULL;
-	g->base_seq = f->applied_seq;
+	g->base_seq = f->base_unknown ? -1 : f->applied_seq;
+	f->base_unknown = 0;
 	f->verifying = g;
 	f->r->jobs++;
 	f->s->jobs++;
@@ -1664,6 +1666,21 @@ static int fetch_begin(struct sync *s, struct srepo *r, const struct store_repo 
 			free(o);
 			git_repository_free(m);
 		}
+	}
+	/* The series grows by increments on its last state only. A mirror whose refs are not that
+	 * state's (killed after moving its refs, before the catalogue recorded the state) gets
+	 * increments on another base, which must not extend the series. */
+	series_load(s, r);
+	if (r->se.tail != NULL) {
+		size_t k = 0;
+		if (haves != NULL && nhaves > 1)
+			qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
+		for (size_t i = 0; haves != NULL && i < nhaves; i++)
+			if (k == 0 || memcmp(haves[k - 1], haves[i], ME_OID_LEN) != 0)
+				memmove(haves[k++], haves[i], ME_OID_LEN);
+		nhaves = k;
+		f->base_unknown = k != r->se.tail->ntips ||
+				  (k > 0 && memcmp(haves, r->se.tail->tips, k * ME_OID_LEN) != 0);
 	}
 	msgpack_sbuffer_init(&sb);
 	rc = xmsg_encode_request(&sb, r->id, (const uint8_t(*)[ME_OID_LEN])haves, nhaves,
