@@ -2,7 +2,7 @@
 
 - kill -9 of the receiving or the serving daemon at random moments of a series of transfers
   (a seeded RNG; the seed is printed, ME_FAULT_SEED=N replays it; ME_FAULT_TRANSFERS=N runs N
-  transfers instead of 24, 12 under ASan; ME_FAULT_VERBOSE=1 prints each kill);
+  transfers instead of 24, 20 under ASan; ME_FAULT_VERBOSE=1 prints each kill);
 - a full disk: the receiver's root on a small tmpfs, remounted larger while the daemon runs;
 - partitions and packet loss: daemons in network namespaces joined by a bridge (10.77.0.0/24,
   nothing leaves the namespaces made here), nftables rules dropping the traffic between two
@@ -29,7 +29,7 @@ from test_sync import mirror_of, refs_of
 
 ASAN = "asan" in str(conftest.BUILD_DIR)
 SEED = int(os.environ.get("ME_FAULT_SEED") or time.time_ns() % (1 << 32))
-KILL_TRANSFERS = int(os.environ.get("ME_FAULT_TRANSFERS") or (12 if ASAN else 24))
+KILL_TRANSFERS = int(os.environ.get("ME_FAULT_TRANSFERS") or (20 if ASAN else 24))
 COMPLETE_TIMEOUT = 90.0
 
 
