@@ -58,14 +58,18 @@ static void clear_err(char *err, size_t errsz)
  * when libgit2 says it ran out of memory or hit an OS error. */
 static int git_fail(char *err, size_t errsz, int code, const char *what)
 {
+	int oserr = errno;
 	const git_error *e = git_error_last();
 
 	set_err(err, errsz, "%s: %s", what,
 		e != NULL && e->message != NULL ? e->message : "unknown libgit2 error");
 	if (e != NULL && e->klass == GIT_ERROR_NOMEMORY)
 		return ME_ENOMEM;
+	/* a full disk is ours, not the data's: libgit2 appends strerror to OS errors */
 	if (e != NULL && e->klass == GIT_ERROR_OS)
-		return ME_EIO;
+		return oserr == ENOSPC || oserr == EDQUOT ||
+		       (e->message != NULL && strstr(e->message, strerror(ENOSPC)) != NULL) ?
+		       ME_ENOSPC : ME_EIO;
 	return code;
 }
 

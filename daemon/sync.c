@@ -131,6 +131,7 @@ struct fetch {
 	uint8_t creator_pk[ME_PK_LEN];
 	int64_t last_seq;    /* state of the last bundle announced (the mirror's at first) */
 	int64_t applied_seq; /* the mirror's state after the last bundle applied */
+	int base_unknown;    /* the mirror's refs are not those of applied_seq (see fetch_begin) */
 	int npieces;         /* bundles received */
 	int skipping;        /* reading past a bundle of a state the mirror has (no file) */
 	int nskipped;
@@ -139,6 +140,7 @@ struct fetch {
 	struct segrx *verifying;
 	int ended; /* the server finished its side after a Done */
 	int64_t last_rx_ms;
+	int64_t begun_ms;      /* wall clock: when it was requested */
 	int64_t window_ms;     /* start of the current rate window (monotonic) */
 	uint64_t window_bytes; /* bytes_done at its start */
 	int failed; /* a reason was recorded; the closing stream only cleans up */
@@ -415,6 +417,13 @@ static int was_tried(const struct srepo *r, const uint8_t pk[ME_PK_LEN])
 	return 0;
 }
 
+/* A connection to pk came up after since_ms (wall clock): a holder that restarted. */
+static int reconnected(struct sync *s, const uint8_t pk[ME_PK_LEN], int64_t since_ms)
+{
+	struct peer *p = s->net != NULL ? net_peer_find(s->net, pk) : NULL;
+	return p != NULL && net_peer_since_ms(p) > since_ms;
+}
+
 static void mark_tried(struct srepo *r, const uint8_t pk[ME_PK_LEN])
 {
 	if (!was_tried(r, pk) && r->ntried < MAX_TRIED)
@@ -532,7 +541,10 @@ static void fetch_end(struct fetch *f, int rc, const char *why)
 	f->failed = 1;
 	log_info("sync: fetch of %s from %s failed: %s", r->id, f->peer_did, why);
 	fmt(r->error, sizeof(r->error), "%s", why);
-	mark_tried(r, f->peer);
+	/* A lost connection whose holder is back already (it restarted and its new connection
+	 * replaced the old one) is not a failed holder: try it again at once, resuming. */
+	if (rc != ME_ECONN || !reconnected(s, f->peer, f->begun_ms))
+		mark_tried(r, f->peer);
 	s->stats.fetches_failed++;
 	if (f->fd >= 0) {
 		close(f->fd);
@@ -585,7 +597,8 @@ static void verify_next(struct fetch *f)
 		return;
 	f->queue = g->next;
 	g->next = NULL;
-	g->base_seq = f->applied_seq;
+	g->base_seq = f->base_unknown ? -1 : f->applied_seq;
+	f->base_unknown = 0;
 	f->verifying = g;
 	f->r->jobs++;
 	f->s->jobs++;
@@ -1091,14 +1104,21 @@ static void verify_done(uv_work_t *w, int status)
 		f->verifying = NULL;
 	if (g->vrc < 0) {
 		char why[ERRSZ];
-		fmt(why, sizeof(why), "bundle from %s rejected: %s", g->peer_did, g->verr);
-		log_warn("sync: %s (%s)", why, me_errname(g->vrc));
-		s->stats.rejected_bundles++;
+		/* a full disk (or memory) is this node's failure, not a bad bundle of the peer's */
+		int vrc = g->vrc, local = vrc == ME_ENOSPC || vrc == ME_ENOMEM;
+		if (local)
+			fmt(why, sizeof(why), "cannot store the bundle from %s: %s (%s)", g->peer_did,
+			    me_strerror(vrc), g->verr);
+		else
+			fmt(why, sizeof(why), "bundle from %s rejected: %s", g->peer_did, g->verr);
+		log_warn("sync: %s (%s)", why, me_errname(vrc));
+		if (!local)
+			s->stats.rejected_bundles++;
 		if (g->refuted && r != NULL && !s->closing)
 			refute_creator(s, r, g->creator_pk);
 		segrx_free(g, 1);
 		if (f != NULL && !s->closing)
-			fetch_end(f, ME_EPROTO, why);
+			fetch_end(f, local ? vrc : ME_EPROTO, why);
 		else if (r != NULL && !s->closing)
 			fmt(r->error, sizeof(r->error), "%s", why);
 	} else {
@@ -1677,6 +1697,21 @@ static int fetch_begin(struct sync *s, struct srepo *r, const struct store_repo 
 			git_repository_free(m);
 		}
 	}
+	/* The series grows by increments on its last state only. A mirror whose refs are not that
+	 * state's (killed after moving its refs, before the catalogue recorded the state) gets
+	 * increments on another base, which must not extend the series. */
+	series_load(s, r);
+	if (r->se.tail != NULL) {
+		size_t k = 0;
+		if (haves != NULL && nhaves > 1)
+			qsort(haves, nhaves, ME_OID_LEN, oid_cmp);
+		for (size_t i = 0; haves != NULL && i < nhaves; i++)
+			if (k == 0 || memcmp(haves[k - 1], haves[i], ME_OID_LEN) != 0)
+				memmove(haves[k++], haves[i], ME_OID_LEN);
+		nhaves = k;
+		f->base_unknown = k != r->se.tail->ntips ||
+				  (k > 0 && memcmp(haves, r->se.tail->tips, k * ME_OID_LEN) != 0);
+	}
 	msgpack_sbuffer_init(&sb);
 	rc = xmsg_encode_request(&sb, r->id, (const uint8_t(*)[ME_OID_LEN])haves, nhaves,
 				 r->has_part ? r->part_digest : NULL, r->has_part ? r->part_size : 0);
@@ -1699,8 +1734,19 @@ static int fetch_begin(struct sync *s, struct srepo *r, const struct store_repo 
 	s->nfetches++;
 	f->phase = F_REQUEST;
 	f->last_rx_ms = f->window_ms = me_mono_ms();
+	f->begun_ms = me_now_ms();
 	log_info("sync: fetching %s from %s (%zu haves%s)", r->id, f->peer_did, nhaves,
 		 r->has_part ? ", resuming" : "");
+	return 0;
+}
+
+/* While waiting for a new round: a holder of a newer state connected again since the last
+ * round failed (it restarted, or a partition healed), so the round need not wait. */
+static int holder_back(struct sync *s, struct srepo *r, int64_t mirror_seq)
+{
+	for (struct holder *h = r->holders; h; h = h->next)
+		if (h->seq > mirror_seq && reconnected(s, h->pk, r->retry_at_ms - RETRY_MS))
+			return 1;
 	return 0;
 }
 
@@ -1731,7 +1777,7 @@ static void schedule_repo(struct sync *s, struct srepo *r, int64_t now, int64_t 
 	}
 	if (!r->want && r->waiters == NULL)
 		goto out;
-	if (r->waiters == NULL && now < r->retry_at_ms)
+	if (r->waiters == NULL && now < r->retry_at_ms && !holder_back(s, r, sr.mirror_seq))
 		goto out;
 	if (s->net == NULL || s->nfetches >= SYNC_MAX_FETCHES)
 		goto out;

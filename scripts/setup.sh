@@ -19,6 +19,8 @@ PACKAGES=(
 	libclang-rt-dev
 	# for the booted-systemd test (tests/systemd): a Debian root, booted with systemd-nspawn
 	debootstrap systemd-container iproute2
+	# for tests/integration/test_faults.py: partitions and packet loss between network namespaces
+	nftables
 )
 
 # The packages not installed (dpkg's "ii": wanted install, status installed).
