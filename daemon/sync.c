@@ -849,6 +849,7 @@ static void verify_work(uv_work_t *w)
 		.rs = &g->rs.rs,
 		.creator_pk = g->creator_pk,
 		.check_binding = g->base_seq <= 0,
+		.cancel = &g->s->closing, /* set by sync_free on the loop's thread */
 	};
 	struct verify_res res;
 

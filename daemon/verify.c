@@ -619,7 +619,8 @@ static int decode_reply(const uint8_t *buf, size_t len, struct verify_res *res)
 			n[i] = s->via.array.ptr[i].via.u64;
 		v = n;
 		res->rc = a[0].type == MSGPACK_OBJECT_POSITIVE_INTEGER ? 0 : (int)a[0].via.i64;
-		memcpy(res->msg, a[1].via.str.ptr, ml);
+		if (ml > 0)
+			memcpy(res->msg, a[1].via.str.ptr, ml);
 		res->msg[ml] = '\0';
 		for (size_t i = 0; i < ml; i++)
 			if ((unsigned char)res->msg[i] < 0x20)
@@ -657,11 +658,11 @@ static uint64_t rss_bytes(pid_t pid)
 	return (uint64_t)res * (uint64_t)sysconf(_SC_PAGESIZE);
 }
 
-enum kill_why { K_NONE, K_MEM, K_TIME };
+enum kill_why { K_NONE, K_MEM, K_TIME, K_CANCEL };
 
 /* Spawns the child, feeds it req, collects at most VERIFY_MAX_REPLY bytes of reply, enforces
  * the limits. Fills res from how it ended. */
-static void run_child(const char *exe, const msgpack_sbuffer *req, uint64_t mem, unsigned cpu,
+static void run_child(const char *exe, const volatile int *cancel, const msgpack_sbuffer *req, uint64_t mem, unsigned cpu,
 		      unsigned wall, struct verify_res *res)
 {
 	static uint8_t dummy[4096];
@@ -758,6 +759,8 @@ static void run_child(const char *exe, const msgpack_sbuffer *req, uint64_t mem,
 			why = K_MEM;
 		else if (me_mono_ms() > deadline)
 			why = K_TIME;
+		else if (cancel != NULL && *cancel)
+			why = K_CANCEL;
 		if (why != K_NONE) {
 			kill(pid, SIGKILL);
 			while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
@@ -780,6 +783,9 @@ static void run_child(const char *exe, const msgpack_sbuffer *req, uint64_t mem,
 		res->rc = ME_ENOMEM;
 		set_msg(res->msg, sizeof(res->msg), "verifier exceeded its memory limit (%llu MiB)",
 			mib(mem));
+	} else if (why == K_CANCEL) {
+		res->rc = ME_ESHUTDOWN;
+		set_msg(res->msg, sizeof(res->msg), "verifier stopped: the daemon is shutting down");
 	} else if (why == K_TIME) {
 		res->rc = ME_ETIMEDOUT;
 		set_msg(res->msg, sizeof(res->msg), "verifier timed out (%u s)", wall);
@@ -857,7 +863,7 @@ int verify_bundle(const struct verify_req *r, struct verify_res *res)
 	if ((res->rc = encode_request(r, mem, cpu, &req)) < 0)
 		set_msg(res->msg, sizeof(res->msg), "cannot encode the verifier's request");
 	else
-		run_child(r->exe ? r->exe : "/proc/self/exe", &req, mem, cpu, wall, res);
+		run_child(r->exe ? r->exe : "/proc/self/exe", r->cancel, &req, mem, cpu, wall, res);
 	msgpack_sbuffer_destroy(&req);
 
 	if (res->rc < 0 && fresh)

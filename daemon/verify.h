@@ -20,7 +20,7 @@
  * bundle file and, when check_binding, the did:repo binding check (some root commit hashed
  * with the creator's key gives the repository id; refuted when none does).
  * The parent polls the child's resident size (/proc/PID/statm) and a wall-clock deadline and
- * kills it (SIGKILL) past either. A child that is killed, crashes or exits without a reply
+ * kills it (SIGKILL) past either, or when *cancel becomes non-zero (the daemon stops). A child that is killed, crashes or exits without a reply
  * rejects the bundle, and the mirror is put back as it was (mirror_cleanup; a pack it had
  * already moved in is removed when the refs did not change; a mirror created by this
  * verification is removed).
@@ -53,6 +53,7 @@ struct verify_req {
 	const uint8_t *creator_pk;
 	int check_binding;       /* first fetch: check the did:repo binding */
 	const char *exe;         /* NULL: /proc/self/exe */
+	const volatile int *cancel; /* optional: once non-zero, the child is killed (shutdown) */
 	/* 0: computed from the bundle's size (above) */
 	uint64_t mem_limit;
 	unsigned cpu_limit_s, wall_limit_s;
