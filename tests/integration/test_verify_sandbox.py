@@ -172,7 +172,7 @@ def vm_hwm(pid):
 def assert_mirror_clean(d, rid, packs):
     """No temporary directory or lock left in the mirror, and the packs of before."""
     m = mirror_path(d, rid)
-    left = [p.name for p in m.iterdir() if p.name.startswith("incoming")]
+    left = [p.name for p in m.iterdir() if p.name.startswith("me-incoming-")]
     assert not left, left
     locks = [str(p) for p in m.rglob("*.lock")]
     assert not locks, locks
