@@ -42,6 +42,7 @@ struct conn {
 	struct control *ctl;
 	struct me_frame_reader rd;
 	size_t pending_write;
+	size_t acct; /* what this connection counts in control.buffered */
 	int close_after_write;
 	int closing;
 	uid_t uid;
@@ -62,6 +63,9 @@ struct control {
 	gid_t group;
 	struct conn *conns;
 	size_t nconns;
+	size_t buffered; /* read buffers and unsent replies of all connections */
+	uint64_t refused_log_ms; /* the "too many connections" line is rate-limited */
+	uint64_t refused_suppressed;
 	size_t ndeferred;
 	uv_timer_t progress_timer; /* sends progress held back by the rate limit */
 	int handles; /* open libuv handles, for the deferred free */
@@ -130,6 +134,15 @@ static void conn_on_close(uv_handle_t *h)
 	control_maybe_release(c);
 }
 
+/* Re-counts what cn holds (its read buffer and its unsent replies) in the control-wide total,
+ * which CONTROL_MAX_BUFFERED bounds. */
+static void conn_account(struct conn *cn)
+{
+	size_t now = cn->closing ? 0 : cn->rd.cap + cn->pending_write;
+	cn->ctl->buffered = cn->ctl->buffered - cn->acct + now;
+	cn->acct = now;
+}
+
 static void conn_close(struct conn *cn)
 {
 	struct control *c = cn->ctl;
@@ -137,6 +150,7 @@ static void conn_close(struct conn *cn)
 	if (cn->closing)
 		return;
 	cn->closing = 1;
+	conn_account(cn);
 	if (cn->prev)
 		cn->prev->next = cn->next;
 	else
@@ -157,6 +171,7 @@ static void on_write(uv_write_t *req, int status)
 	struct ctl_pending *p = w->progress_of;
 
 	cn->pending_write -= w->len;
+	conn_account(cn);
 	free(w->data);
 	free(w);
 	if (p != NULL)
@@ -178,9 +193,10 @@ static struct wreq *conn_send(struct conn *cn, msgpack_sbuffer *sb)
 		return NULL;
 	}
 	/* One reply of any size is fine; replies piling up unread are not. */
-	if (cn->pending_write > 0 && cn->pending_write + sb->size > CONTROL_MAX_PENDING_WRITE) {
-		log_warn("control: client pid %ld does not read its replies; disconnecting",
-			 (long)cn->pid);
+	if (cn->pending_write > 0 && (cn->pending_write + sb->size > CONTROL_MAX_PENDING_WRITE ||
+				      cn->ctl->buffered + sb->size > CONTROL_MAX_BUFFERED)) {
+		log_warn("control: client pid %ld does not read its replies (%zu bytes unsent); "
+			 "disconnecting", (long)cn->pid, cn->pending_write);
 		msgpack_sbuffer_destroy(sb);
 		conn_close(cn);
 		return NULL;
@@ -193,6 +209,14 @@ static struct wreq *conn_send(struct conn *cn, msgpack_sbuffer *sb)
 	}
 	w->c = cn;
 	w->len = sb->size;
+	/* An sbuffer holds at least 8 KiB: replies waiting to be read keep only their bytes. */
+	if (sb->alloc - sb->size > 1024) {
+		char *d = realloc(sb->data, sb->size);
+		if (d != NULL) {
+			sb->data = d;
+			sb->alloc = sb->size;
+		}
+	}
 	w->data = msgpack_sbuffer_release(sb);
 	uv_buf_t buf = uv_buf_init(w->data, (unsigned)w->len);
 	cn->pending_write += w->len;
@@ -204,6 +228,7 @@ static struct wreq *conn_send(struct conn *cn, msgpack_sbuffer *sb)
 		conn_close(cn);
 		return NULL;
 	}
+	conn_account(cn);
 	return w;
 }
 
@@ -440,6 +465,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 	/* Frames that arrived before a bad header are still answered, then the stream fails. */
 	int frc = me_frame_reader_feed(&cn->rd, buf->base, (size_t)nread);
 	int rc;
+	conn_account(cn);
 	for (;;) {
 		const uint8_t *body;
 		size_t len;
@@ -449,6 +475,22 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 		handle_request(cn, body, len);
 		if (cn->closing || cn->close_after_write)
 			return;
+	}
+	/* An idle connection keeps no large buffer. */
+	if (rc == 0 && me_frame_reader_pending(&cn->rd) == 0 && cn->rd.cap > 65536) {
+		size_t max = cn->rd.max;
+		me_frame_reader_free(&cn->rd);
+		me_frame_reader_init(&cn->rd, max);
+		conn_account(cn);
+	}
+	/* Partial frames of all connections together stay within the budget: the connection
+	 * whose bytes go beyond it is dropped. */
+	if (rc == 0 && frc == 0 && cn->ctl->buffered > CONTROL_MAX_BUFFERED) {
+		log_warn("control: clients hold more than %u MiB of unfinished requests and unread "
+			 "replies; dropping pid %ld (%zu bytes buffered)", CONTROL_MAX_BUFFERED >> 20,
+			 (long)cn->pid, me_frame_reader_pending(&cn->rd));
+		conn_close(cn);
+		return;
 	}
 	if (rc == 0)
 		rc = frc;
@@ -503,7 +545,17 @@ static void on_connection(uv_stream_t *server, int status)
 		return;
 	}
 	if (c->nconns > CONTROL_MAX_CONNS) {
-		log_warn("control: too many connections (%d); refusing one", CONTROL_MAX_CONNS);
+		/* At most one line every 10 s, however fast they come. */
+		uint64_t now = uv_now(c->loop);
+		if (c->refused_log_ms == 0 || now - c->refused_log_ms >= 10000) {
+			log_warn("control: too many connections (%d); refusing new ones (%llu more "
+				 "refused since the last report)", CONTROL_MAX_CONNS,
+				 (unsigned long long)c->refused_suppressed);
+			c->refused_log_ms = now;
+			c->refused_suppressed = 0;
+		} else {
+			c->refused_suppressed++;
+		}
 		conn_close(cn);
 		return;
 	}

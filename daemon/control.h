@@ -13,6 +13,9 @@
 
 #define CONTROL_MAX_CONNS 1024
 #define CONTROL_MAX_PENDING_WRITE (8u << 20) /* a client that does not read is dropped */
+/* Read buffers and unsent replies of all connections together; beyond it the connection
+ * adding more is dropped. */
+#define CONTROL_MAX_BUFFERED (64u << 20)
 #define CONTROL_MAX_DEFERRED 16 /* requests awaiting their reply, per connection */
 #define CONTROL_PROGRESS_MIN_MS 100 /* at most 10 progress frames a second per request */
 

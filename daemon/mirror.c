@@ -18,6 +18,8 @@
 
 #include "common/err.h"
 #include "common/ids.h"
+#include "daemon/oidset.h"
+#include "daemon/thinpack.h"
 
 _Static_assert(GIT_OID_RAWSZ == ME_OID_LEN, "oid size");
 
@@ -145,129 +147,6 @@ static bool parse_hex_oid(const char *s, size_t len, git_oid *out)
 static bool gstr_eq_cstr(struct gmsg_str a, const char *b)
 {
 	return gmsg_str_eq(a, gmsg_str(b));
-}
-
-/* ---- oid set: open addressing, keyed hash (SipHash) so that an attacker choosing objects
- * cannot make the probes collide ---- */
-
-struct oidset_slot {
-	git_oid oid;
-	uint8_t used;
-	uint8_t val;
-};
-
-struct oidset {
-	struct oidset_slot *slots;
-	size_t cap, n; /* cap: a power of two, or 0 */
-	unsigned char key[crypto_shorthash_KEYBYTES];
-};
-
-static int oidset_init(struct oidset *s)
-{
-	memset(s, 0, sizeof(*s));
-	if (sodium_init() < 0)
-		return ME_EINTERNAL;
-	randombytes_buf(s->key, sizeof(s->key));
-	return 0;
-}
-
-static void oidset_free(struct oidset *s)
-{
-	free(s->slots);
-	memset(s, 0, sizeof(*s));
-}
-
-static size_t oidset_idx(const struct oidset *s, const git_oid *oid)
-{
-	unsigned char h[crypto_shorthash_BYTES];
-	uint64_t v;
-
-	crypto_shorthash(h, oid->id, GIT_OID_RAWSZ, s->key);
-	memcpy(&v, h, sizeof(v));
-	return (size_t)v & (s->cap - 1);
-}
-
-static struct oidset_slot *oidset_find(const struct oidset *s, const git_oid *oid)
-{
-	if (s->cap == 0)
-		return NULL;
-	for (size_t i = oidset_idx(s, oid);; i = (i + 1) & (s->cap - 1)) {
-		if (!s->slots[i].used)
-			return NULL;
-		if (memcmp(s->slots[i].oid.id, oid->id, GIT_OID_RAWSZ) == 0)
-			return &s->slots[i];
-	}
-}
-
-static bool oidset_has(const struct oidset *s, const git_oid *oid)
-{
-	return oidset_find(s, oid) != NULL;
-}
-
-static void oidset_place(struct oidset *s, const git_oid *oid, uint8_t val)
-{
-	size_t i = oidset_idx(s, oid);
-
-	while (s->slots[i].used)
-		i = (i + 1) & (s->cap - 1);
-	git_oid_cpy(&s->slots[i].oid, oid);
-	s->slots[i].used = 1;
-	s->slots[i].val = val;
-	s->n++;
-}
-
-/* Adds oid (keeping the old value when present). 1 added, 0 present, ME_ENOMEM. */
-static int oidset_put(struct oidset *s, const git_oid *oid, uint8_t val)
-{
-	if (oidset_find(s, oid) != NULL)
-		return 0;
-	if (s->n + 1 > s->cap / 2) {
-		size_t ncap = s->cap ? s->cap * 2 : 64;
-		struct oidset_slot *old = s->slots;
-		size_t ocap = s->cap;
-
-		if (ncap < s->cap || ncap > SIZE_MAX / sizeof(*old))
-			return ME_ENOMEM;
-		if ((s->slots = calloc(ncap, sizeof(*old))) == NULL) {
-			s->slots = old;
-			return ME_ENOMEM;
-		}
-		s->cap = ncap;
-		s->n = 0;
-		for (size_t i = 0; i < ocap; i++)
-			if (old[i].used)
-				oidset_place(s, &old[i].oid, old[i].val);
-		free(old);
-	}
-	oidset_place(s, oid, val);
-	return 1;
-}
-
-/* ---- oid vector ---- */
-
-struct oidvec {
-	git_oid *v;
-	size_t n, cap;
-};
-
-static int oidvec_push(struct oidvec *a, const git_oid *oid)
-{
-	if (a->n == a->cap) {
-		size_t ncap = a->cap ? a->cap * 2 : 64;
-		git_oid *p;
-		if (ncap < a->cap || ncap > SIZE_MAX / sizeof(*p) ||
-		    (p = realloc(a->v, ncap * sizeof(*p))) == NULL)
-			return ME_ENOMEM;
-		a->v = p;
-		a->cap = ncap;
-	}
-	git_oid_cpy(&a->v[a->n++], oid);
-	return 0;
-}
-
-static int oid_cmp(const void *a, const void *b)
-{
-	return git_oid_cmp(a, b);
 }
 
 /* ---- mirrors ---- */
@@ -1056,6 +935,8 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 	git_packbuilder *pb = NULL;
 	git_revwalk *walk = NULL;
 	git_odb *odb = NULL;
+	struct thinpack *tp = NULL;
+	size_t nobj = 0;
 	struct wctx w = { fd, 0, 0 };
 	char *hdr = NULL;
 	size_t hdrlen = 0;
@@ -1104,6 +985,15 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 	}
 	if ((rc = find_boundary(src, odb, &tipc, haves, nhaves, &pre, err, errsz)) < 0)
 		goto out;
+	/* An increment: a thin pack when it is small enough (else libgit2's, below). */
+	if (pre.n > 0 && (rc = thinpack_plan(src, tips, ntips, &haveset, &tipc, &pre, &tp, err,
+					     errsz)) < 0) {
+		if (rc != ME_ETOOBIG)
+			goto out;
+		clear_err(err, errsz);
+	}
+	if (tp != NULL)
+		goto header;
 
 	if (git_revwalk_new(&walk, src) < 0) {
 		rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
@@ -1124,6 +1014,7 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		goto out;
 	}
 
+header:
 	if ((rc = header_build(&pre, tips, ntips, &hdr, &hdrlen)) < 0) {
 		if (rc == ME_ETOOBIG)
 			set_err(err, errsz, "bundle header would exceed the limits (%zu "
@@ -1137,7 +1028,10 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		rc = ME_EIO;
 		goto out;
 	}
-	if (git_packbuilder_foreach(pb, pack_cb, &w) < 0) {
+	if (tp != NULL) {
+		if ((rc = thinpack_write(tp, fd, &w.bytes, &nobj, err, errsz)) < 0)
+			goto out;
+	} else if (git_packbuilder_foreach(pb, pack_cb, &w) < 0) {
 		if (w.err < 0) {
 			set_err(err, errsz, "cannot write the bundle: %s", strerror(-w.err));
 			rc = ME_EIO;
@@ -1149,13 +1043,14 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 	if (st != NULL) {
 		st->header_bytes = hdrlen;
 		st->pack_bytes = w.bytes;
-		st->objects = git_packbuilder_object_count(pb);
+		st->objects = tp != NULL ? nobj : git_packbuilder_object_count(pb);
 		st->prereqs = pre.n;
 		st->refs = ntips;
 	}
 	rc = 0;
 out:
 	free(hdr);
+	thinpack_free(tp);
 	git_revwalk_free(walk);
 	git_packbuilder_free(pb);
 	git_odb_free(odb);

@@ -97,9 +97,12 @@ struct bundle_stats {
  * (other haves are ignored). The prerequisites are the boundary, the excluded parents of the
  * commits sent, as `git bundle create` computes it; a bundle without usable haves is complete
  * and has none. A tip that the haves already cover is listed but neither sent nor required.
- * Annotated tag objects are sent unless they are haves themselves. The pack is not thin (no
- * delta against an object it lacks). It is streamed object by object (libgit2 still holds the
- * deltas while it builds the pack); the pack builder uses every CPU. ME_ETOOBIG when the
+ * Annotated tag objects are sent unless they are haves themselves. A complete bundle's pack
+ * (no prerequisites) is built by libgit2's pack builder (every CPU; it still holds the deltas
+ * while it builds the pack) and is self-contained. An increment within daemon/thinpack.h's
+ * limits is a thin pack, as `git fetch` gets: changed trees and blobs as deltas against the
+ * same path in the first parent, which the receiver has (indexers resolve such bases from the
+ * repository, as bundle_rx does); larger increments go through the pack builder. ME_ETOOBIG when the
  * header would exceed the input limits (retry with fewer haves or none). st may be NULL. On
  * failure part of a bundle may have been written. */
 int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,

@@ -5,6 +5,7 @@
 #include <dlfcn.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -28,6 +29,11 @@ static void sd_load(void)
 	if (sd.loaded)
 		return;
 	sd.loaded = 1;
+	/* Only a process systemd started has anything to talk to: the library and its
+	 * dependencies (about 1 MB of resident pages) are not loaded otherwise. */
+	if (getenv("NOTIFY_SOCKET") == NULL && getenv("LISTEN_FDS") == NULL &&
+	    getenv("JOURNAL_STREAM") == NULL && getenv("WATCHDOG_USEC") == NULL)
+		return;
 	h = dlopen("libsystemd.so.0", RTLD_NOW | RTLD_LOCAL);
 	if (h == NULL)
 		return;

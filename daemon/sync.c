@@ -132,6 +132,8 @@ struct fetch {
 	int64_t last_seq;    /* state of the last bundle announced (the mirror's at first) */
 	int64_t applied_seq; /* the mirror's state after the last bundle applied */
 	int npieces;         /* bundles received */
+	int skipping;        /* reading past a bundle of a state the mirror has (no file) */
+	int nskipped;
 	uint64_t bytes_done, bytes_total;
 	struct segrx *queue; /* received, to verify in order */
 	struct segrx *verifying;
@@ -560,7 +562,8 @@ static void fetch_complete(struct fetch *f)
 	    f->verifying != NULL)
 		return;
 	if (f->npieces == 0) {
-		fetch_end(f, ME_EPROTO, "the server sent nothing");
+		fetch_end(f, ME_EPROTO, f->nskipped > 0 ? "the server sent no state newer than the "
+			  "mirror" : "the server sent nothing");
 		return;
 	}
 	s->stats.fetches_ok++;
@@ -604,10 +607,23 @@ static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
 		fetch_end(f, ME_EPERM, "ref state not signed by the repository's creator");
 		return ME_EPERM;
 	}
-	/* each bundle reaches a newer state than the mirror and than the one before it */
+	/* each bundle reaches a newer state than the mirror and than the one before it; except
+	 * that a series may start with states the mirror has: when several states have the same
+	 * tips (only HEAD moved), the server cannot tell from our haves which one we are at, and
+	 * sends from the first. Those are read past, not written (a few, small, at the start). */
 	if ((int64_t)m->refstate.seq <= f->last_seq) {
-		fetch_end(f, ME_EPROTO, "offered state is not newer than the mirror");
-		return ME_EPROTO;
+		if (f->npieces > 0 || m->offset > 0 || f->nskipped >= SYNC_MAX_SKIPPED ||
+		    m->total_size > SYNC_MAX_SKIPPED_SIZE) {
+			fetch_end(f, ME_EPROTO, "offered state is not newer than the mirror");
+			return ME_EPROTO;
+		}
+		f->nskipped++;
+		f->skipping = 1;
+		f->phase = F_DATA;
+		f->total = m->total_size;
+		f->offset = 0;
+		f->pos = 0;
+		return 0;
 	}
 	if (m->total_size > f->max_bytes) {
 		fmt(why, sizeof(why), "bundle of %" PRIu64 " bytes is over the limit of %" PRIu64
@@ -745,6 +761,11 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 			fetch_end(f, ME_EPROTO, "data past the announced size");
 			break;
 		}
+		if (f->skipping) {
+			f->pos += m.len;
+			f->s->stats.bytes_fetched += m.len;
+			break;
+		}
 		for (size_t off = 0; off < m.len;) {
 			ssize_t k = write(f->fd, m.data + off, m.len - off);
 			if (k < 0 && errno == EINTR)
@@ -769,6 +790,15 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 	case XMSG_DONE:
 		if (f->phase != F_DATA)
 			goto order;
+		if (f->skipping) {
+			if (f->pos != f->total) {
+				fetch_end(f, ME_EPROTO, "transfer ended before the announced size");
+				break;
+			}
+			f->skipping = 0;
+			f->phase = F_IDLE;
+			break;
+		}
 		fetch_done_frame(f, &m);
 		break;
 	case XMSG_ERROR: {

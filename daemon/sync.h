@@ -33,6 +33,9 @@
 #define SYNC_MAX_SERVES 8          /* concurrent transfers served, total */
 #define SYNC_MAX_SERVES_PER_PEER 2 /* concurrent transfers served to one peer */
 #define SYNC_CHUNK (64u * 1024)
+/* Bundles of states the mirror already has, read past at the start of a series transfer. */
+#define SYNC_MAX_SKIPPED 16
+#define SYNC_MAX_SKIPPED_SIZE (1u << 20)
 #define SERIES_MAX 64 /* bundles in a series before it starts over with a complete one */
 
 struct sync;

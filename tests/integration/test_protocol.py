@@ -14,6 +14,7 @@ import stat
 import struct
 import subprocess
 import threading
+import time
 
 import msgpack
 import pytest
@@ -506,6 +507,156 @@ def test_200_idle_connections(proto_daemon, honest):
         for s in conns:
             s.close()
     check_alive(proto_daemon, honest)
+
+
+def rss_kib(daemon, field="VmRSS"):
+    with open(f"/proc/{daemon.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {daemon.proc.pid}")
+
+
+def sanitized():
+    """ASan keeps freed memory in quarantine and shadows what it maps: RSS says nothing there."""
+    from protocol_fixtures import MEGAENGINED
+    with open(MEGAENGINED, "rb") as f:
+        return b"__asan_init" in f.read()
+
+
+def count_closed(socks, timeout=5.0):
+    """How many of socks the daemon closed (EOF or reset) within timeout; epoll-based, so
+    descriptors above 1,024 are fine."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+    closed, pending, deadline = 0, set(socks), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for key, _ in sel.select(0.2):
+            s = key.fileobj
+            pending.discard(s)
+            sel.unregister(s)
+            try:
+                if s.recv(1) == b"":
+                    closed += 1
+            except ConnectionResetError:
+                closed += 1
+    sel.close()
+    return closed
+
+
+def test_1000_idle_connections_and_the_connection_limit(proto_factory):
+    """1,000 idle connections (half of them with a partial frame header pending) cost the daemon
+    little memory and do not stop it answering; past CONTROL_MAX_CONNS (1,024) new connections
+    are closed at once, with one log line, not one per connection."""
+    d = proto_factory.start()
+    with d.connect() as honest_c:
+        honest_c.request("node.status")
+        base = rss_kib(d)
+        conns = []
+        try:
+            for i in range(1000):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.socket))
+                if i % 2:
+                    s.sendall(b"\x00\x00")  # half a length prefix, never finished
+                conns.append(s)
+            st = honest_c.request("node.status")
+            assert st["control_connections"] >= 1001
+            grown = rss_kib(d) - base
+            if not sanitized():
+                # About 4 KiB of read buffer and a libuv handle each.
+                assert grown < 16 * 1024, f"1,000 idle connections cost {grown} KiB"
+            # Beyond the limit: closed without a reply, the daemon keeps serving.
+            extra = []
+            for _ in range(60):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.socket))
+                extra.append(s)
+            assert honest_c.request("node.id")  # the daemon has accepted them by now
+            refused = count_closed(extra)
+            # 1,000 idle + the honest one + (at most) the fixture's own are within 1,024.
+            assert 30 <= refused <= 60, refused
+            assert honest_c.request("node.id")
+        finally:
+            for s in conns + extra:
+                s.close()
+        st = honest_c.request("node.status")
+        assert st["control_connections"] < 10
+    assert d.alive()
+    assert d.stderr().count("too many connections") <= 2, d.stderr()
+
+
+def test_unfinished_frames_are_bounded_in_all(proto_factory):
+    """Forty clients each send 1 MiB - 1 of a 1 MiB frame and stop: what the daemon buffers for
+    all of them together stays within CONTROL_MAX_BUFFERED (64 MiB); the client that goes past it
+    is dropped, the others and honest clients are served."""
+    d = proto_factory.start()
+    with d.connect() as honest_c:
+        honest_c.request("node.status")
+        base = rss_kib(d)
+        body = MiB
+        conns = []
+        try:
+            for _ in range(40):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.socket))
+                s.settimeout(20)
+                s.sendall(struct.pack(">I", body) + b"\x00" * (body - 1))
+                conns.append(s)
+            honest_c.request("node.id")  # all of the above has been read by now
+            dropped = count_closed(conns, timeout=3)
+            # Each partial frame holds a 2 MiB buffer: 64 MiB take 32 of them.
+            assert 4 <= dropped <= 12, dropped
+            if not sanitized():
+                grown = rss_kib(d, "VmHWM") - base
+                assert grown < 96 * 1024, f"unfinished frames cost {grown} KiB"
+        finally:
+            for s in conns:
+                s.close()
+        assert honest_c.request("node.status")["control_connections"] < 10
+    assert "unfinished requests and unread replies" in d.stderr()
+    assert d.alive()
+
+
+def test_clients_that_do_not_read_are_bounded_in_all(proto_factory, repos):
+    """Twelve clients pipeline requests and never read: each may leave up to 8 MiB of replies
+    unsent, all of them together at most 64 MiB; the daemon's memory stays bounded and it keeps
+    answering a client that reads."""
+    d = proto_factory.start()
+    with d.connect() as watcher:
+        watcher.request("repo.add", {"path": str(repos()), "description": "d" * 1024})
+        one = len(pack({"v": 1, "id": 1, "kind": "result",
+                        "result": watcher.request("repo.list")}))
+        base = rss_kib(d)
+        n = (7 * MiB) // one  # under the per-connection bound: only the total can stop them
+        req = b"".join(frame(pack(request_obj("repo.list", rid=i + 1))) for i in range(n))
+        conns = []
+        try:
+            for _ in range(12):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(str(d.socket))
+                s.settimeout(30)
+                try:
+                    s.sendall(req)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                conns.append(s)
+            deadline = time.monotonic() + 30
+            while "does not read its replies" not in d.stderr() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert watcher.request("repo.list")["repos"][0]["description"] == "d" * 1024
+            if not sanitized():
+                grown = rss_kib(d, "VmHWM") - base
+                # 64 MiB of replies in all, plus the requests being read and allocator slack.
+                assert grown < 112 * 1024, f"unread replies cost {grown} KiB"
+        finally:
+            for s in conns:
+                s.close()
+    assert "does not read its replies" in d.stderr()
+    assert d.alive()
 
 
 def test_client_that_does_not_read_is_dropped(proto_factory, repos, proto_env):

@@ -6,6 +6,7 @@ Every check of a repository goes through the git CLI: the mirrors under $ROOT/re
 127.0.0.0/8.
 """
 import os
+import subprocess
 import sqlite3
 import time
 from pathlib import Path
@@ -189,6 +190,63 @@ def test_one_commit_update_is_small(daemon_factory, git_repo):
     print(f"\nfull transfer {full} bytes, one-commit update {update} bytes")
     # a commit, a tree and a blob, plus the bundle header: a few KiB, not the repository
     assert 0 < update < 8192, update
+
+
+def git_fetch_pack_size(path, new, old, env):
+    """Bytes of the pack `git fetch` would get for old..new: what upload-pack sends (thin,
+    offset deltas), made by the same pack-objects call."""
+    r = subprocess.run(["git", "-C", str(path), "pack-objects", "--thin", "--stdout", "--revs",
+                        "--delta-base-offset", "-q"], input=f"{new}\n^{old}\n".encode(),
+                       capture_output=True, env=env, check=True)
+    return len(r.stdout)
+
+
+def test_update_bytes_within_git_fetch_budget(daemon_factory, git_repo):
+    """Issue 8's target, asserted: a one-commit update costs at most 1.2 times the pack git
+    fetch transfers for it, plus 4 KB (the bundle header and ref lines). The repository has
+    18 refs and a deep tree; the commit edits lines of large text files, so whole objects (what
+    a non-thin pack carries) would be far over budget: the increment must be thin."""
+    env = git_repo.env
+    a = Node(daemon_factory, "alpha", "127.0.9.5").start()
+    b = Node(daemon_factory, "bravo", "127.0.9.6").start([a])
+    src = git_repo(name="textrepo", commits=1)
+    for d in range(3):
+        sub = src / "src" / f"mod{d}" / "impl"
+        sub.mkdir(parents=True)
+        for f in range(40):
+            lines = [f"line {i} of file {f} in module {d}: {os.urandom(6).hex()}"
+                     for i in range(3000 if f < 2 else 20)]
+            (sub / f"f{f}.c").write_text("\n".join(lines) + "\n")
+    git_repo.git(src, "add", ".")
+    git_repo.git(src, "commit", "-q", "-m", "sources")
+    for i in range(8):
+        git_repo.git(src, "branch", f"topic/b{i}")
+        git_repo.git(src, "tag", "-a", f"v1.{i}", "-m", f"release 1.{i}")
+    rid = a.j("repo", "add", src)["id"]
+    wait_for(mirror_matches(b, rid, src, env), "B mirrors", [a, b])
+    results = []
+    for step in range(3):
+        old = git_repo.git(src, "rev-parse", "HEAD")
+        before = b.j("node", "status")["sync"]["bytes_fetched"]
+        for d in range(3):
+            f = src / "src" / f"mod{d}" / "impl" / f"f{step % 2}.c"
+            lines = f.read_text().split("\n")
+            lines[100 + 37 * step] = f"edited in step {step}"
+            lines.insert(2000, f"added in step {step}")
+            f.write_text("\n".join(lines))
+        git_repo.git(src, "commit", "-q", "-am", f"edit {step}")
+        new = git_repo.git(src, "rev-parse", "HEAD")
+        wait_for(mirror_matches(b, rid, src, env), f"B has update {step}", [a, b])
+        update = b.j("node", "status")["sync"]["bytes_fetched"] - before
+        gitpack = git_fetch_pack_size(src, new, old, env)
+        whole = sum(len(git_repo.git(src, "cat-file", "-p", f"{new}:src/mod{d}/impl/f{step % 2}.c"))
+                    for d in range(3))
+        results.append((update, gitpack, whole))
+        assert 0 < update <= 1.2 * gitpack + 4096, (step, update, gitpack)
+        assert update < whole // 10, (step, update, whole)
+    git(mirror_of(b, rid), "fsck", "--strict", env=env)
+    print("\nupdate bytes (megaengine, git fetch pack, changed files whole): " +
+          "; ".join(f"{u} / {g} / {w}" for u, g, w in results))
 
 
 def test_kill_9_receiver_mid_transfer_then_completes(daemon_factory, git_repo):

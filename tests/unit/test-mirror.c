@@ -476,6 +476,72 @@ static void test_incremental(void **state)
 	git_repository_free(m);
 }
 
+/* Steps of sync_step() whose bundles git must index too: a mirror copy taken before the step
+ * unbundles it (index-pack --fix-thin) and passes fsck. */
+static size_t thin_step(git_repository *m, const char *src, const char *mdir, const char *b,
+			const char *name, struct bundle_stats *st)
+{
+	char copy[PATH_MAX];
+	size_t sz;
+
+	path_in(copy, sizeof(copy), name);
+	sh("rm -rf '%s' && git clone -q --mirror '%s' '%s'", copy, mdir, copy);
+	sz = sync_step(m, src, mdir, b, st);
+	sh("git -C '%s' bundle unbundle '%s' >/dev/null && git -C '%s' fsck --strict --no-progress "
+	   ">/dev/null 2>&1", copy, b, copy);
+	return sz;
+}
+
+static void test_thin(void **state)
+{
+	char src[PATH_MAX], mdir[PATH_MAX], b[PATH_MAX];
+	struct bundle_stats st;
+	git_repository *m;
+	size_t sz;
+	(void)state;
+
+	m = synced("thin", src, sizeof(src), mdir, sizeof(mdir));
+	path_in(b, sizeof(b), "thin.bundle");
+	/* A 300 kB text file deep down and a directory of 400 files: new, so sent whole. */
+	sh("cd '%s' && git checkout -q main && mkdir -p deep/er/est many && "
+	   "seq 1 20000 | sed 's/$/ some text of a line/' > deep/er/est/big.txt && "
+	   "for i in $(seq 1 400); do echo $i > many/file-$i; done && git add deep many && "
+	   "git commit -q -m big", src);
+	sz = thin_step(m, src, mdir, b, "thin-copy1.git", &st);
+	assert_true(sz > 40000);
+
+	/* One line changed and one added in the big file, one file more in the directory: the
+	 * blob and the trees on both paths go as deltas against the previous versions. */
+	sh("cd '%s' && sed -i -e '20000s/.*/changed line/' -e '30000a added line' "
+	   "deep/er/est/big.txt && echo new > many/new-file && git add -A && "
+	   "git commit -q -m edit", src);
+	sz = thin_step(m, src, mdir, b, "thin-copy2.git", &st);
+	assert_true(sz < 2500);
+	assert_int_equal(st.objects, 8); /* commit, root, deep, er, est, big.txt, many, new-file */
+
+	/* A file changed and changed back within one increment (X -> Y -> X -> Y): no object is
+	 * its own base, however the versions repeat. */
+	sh("cd '%s' && cp deep/er/est/big.txt /tmp/me-thin-x && echo y >> deep/er/est/big.txt && "
+	   "cp deep/er/est/big.txt /tmp/me-thin-y && git commit -q -am y1 && "
+	   "cp /tmp/me-thin-x deep/er/est/big.txt && git commit -q -am x2 && "
+	   "cp /tmp/me-thin-y deep/er/est/big.txt && git commit -q -am y3 && "
+	   "rm -f /tmp/me-thin-x /tmp/me-thin-y", src);
+	thin_step(m, src, mdir, b, "thin-copy3.git", &st);
+
+	/* 55 commits editing the same file: the chain is cut at THIN_MAX_DEPTH (50), where one
+	 * version goes whole (about 80 kB here), the others as deltas. */
+	sh("cd '%s' && for i in $(seq 1 55); do sed -i \"${i}00s/.*/edit $i/\" "
+	   "deep/er/est/big.txt && git commit -q -am e$i; done", src);
+	sz = thin_step(m, src, mdir, b, "thin-copy4.git", &st);
+	assert_true(sz > 40000 && sz < 160000);
+
+	/* A merge of two branches that both changed the file. */
+	sh("cd '%s' && git checkout -q -b t2 main~5 && sed -i '1s/.*/side/' deep/er/est/big.txt && "
+	   "git commit -q -am side && git checkout -q main && git merge -q --no-edit t2 >/dev/null", src);
+	thin_step(m, src, mdir, b, "thin-copy5.git", &st);
+	git_repository_free(m);
+}
+
 static void test_write_haves(void **state)
 {
 	char src[PATH_MAX], b[PATH_MAX], err[256];
@@ -1369,6 +1435,7 @@ int main(void)
 		cmocka_unit_test(test_open),
 		cmocka_unit_test(test_full),
 		cmocka_unit_test(test_incremental),
+		cmocka_unit_test(test_thin),
 		cmocka_unit_test(test_write_haves),
 		cmocka_unit_test(test_tampered),
 		cmocka_unit_test(test_hostile_header),
