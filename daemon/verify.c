@@ -40,6 +40,8 @@
 #endif
 
 #define POLL_MS 20
+#define VERIFY_MWINDOW_SIZE (32u << 20)
+#define VERIFY_MWINDOW_LIMIT (256u << 20)
 #define CPU_KILL_AFTER_S 5 /* RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later */
 #define REQ_VERSION 1
 #define NSTATS 7
@@ -451,6 +453,11 @@ int verify_main(int argc, char **argv)
 	child_limits(&q);
 	gitrepo_global_init();
 	git_libgit2_opts(GIT_OPT_SET_ALLOCATOR, &bounded_alloc);
+	/* libgit2 maps packs in windows of 1 GiB, up to 8 GiB in all by default: small ones
+	 * keep the address space (RLIMIT_AS) for what the bundle needs, whatever the size of the
+	 * mirror's packs the thin bases come from */
+	git_libgit2_opts(GIT_OPT_SET_MWINDOW_SIZE, (size_t)VERIFY_MWINDOW_SIZE);
+	git_libgit2_opts(GIT_OPT_SET_MWINDOW_MAPPED_LIMIT, (size_t)VERIFY_MWINDOW_LIMIT);
 	rc = child_work(&q, msg, sizeof(msg), &refuted, &st);
 	if (rc < 0 && (alloc_failed || rc == ME_ENOMEM || near_as_limit(q.mem_limit))) {
 		rc = ME_ENOMEM;
@@ -638,10 +645,11 @@ static int decode_reply(const uint8_t *buf, size_t len, struct verify_res *res)
 	return rc;
 }
 
+/* The child's resident anonymous memory (resident minus file-backed pages). */
 static uint64_t rss_bytes(pid_t pid)
 {
 	char p[64], buf[128];
-	unsigned long long size = 0, res = 0;
+	unsigned long long size = 0, res = 0, shared = 0;
 	ssize_t n;
 	int fd;
 
@@ -653,9 +661,10 @@ static uint64_t rss_bytes(pid_t pid)
 	if (n <= 0)
 		return 0;
 	buf[n] = '\0';
-	if (sscanf(buf, "%llu %llu", &size, &res) != 2)
+	if (sscanf(buf, "%llu %llu %llu", &size, &res, &shared) != 3 || shared > res)
 		return 0;
-	return (uint64_t)res * (uint64_t)sysconf(_SC_PAGESIZE);
+	/* file-backed pages (the packs libgit2 maps) are not what the limit is about */
+	return (uint64_t)(res - shared) * (uint64_t)sysconf(_SC_PAGESIZE);
 }
 
 enum kill_why { K_NONE, K_MEM, K_TIME, K_CANCEL };

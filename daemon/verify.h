@@ -19,7 +19,9 @@
  * what the daemon did in-process: mirror_open (creating the mirror), bundle_rx_* fed from the
  * bundle file and, when check_binding, the did:repo binding check (some root commit hashed
  * with the creator's key gives the repository id; refuted when none does).
- * The parent polls the child's resident size (/proc/PID/statm) and a wall-clock deadline and
+ * libgit2's pack windows are made small (32 MiB, 256 MiB mapped in all) so that the mirror's
+ * packs do not eat the address space.
+ * The parent polls the child's resident size (/proc/PID/statm, without file-backed pages) and a wall-clock deadline and
  * kills it (SIGKILL) past either, or when *cancel becomes non-zero (the daemon stops). A child that is killed, crashes or exits without a reply
  * rejects the bundle, and the mirror is put back as it was (mirror_cleanup; a pack it had
  * already moved in is removed when the refs did not change; a mirror created by this
