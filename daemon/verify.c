@@ -536,7 +536,8 @@ static bool states_equal(const struct mirror_state *a, const struct mirror_state
 	return true;
 }
 
-/* After a child that did not end on its own: what an interrupted apply can leave goes. */
+/* After a failed verification (a child killed, or one that ran out of memory and could not
+ * clean up): what an interrupted apply can leave goes. */
 static void restore_mirror(const char *root, const char *repo_id, const char *mpath,
 			   const struct mirror_state *before, int have_before,
 			   const char *packs_before)
@@ -877,7 +878,7 @@ int verify_bundle(const struct verify_req *r, struct verify_res *res)
 
 	if (res->rc < 0 && fresh)
 		nftw(mpath, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
-	else if (res->killed)
+	else if (res->rc < 0) /* a child out of memory may not even have cleaned up */
 		restore_mirror(r->root, repo_id, mpath, &before, have_before, packs);
 	mirror_state_free(&before);
 	free(packs);

@@ -23,7 +23,8 @@
  * packs do not eat the address space.
  * The parent polls the child's resident size (/proc/PID/statm, without file-backed pages) and a wall-clock deadline and
  * kills it (SIGKILL) past either, or when *cancel becomes non-zero (the daemon stops). A child that is killed, crashes or exits without a reply
- * rejects the bundle, and the mirror is put back as it was (mirror_cleanup; a pack it had
+ * rejects the bundle. After any failure the mirror is put back as it was (mirror_cleanup, as a
+ * child that ran out of memory may not have cleaned up; a pack it had
  * already moved in is removed when the refs did not change; a mirror created by this
  * verification is removed).
  *
