@@ -19,6 +19,7 @@
 #include "daemon/node.h"
 #include "daemon/sdglue.h"
 #include "daemon/tls.h"
+#include "daemon/verify.h"
 
 #define STATUS_EVERY_MS 5000
 
@@ -170,6 +171,9 @@ int main(int argc, char **argv)
 	int rc, status = EXIT_FAILURE;
 	uint64_t wd_usec;
 
+	/* The bundle verifier (daemon/verify.c): a fresh exec of this binary, before anything. */
+	if (argc == 2 && strcmp(argv[1], VERIFY_ARG) == 0)
+		return verify_main(argc, argv);
 	main_argc = argc;
 	main_argv = argv;
 	rc = me_config_load(&cfg, argc, argv, err, sizeof(err));

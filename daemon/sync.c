@@ -12,7 +12,6 @@
 #include <unistd.h>
 
 #include <dirent.h>
-#include <ftw.h>
 #include <git2.h>
 #include <sodium.h>
 
@@ -24,6 +23,7 @@
 #include "common/util.h"
 #include "daemon/gossip.h"
 #include "daemon/mirror.h"
+#include "daemon/verify.h"
 
 #define TICK_MS 1000
 #define HOLDER_TTL_MS (10 * 60 * 1000)  /* a holder not heard from for this long is forgotten */
@@ -879,132 +879,27 @@ static const struct net_xfer_callbacks fetch_cb = {
 	.closed = fetch_on_closed,
 };
 
-/* The did:repo binding, checked by the verifier on the first fetch: some root commit of the
- * history (a commit without parents reachable from the tips) hashed with the creator's key
- * must give the repository id. */
-struct bind_arg {
-	const uint8_t *creator_pk;
-	const char *repo_id;
-	int refuted; /* set when no root commit matches: the claimed creator is not the creator */
-};
-
-static int check_binding(git_repository *view, const struct gmsg_refstate *rs, void *arg,
-			 char *err, size_t errsz)
-{
-	struct bind_arg *b = arg;
-	git_revwalk *w = NULL;
-	git_oid oid;
-	int found = 0, rc = ME_EPERM, pushed = 0;
-
-	if (git_revwalk_new(&w, view) < 0) {
-		fmt(err, errsz, "revwalk: %s", git_error_last() ? git_error_last()->message : "");
-		return ME_EGIT;
-	}
-	for (size_t i = 0; i < rs->nrefs; i++) {
-		git_oid t;
-		git_object *o = NULL;
-		git_oid_fromraw(&t, rs->refs[i].oid);
-		if (git_object_lookup(&o, view, &t, GIT_OBJECT_ANY) < 0)
-			continue;
-		git_object *peeled = NULL;
-		if (git_object_peel(&peeled, o, GIT_OBJECT_COMMIT) == 0) {
-			if (git_revwalk_push(w, git_object_id(peeled)) == 0)
-				pushed++;
-			git_object_free(peeled);
-		}
-		git_object_free(o);
-	}
-	while (pushed > 0 && !found && git_revwalk_next(&oid, w) == 0) {
-		git_commit *c = NULL;
-		if (git_commit_lookup(&c, view, &oid) < 0)
-			continue;
-		if (git_commit_parentcount(c) == 0) {
-			char id[ME_DID_REPO_SIZE];
-			if (me_did_repo_compute(oid.id, b->creator_pk, id, sizeof(id)) == 0 &&
-			    strcmp(id, b->repo_id) == 0)
-				found = 1;
-		}
-		git_commit_free(c);
-	}
-	git_revwalk_free(w);
-	if (found)
-		rc = 0;
-	else
-		b->refuted = 1;
-	if (!found)
-		fmt(err, errsz, "no root commit of this history gives the repository id with "
-			 "the creator's key");
-	return rc;
-}
-
-static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw)
-{
-	(void)sb, (void)type, (void)ftw;
-	return remove(p) < 0 && errno != ENOENT ? -1 : 0;
-}
-
+/* Verifies and applies a received bundle in a child process with hard limits (verify.h): a
+ * hostile pack can only kill that child. On a first fetch the child also checks the did:repo
+ * binding. Any failure leaves the mirror as it was (a mirror this fetch created is removed). */
 static void verify_work(uv_work_t *w)
 {
 	struct segrx *g = (struct segrx *)((char *)w - offsetof(struct segrx, work));
-	git_repository *m = NULL;
-	struct bundle_rx *rx = NULL;
-	uint8_t *buf = NULL;
-	int fd = -1, rc;
-	struct bind_arg ba = { g->creator_pk, g->rs.rs.repo_id.ptr, 0 };
-	struct bundle_rx_opts o = { .max_bytes = g->max_bytes };
-	char mpath[PATH_MAX];
-	struct stat st;
-	/* A first fetch creates the mirror: when it fails, the mirror goes again, so the data
-	 * root is exactly as before. */
-	int fresh = mirror_path(g->root, g->rs.rs.repo_id.ptr, mpath, sizeof(mpath)) == 0 &&
-		    lstat(mpath, &st) < 0 && errno == ENOENT;
+	struct verify_req q = {
+		.root = g->root,
+		.bundle_path = g->path,
+		.max_bytes = g->max_bytes,
+		.rs = &g->rs.rs,
+		.creator_pk = g->creator_pk,
+		.check_binding = g->base_seq <= 0,
+		.cancel = &g->s->closing, /* set by sync_free on the loop's thread */
+	};
+	struct verify_res res;
 
-	g->verr[0] = '\0';
-	if (g->base_seq <= 0) {
-		o.check = check_binding;
-		o.check_arg = &ba;
-	}
-	if ((rc = mirror_open(g->root, g->rs.rs.repo_id.ptr, true, &m, g->verr, sizeof(g->verr))) < 0)
-		goto out;
-	if ((fd = open(g->path, O_RDONLY | O_CLOEXEC)) < 0) {
-		rc = ME_EIO;
-		fmt(g->verr, sizeof(g->verr), "cannot open %s: %s", g->path, strerror(errno));
-		goto out;
-	}
-	if ((buf = malloc(BUNDLE_CHUNK)) == NULL) {
-		rc = ME_ENOMEM;
-		goto out;
-	}
-	if ((rc = bundle_rx_new(&rx, m, &g->rs.rs, &o, g->verr, sizeof(g->verr))) < 0)
-		goto out;
-	for (;;) {
-		ssize_t k = read(fd, buf, BUNDLE_CHUNK);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k < 0) {
-			rc = ME_EIO;
-			fmt(g->verr, sizeof(g->verr), "read: %s", strerror(errno));
-			goto out;
-		}
-		if (k == 0)
-			break;
-		if ((rc = bundle_rx_write(rx, buf, (size_t)k)) < 0)
-			break;
-	}
-	if (rc == 0)
-		rc = bundle_rx_finish(rx, &g->st);
-	if (rc < 0 && g->verr[0] == '\0')
-		fmt(g->verr, sizeof(g->verr), "%s", bundle_rx_errmsg(rx));
-out:
-	bundle_rx_free(rx);
-	free(buf);
-	if (fd >= 0)
-		close(fd);
-	git_repository_free(m);
-	if (rc < 0 && fresh)
-		nftw(mpath, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
-	g->vrc = rc;
-	g->refuted = ba.refuted;
+	g->vrc = verify_bundle(&q, &res);
+	fmt(g->verr, sizeof(g->verr), "%s", res.msg);
+	g->st = res.st;
+	g->refuted = res.refuted;
 }
 
 /* Records the verified state: mirror seq, and the ref state itself when it is newer than the

@@ -28,7 +28,7 @@
 
 /* ---- how requests are answered (--serve) ---- */
 
-enum answer { A_BUNDLE, A_ERROR, A_GARBAGE, A_SILENT };
+enum answer { A_BUNDLE, A_FILE, A_ERROR, A_GARBAGE, A_SILENT };
 enum mutation { MUT_NONE, MUT_FLIP_PACK, MUT_EXTRA_REF };
 enum rs_kind { RS_CREATOR, RS_OTHER_SIGNER, RS_CLAIM_CREATOR, RS_OTHER_REPO, RS_TRAVERSAL };
 enum total_kind { T_EXACT, T_HUGE, T_SHORT };
@@ -84,6 +84,8 @@ static const struct serve_mode modes[] = {
 	{ .name = "done-first", .order = O_DONE_FIRST, .help = "Start, then Done at once" },
 	{ .name = "repeat", .order = O_REPEAT,
 	  .help = "the honest bundle, then the same bundle again (a state not newer)" },
+	{ .name = "file", .answer = A_FILE,
+	  .help = "the bytes of --bundle-file as the bundle, whatever they are (Start honest)" },
 	{ .name = "garbage", .answer = A_GARBAGE, .help = "one frame of random bytes" },
 	{ .name = "error", .answer = A_ERROR, .help = "Error ENOTFOUND" },
 	{ .name = "silent", .answer = A_SILENT, .help = "no answer at all" },
@@ -312,6 +314,30 @@ static int honest_bundle(struct app *a, const struct xmsg *req, uint8_t **out, s
 	return 0;
 }
 
+/* The bytes of --bundle-file (a crafted bundle), in memory. */
+static int file_bundle(struct app *a, uint8_t **out, size_t *len)
+{
+	struct stat st;
+	int fd;
+
+	if (a->xo.bundle_file == NULL || (fd = open(a->xo.bundle_file, O_RDONLY | O_CLOEXEC)) < 0)
+		return ME_ENOTFOUND;
+	if (fstat(fd, &st) < 0 || st.st_size <= 0 || (uint64_t)st.st_size > a->xo.max_bundle ||
+	    (*out = malloc((size_t)st.st_size)) == NULL) {
+		close(fd);
+		return ME_EIO;
+	}
+	if (pread(fd, *out, (size_t)st.st_size, 0) != st.st_size) {
+		free(*out);
+		*out = NULL;
+		close(fd);
+		return ME_EIO;
+	}
+	close(fd);
+	*len = (size_t)st.st_size;
+	return 0;
+}
+
 /* Applies the mode's change to the bundle bytes. */
 static int mutate(struct xserve *sv)
 {
@@ -454,7 +480,11 @@ static int serve_bundle(struct xserve *sv, const struct xmsg *req)
 	uint64_t off = 0, total;
 	int rc;
 
-	if ((rc = honest_bundle(a, req, &sv->buf, &sv->len)) < 0 || (rc = mutate(sv)) < 0)
+	if (md->answer == A_FILE)
+		rc = file_bundle(a, &sv->buf, &sv->len);
+	else
+		rc = honest_bundle(a, req, &sv->buf, &sv->len);
+	if (rc < 0 || (rc = mutate(sv)) < 0)
 		return rc;
 	me_sha3_256_2(sv->buf, sv->len, NULL, 0, digest);
 	/* a resume is honoured whatever the mode: it is about the bytes, not the lie */

@@ -41,6 +41,8 @@
  *                       mode; SIGUSR1 signs a newer state (re-reading DIR), announces it and
  *                       serves it with the next mode (the last repeats). Default "honest".
  *   --max-bundle BYTES  largest bundle held or accepted (default 64 MiB)
+ *   --bundle-file FILE  what the serve mode "file" sends as the bundle (any bytes; the Start
+ *                       carries our honest signed state)
  *
  * stdout, one line per event (line-buffered):
  *   me DID                              first line: our own did:key
@@ -134,7 +136,7 @@ static int usage(void)
 		"                [--resume DIGEST:OFFSET] [--out FILE]]\n"
 		"               [--repo-path DIR [--squat ID] | --relay ID] [--serve MODE[,...]]\n"
 		"               [--seq N]\n"
-		"               [--max-bundle BYTES]\n"
+		"               [--max-bundle BYTES] [--bundle-file FILE]\n"
 		"       me-peer --root DIR --addr IP:PORT --listen [--wait SEC]\n"
 		"KIND: honest-node forged-node forged-sig replay future stale ttl ttl-raw255\n"
 		"      oversize garbage forged-refstate flood none\n");
@@ -590,7 +592,7 @@ static int parse_args(struct app *a, int argc, char **argv)
 {
 	enum { O_ROOT = 256, O_ADDR, O_KEYFROM, O_IMP, O_DIAL, O_SEND, O_COUNT, O_WAIT, O_LISTEN,
 	       O_ALIAS, O_LOG, O_FETCH, O_OUT, O_HAVE, O_RESUME, O_STREAMS, O_XSEND, O_SERVE,
-	       O_REPO, O_RELAY, O_SEQ, O_MAXB, O_SQUAT, O_REPEAT, O_RATE };
+	       O_REPO, O_RELAY, O_SEQ, O_MAXB, O_SQUAT, O_REPEAT, O_RATE, O_BFILE };
 	static const struct option opts[] = {
 		{ "root", required_argument, NULL, O_ROOT },
 		{ "addr", required_argument, NULL, O_ADDR },
@@ -744,6 +746,9 @@ static int parse_args(struct app *a, int argc, char **argv)
 			if (!me_did_repo_valid(optarg))
 				return usage();
 			a->xo.squat_id = optarg;
+			break;
+		case O_BFILE:
+			a->xo.bundle_file = optarg;
 			break;
 		case O_SEQ:
 			if (parse_u64(optarg, &a->xo.seq) < 0 || a->xo.seq == 0)

@@ -36,6 +36,7 @@ struct xopts {
 	const char *squat_id;   /* --squat ID: announce --repo-path under this id, as its creator */
 	uint64_t seq;           /* --seq N: seq of our signed state (default: now in ms) */
 	uint64_t max_bundle;    /* largest bundle held in memory */
+	const char *bundle_file; /* --bundle-file FILE: what --serve file sends */
 };
 
 struct xstate;
