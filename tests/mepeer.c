@@ -619,6 +619,7 @@ static int parse_args(struct app *a, int argc, char **argv)
 		{ "squat", required_argument, NULL, O_SQUAT },
 		{ "repeat", required_argument, NULL, O_REPEAT },
 		{ "rate", required_argument, NULL, O_RATE },
+		{ "bundle-file", required_argument, NULL, O_BFILE },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
