@@ -459,8 +459,10 @@ int verify_main(int argc, char **argv)
 	git_libgit2_opts(GIT_OPT_SET_MWINDOW_SIZE, (size_t)VERIFY_MWINDOW_SIZE);
 	git_libgit2_opts(GIT_OPT_SET_MWINDOW_MAPPED_LIMIT, (size_t)VERIFY_MWINDOW_LIMIT);
 	rc = child_work(&q, msg, sizeof(msg), &refuted, &st);
+	/* Over the limit the bundle's size allows: the bundle's doing (ME_ETOOBIG), not this
+	 * node's lack of memory (ME_ENOMEM is not held against the peer). */
 	if (rc < 0 && (alloc_failed || rc == ME_ENOMEM || near_as_limit(q.mem_limit))) {
-		rc = ME_ENOMEM;
+		rc = ME_ETOOBIG;
 		set_msg(msg, sizeof(msg), "verifier exceeded its memory limit (%llu MiB)",
 			mib(q.mem_limit));
 	}
@@ -790,7 +792,7 @@ static void run_child(const char *exe, const volatile int *cancel, const msgpack
 
 	res->killed = 1;
 	if (why == K_MEM) {
-		res->rc = ME_ENOMEM;
+		res->rc = ME_ETOOBIG;
 		set_msg(res->msg, sizeof(res->msg), "verifier exceeded its memory limit (%llu MiB)",
 			mib(mem));
 	} else if (why == K_CANCEL) {

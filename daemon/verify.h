@@ -63,8 +63,9 @@ struct verify_req {
 };
 
 struct verify_res {
-	int rc; /* 0 or ME_E*: the verifier's, or ME_ENOMEM / ME_ETIMEDOUT / ME_EINTERNAL when the
-		   child was killed or crashed */
+	int rc; /* 0 or ME_E*: the verifier's, or ME_ETOOBIG (over its memory limit: the
+		   bundle expands beyond what its size allows, rejected like a bad bundle) /
+		   ME_ETIMEDOUT / ME_EINTERNAL when the child was killed or crashed */
 	char msg[VERIFY_MSG_LEN];
 	int refuted; /* the binding check found no matching root commit */
 	int killed;  /* the child did not end on its own with a reply */

@@ -126,7 +126,7 @@ static void test_memory(void **state)
 	/* 200 MiB written (so resident), against a limit of 64 MiB */
 	stand_in("cat > /dev/null; exec /usr/bin/python3 -c "
 		 "'import time; b = b\"x\" * (200 << 20); time.sleep(60)'");
-	assert_int_equal(run(&res, 64u << 20, 50), ME_ENOMEM);
+	assert_int_equal(run(&res, 64u << 20, 50), ME_ETOOBIG);
 	assert_string_equal(res.msg, "verifier exceeded its memory limit (64 MiB)");
 }
 
