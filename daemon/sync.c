@@ -1272,7 +1272,10 @@ static int series_add(struct sync *s, struct srepo *r, const char *file, uint64_
 /* A replica keeps what it received when it continues its series (or starts one). */
 static void series_keep(struct sync *s, struct srepo *r, struct segrx *g)
 {
-	int full = g->st.prereqs == 0;
+	/* Complete only when applied on an empty mirror: a bundle without prerequisites on a
+	 * mirror that had history may lack objects it held already (a one-off bundle of tips the
+	 * haves covered), and must not start a series others will be served. */
+	int full = g->st.prereqs == 0 && g->base_seq == 0;
 
 	series_load(s, r);
 	if (!r->se.building && (full || (r->se.tail != NULL && r->se.tail->seq == g->base_seq)) &&
@@ -2199,7 +2202,12 @@ static void serve_plan(struct serve *sv, struct srepo *r)
 		return;
 	}
 	if (first == NULL) {
-		serve_error(sv, ME_EEXIST, "already at the newest state");
+		/* Its refs are the newest state's, but it asked: it holds them under an older
+		 * signed state that is not in our series (same tips, HEAD or seq differ). A bundle
+		 * of the newest state without objects brings it there; refusing would leave it
+		 * asking for ever, and never announcing the repository. */
+		if (serve_bundle(sv, (int64_t)sv->rs.rs.seq) < 0)
+			serve_error(sv, ME_ENOMEM, "out of memory");
 		return;
 	}
 	for (struct seg *g = first; g; g = g->next)
