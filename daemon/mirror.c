@@ -19,6 +19,8 @@
 #include "common/err.h"
 #include "common/ids.h"
 #include "daemon/oidset.h"
+#include "daemon/packreuse.h"
+#include "daemon/packwrite.h"
 #include "daemon/thinpack.h"
 
 _Static_assert(GIT_OID_RAWSZ == ME_OID_LEN, "oid size");
@@ -34,68 +36,7 @@ _Static_assert(GIT_OID_RAWSZ == ME_OID_LEN, "oid size");
 #define PACK_MIN_ENTRY 9
 #define REFLOG_MSG "megaengine: sync"
 
-/* ---- errors ---- */
-
-__attribute__((format(printf, 3, 4)))
-static void set_err(char *err, size_t errsz, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err == NULL || errsz == 0)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errsz, fmt, ap);
-	va_end(ap);
-}
-
-static void clear_err(char *err, size_t errsz)
-{
-	if (err != NULL && errsz > 0)
-		err[0] = '\0';
-}
-
-/* Reports a libgit2 failure as "<what>: <libgit2 message>"; returns code, or ME_ENOMEM / ME_EIO
- * when libgit2 says it ran out of memory or hit an OS error. */
-static int git_fail(char *err, size_t errsz, int code, const char *what)
-{
-	int oserr = errno;
-	const git_error *e = git_error_last();
-
-	set_err(err, errsz, "%s: %s", what,
-		e != NULL && e->message != NULL ? e->message : "unknown libgit2 error");
-	if (e != NULL && e->klass == GIT_ERROR_NOMEMORY)
-		return ME_ENOMEM;
-	/* a full disk is ours, not the data's: libgit2 appends strerror to OS errors */
-	if (e != NULL && e->klass == GIT_ERROR_OS)
-		return oserr == ENOSPC || oserr == EDQUOT ||
-		       (e->message != NULL && strstr(e->message, strerror(ENOSPC)) != NULL) ?
-		       ME_ENOSPC : ME_EIO;
-	return code;
-}
-
-static int nomem(char *err, size_t errsz)
-{
-	set_err(err, errsz, "out of memory");
-	return ME_ENOMEM;
-}
-
 /* ---- small helpers ---- */
-
-static int write_all(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-
-	while (len > 0) {
-		ssize_t n = write(fd, p, len);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
 
 static ssize_t read_some(int fd, void *buf, size_t len)
 {
@@ -177,7 +118,7 @@ static int mirror_init(const char *path, git_repository **out, char *err, size_t
 	git_repository_init_options_init(&opts, GIT_REPOSITORY_INIT_OPTIONS_VERSION);
 	opts.flags = GIT_REPOSITORY_INIT_BARE | GIT_REPOSITORY_INIT_NO_REINIT;
 	if (git_repository_init_ext(out, path, &opts) < 0) {
-		int rc = git_fail(err, errsz, ME_EGIT, "cannot create the mirror");
+		int rc = gerr_git(err, errsz, ME_EGIT, "cannot create the mirror");
 		rm_tree(path);
 		return rc;
 	}
@@ -191,12 +132,12 @@ int mirror_open(const char *root, const char *repo_id, bool create, git_reposito
 	struct stat sb;
 	int rc, n;
 
-	clear_err(err, errsz);
+	gerr_clear(err, errsz);
 	if (out == NULL)
 		return ME_EINVAL;
 	*out = NULL;
 	if ((rc = mirror_path(root, repo_id, path, sizeof(path))) < 0) {
-		set_err(err, errsz, rc == ME_EBADID ? "invalid repository id" : "invalid mirror path");
+		gerr_set(err, errsz, rc == ME_EBADID ? "invalid repository id" : "invalid mirror path");
 		return rc;
 	}
 	if (create) {
@@ -204,17 +145,17 @@ int mirror_open(const char *root, const char *repo_id, bool create, git_reposito
 		if (n < 0 || (size_t)n >= sizeof(dir))
 			return ME_ETOOBIG;
 		if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
-			set_err(err, errsz, "cannot create %s: %s", dir, strerror(errno));
+			gerr_set(err, errsz, "cannot create %s: %s", dir, strerror(errno));
 			return ME_EIO;
 		}
 		if (lstat(dir, &sb) < 0 || !S_ISDIR(sb.st_mode)) {
-			set_err(err, errsz, "%s is not a directory", dir);
+			gerr_set(err, errsz, "%s is not a directory", dir);
 			return ME_EIO;
 		}
 		if (mkdir(path, 0700) == 0)
 			return mirror_init(path, out, err, errsz);
 		if (errno != EEXIST) {
-			set_err(err, errsz, "cannot create %s: %s", path, strerror(errno));
+			gerr_set(err, errsz, "cannot create %s: %s", path, strerror(errno));
 			return ME_EIO;
 		}
 		/* An empty directory is what a crash between mkdir and init leaves: start over.
@@ -222,23 +163,23 @@ int mirror_open(const char *root, const char *repo_id, bool create, git_reposito
 		if (rmdir(path) == 0) {
 			if (mkdir(path, 0700) == 0)
 				return mirror_init(path, out, err, errsz);
-			set_err(err, errsz, "cannot create %s: %s", path, strerror(errno));
+			gerr_set(err, errsz, "cannot create %s: %s", path, strerror(errno));
 			return ME_EIO;
 		}
 	}
 	if (lstat(path, &sb) < 0) {
 		if (errno == ENOENT) {
-			set_err(err, errsz, "no mirror of %s", repo_id);
+			gerr_set(err, errsz, "no mirror of %s", repo_id);
 			return ME_ENOTFOUND;
 		}
-		set_err(err, errsz, "%s: %s", path, strerror(errno));
+		gerr_set(err, errsz, "%s: %s", path, strerror(errno));
 		return ME_EIO;
 	}
 	if (!S_ISDIR(sb.st_mode) ||
 	    git_repository_open_ext(out, path, GIT_REPOSITORY_OPEN_NO_SEARCH |
 				    GIT_REPOSITORY_OPEN_BARE, NULL) < 0) {
 		*out = NULL;
-		set_err(err, errsz, "%s is not a git repository", path);
+		gerr_set(err, errsz, "%s is not a git repository", path);
 		return ME_ENOTREPO;
 	}
 	return 0;
@@ -264,11 +205,11 @@ int mirror_cleanup(git_repository *r, char *err, size_t errsz)
 	DIR *d;
 	int rc = 0, n;
 
-	clear_err(err, errsz);
+	gerr_clear(err, errsz);
 	if (r == NULL || (gitdir = git_repository_path(r)) == NULL)
 		return ME_EINVAL;
 	if ((d = opendir(gitdir)) == NULL) {
-		set_err(err, errsz, "%s: %s", gitdir, strerror(errno));
+		gerr_set(err, errsz, "%s: %s", gitdir, strerror(errno));
 		return ME_EIO;
 	}
 	while ((de = readdir(d)) != NULL) {
@@ -276,7 +217,7 @@ int mirror_cleanup(git_repository *r, char *err, size_t errsz)
 			continue;
 		n = snprintf(p, sizeof(p), "%s%s", gitdir, de->d_name);
 		if (n < 0 || (size_t)n >= sizeof(p) || rm_tree(p) < 0) {
-			set_err(err, errsz, "cannot remove %s%s", gitdir, de->d_name);
+			gerr_set(err, errsz, "cannot remove %s%s", gitdir, de->d_name);
 			rc = ME_EIO;
 		}
 	}
@@ -284,14 +225,14 @@ int mirror_cleanup(git_repository *r, char *err, size_t errsz)
 	for (size_t i = 0; i < sizeof(locks) / sizeof(locks[0]); i++) {
 		n = snprintf(p, sizeof(p), "%s%s", gitdir, locks[i]);
 		if (n > 0 && (size_t)n < sizeof(p) && unlink(p) < 0 && errno != ENOENT) {
-			set_err(err, errsz, "cannot remove %s: %s", p, strerror(errno));
+			gerr_set(err, errsz, "cannot remove %s: %s", p, strerror(errno));
 			rc = ME_EIO;
 		}
 	}
 	n = snprintf(p, sizeof(p), "%srefs", gitdir);
 	if (n < 0 || (size_t)n >= sizeof(p) ||
 	    (nftw(p, rm_lock_cb, 8, FTW_PHYS) != 0 && errno != ENOENT)) {
-		set_err(err, errsz, "cannot remove stale ref locks in %s", p);
+		gerr_set(err, errsz, "cannot remove stale ref locks in %s", p);
 		rc = ME_EIO;
 	}
 	return rc;
@@ -339,7 +280,7 @@ static int state_collect(git_repository *r, const char *glob, struct mirror_stat
 	int rc = 0, grc;
 
 	if (git_reference_iterator_glob_new(&it, r, glob) < 0)
-		return git_fail(err, errsz, ME_EGIT, "cannot list refs");
+		return gerr_git(err, errsz, ME_EGIT, "cannot list refs");
 	while ((grc = git_reference_next(&ref, it)) == 0) {
 		const git_oid *oid = NULL;
 
@@ -350,7 +291,7 @@ static int state_collect(git_repository *r, const char *glob, struct mirror_stat
 			oid = git_reference_target(ref);
 		}
 		if (oid != NULL && (rc = state_push(s, cap, git_reference_name(ref), oid)) < 0)
-			nomem(err, errsz);
+			gerr_nomem(err, errsz);
 		git_reference_free(res);
 		git_reference_free(ref);
 		res = ref = NULL;
@@ -358,7 +299,7 @@ static int state_collect(git_repository *r, const char *glob, struct mirror_stat
 			break;
 	}
 	if (rc == 0 && grc != GIT_ITEROVER)
-		rc = git_fail(err, errsz, ME_EGIT, "cannot list refs");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot list refs");
 	git_reference_iterator_free(it);
 	return rc;
 }
@@ -370,7 +311,7 @@ int mirror_state_read(git_repository *r, struct mirror_state *out, char *err, si
 	size_t cap = 0;
 	int rc;
 
-	clear_err(err, errsz);
+	gerr_clear(err, errsz);
 	if (out == NULL)
 		return ME_EINVAL;
 	memset(out, 0, sizeof(*out));
@@ -382,7 +323,7 @@ int mirror_state_read(git_repository *r, struct mirror_state *out, char *err, si
 	if (out->nrefs > 1)
 		qsort(out->refs, out->nrefs, sizeof(*out->refs), gmsg_ref_cmp);
 	if (git_reference_lookup(&head, r, "HEAD") < 0) {
-		rc = git_fail(err, errsz, ME_EGIT, "cannot read HEAD");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot read HEAD");
 		goto fail;
 	}
 	if (git_reference_type(head) == GIT_REFERENCE_SYMBOLIC &&
@@ -391,7 +332,7 @@ int mirror_state_read(git_repository *r, struct mirror_state *out, char *err, si
 	out->head = strdup(t);
 	git_reference_free(head);
 	if (out->head == NULL) {
-		rc = nomem(err, errsz);
+		rc = gerr_nomem(err, errsz);
 		goto fail;
 	}
 	return 0;
@@ -433,7 +374,7 @@ int mirror_haves(git_repository *r, git_oid *out, size_t max, size_t *n, char *e
 
 		git_oid_fromraw(&oid, s.refs[i].oid);
 		if ((rc = oidset_put(&seen, &oid, 0)) < 0) {
-			nomem(err, errsz);
+			gerr_nomem(err, errsz);
 			break;
 		}
 		if (rc == 1)
@@ -464,7 +405,7 @@ static int hscan_run(struct hscan *sc, const char *buf, size_t len, char *err, s
 		size_t end = nl != NULL ? (size_t)(nl - buf) : len;
 
 		if (end - sc->line_start > BUNDLE_MAX_LINE) {
-			set_err(err, errsz, "bundle header line longer than %u bytes",
+			gerr_set(err, errsz, "bundle header line longer than %u bytes",
 				BUNDLE_MAX_LINE);
 			return ME_ETOOBIG;
 		}
@@ -474,18 +415,18 @@ static int hscan_run(struct hscan *sc, const char *buf, size_t len, char *err, s
 		}
 		sc->pos = end + 1;
 		if (sc->pos > BUNDLE_MAX_HEADER) {
-			set_err(err, errsz, "bundle header larger than %u bytes", BUNDLE_MAX_HEADER);
+			gerr_set(err, errsz, "bundle header larger than %u bytes", BUNDLE_MAX_HEADER);
 			return ME_ETOOBIG;
 		}
 		if (end == sc->line_start) {
 			if (sc->nlines == 0) {
-				set_err(err, errsz, "not a v2 git bundle");
+				gerr_set(err, errsz, "not a v2 git bundle");
 				return ME_EPROTO;
 			}
 			return 1;
 		}
 		if (++sc->nlines > BUNDLE_MAX_LINES) {
-			set_err(err, errsz, "bundle header has more than %u lines",
+			gerr_set(err, errsz, "bundle header has more than %u lines",
 				BUNDLE_MAX_LINES);
 			return ME_ETOOBIG;
 		}
@@ -494,18 +435,18 @@ static int hscan_run(struct hscan *sc, const char *buf, size_t len, char *err, s
 			const char *s = buf + sc->line_start;
 
 			if (l == strlen(BUNDLE_SIG_V3) && memcmp(s, BUNDLE_SIG_V3, l) == 0) {
-				set_err(err, errsz, "v3 git bundles are not supported");
+				gerr_set(err, errsz, "v3 git bundles are not supported");
 				return ME_EVERSION;
 			}
 			if (l != strlen(BUNDLE_SIG) || memcmp(s, BUNDLE_SIG, l) != 0) {
-				set_err(err, errsz, "not a v2 git bundle");
+				gerr_set(err, errsz, "not a v2 git bundle");
 				return ME_EPROTO;
 			}
 		}
 		sc->line_start = sc->pos;
 	}
 	if (sc->pos >= BUNDLE_MAX_HEADER) {
-		set_err(err, errsz, "bundle header larger than %u bytes", BUNDLE_MAX_HEADER);
+		gerr_set(err, errsz, "bundle header larger than %u bytes", BUNDLE_MAX_HEADER);
 		return ME_ETOOBIG;
 	}
 	return 0;
@@ -537,7 +478,7 @@ static int header_parse(const char *src, size_t hlen, struct bundle_header *out,
 
 	memset(out, 0, sizeof(*out));
 	if ((out->buf = malloc(hlen + 1)) == NULL)
-		return nomem(err, errsz);
+		return gerr_nomem(err, errsz);
 	b = out->buf;
 	memcpy(b, src, hlen);
 	b[hlen] = '\0';
@@ -556,13 +497,13 @@ static int header_parse(const char *src, size_t hlen, struct bundle_header *out,
 		p = (size_t)(nl - b) + 1;
 	}
 	if (nref > GMSG_MAX_REFS) {
-		set_err(err, errsz, "bundle has more than %u refs", GMSG_MAX_REFS);
+		gerr_set(err, errsz, "bundle has more than %u refs", GMSG_MAX_REFS);
 		rc = ME_ETOOBIG;
 		goto fail;
 	}
 	if ((npre > 0 && (out->prereqs = calloc(npre, sizeof(*out->prereqs))) == NULL) ||
 	    (nref > 0 && (out->refs = calloc(nref, sizeof(*out->refs))) == NULL)) {
-		rc = nomem(err, errsz);
+		rc = gerr_nomem(err, errsz);
 		goto fail;
 	}
 
@@ -577,11 +518,11 @@ static int header_parse(const char *src, size_t hlen, struct bundle_header *out,
 		pos += l + 1;
 		lineno++;
 		if (memchr(line, '\0', l) != NULL) {
-			set_err(err, errsz, "bundle header line %zu: NUL byte", lineno);
+			gerr_set(err, errsz, "bundle header line %zu: NUL byte", lineno);
 			goto fail;
 		}
 		if (line[0] == '@') {
-			set_err(err, errsz, "bundle capabilities are not supported");
+			gerr_set(err, errsz, "bundle capabilities are not supported");
 			rc = ME_EVERSION;
 			goto fail;
 		}
@@ -589,7 +530,7 @@ static int header_parse(const char *src, size_t hlen, struct bundle_header *out,
 			git_oid *o = &out->prereqs[out->nprereqs];
 			if (!parse_hex_oid(line + 1, l - 1, o) ||
 			    (l > 1 + GIT_OID_HEXSZ && line[1 + GIT_OID_HEXSZ] != ' ')) {
-				set_err(err, errsz, "bundle header line %zu: bad prerequisite",
+				gerr_set(err, errsz, "bundle header line %zu: bad prerequisite",
 					lineno);
 				goto fail;
 			}
@@ -599,12 +540,12 @@ static int header_parse(const char *src, size_t hlen, struct bundle_header *out,
 		struct bundle_ref *r = &out->refs[out->nrefs];
 		if (l < GIT_OID_HEXSZ + 2 || !parse_hex_oid(line, l, &r->oid) ||
 		    line[GIT_OID_HEXSZ] != ' ') {
-			set_err(err, errsz, "bundle header line %zu: bad ref line", lineno);
+			gerr_set(err, errsz, "bundle header line %zu: bad ref line", lineno);
 			goto fail;
 		}
 		r->name = line + GIT_OID_HEXSZ + 1;
 		if (!gmsg_refname_valid(r->name, l - GIT_OID_HEXSZ - 1)) {
-			set_err(err, errsz, "bundle header line %zu: invalid ref name", lineno);
+			gerr_set(err, errsz, "bundle header line %zu: invalid ref name", lineno);
 			goto fail;
 		}
 		out->nrefs++;
@@ -613,7 +554,7 @@ static int header_parse(const char *src, size_t hlen, struct bundle_header *out,
 		qsort(out->refs, out->nrefs, sizeof(*out->refs), bref_cmp);
 	for (size_t i = 1; i < out->nrefs; i++)
 		if (strcmp(out->refs[i - 1].name, out->refs[i].name) == 0) {
-			set_err(err, errsz, "bundle lists %s twice", out->refs[i].name);
+			gerr_set(err, errsz, "bundle lists %s twice", out->refs[i].name);
 			goto fail;
 		}
 	return 0;
@@ -629,7 +570,7 @@ int bundle_header_parse(const void *buf, size_t len, struct bundle_header *out, 
 	size_t n = len < BUNDLE_MAX_HEADER ? len : BUNDLE_MAX_HEADER;
 	int rc;
 
-	clear_err(err, errsz);
+	gerr_clear(err, errsz);
 	if (out == NULL)
 		return ME_EINVAL;
 	memset(out, 0, sizeof(*out));
@@ -638,7 +579,7 @@ int bundle_header_parse(const void *buf, size_t len, struct bundle_header *out, 
 	if ((rc = hscan_run(&sc, buf, n, err, errsz)) < 0)
 		return rc;
 	if (rc == 0) {
-		set_err(err, errsz, "truncated bundle header");
+		gerr_set(err, errsz, "truncated bundle header");
 		return ME_EPROTO;
 	}
 	return header_parse(buf, sc.pos, out, err, errsz);
@@ -652,7 +593,7 @@ int bundle_read_header(int fd, struct bundle_header *out, char *err, size_t errs
 	bool seekable;
 	int rc = 0;
 
-	clear_err(err, errsz);
+	gerr_clear(err, errsz);
 	if (out == NULL)
 		return ME_EINVAL;
 	memset(out, 0, sizeof(*out));
@@ -669,13 +610,13 @@ int bundle_read_header(int fd, struct bundle_header *out, char *err, size_t errs
 			if (ncap > BUNDLE_MAX_HEADER)
 				ncap = BUNDLE_MAX_HEADER;
 			if (ncap <= len) {
-				set_err(err, errsz, "bundle header larger than %u bytes",
+				gerr_set(err, errsz, "bundle header larger than %u bytes",
 					BUNDLE_MAX_HEADER);
 				rc = ME_ETOOBIG;
 				break;
 			}
 			if ((p = realloc(buf, ncap)) == NULL) {
-				rc = nomem(err, errsz);
+				rc = gerr_nomem(err, errsz);
 				break;
 			}
 			buf = p;
@@ -684,12 +625,12 @@ int bundle_read_header(int fd, struct bundle_header *out, char *err, size_t errs
 		if (want > cap - len)
 			want = cap - len;
 		if ((got = read_some(fd, buf + len, want)) < 0) {
-			set_err(err, errsz, "cannot read the bundle: %s", strerror(errno));
+			gerr_set(err, errsz, "cannot read the bundle: %s", strerror(errno));
 			rc = ME_EIO;
 			break;
 		}
 		if (got == 0) {
-			set_err(err, errsz, "truncated bundle header");
+			gerr_set(err, errsz, "truncated bundle header");
 			rc = ME_EPROTO;
 			break;
 		}
@@ -698,7 +639,7 @@ int bundle_read_header(int fd, struct bundle_header *out, char *err, size_t errs
 	}
 	if (rc == 1) {
 		if (len > sc.pos && lseek(fd, -(off_t)(len - sc.pos), SEEK_CUR) < 0) {
-			set_err(err, errsz, "cannot seek in the bundle: %s", strerror(errno));
+			gerr_set(err, errsz, "cannot seek in the bundle: %s", strerror(errno));
 			rc = ME_EIO;
 		} else {
 			rc = header_parse(buf, sc.pos, out, err, errsz);
@@ -719,7 +660,7 @@ struct wctx {
 static int pack_cb(void *buf, size_t size, void *payload)
 {
 	struct wctx *w = payload;
-	int rc = write_all(w->fd, buf, size);
+	int rc = write_full(w->fd, buf, size);
 
 	if (rc < 0) {
 		w->err = rc;
@@ -794,7 +735,7 @@ static int hide_haves(git_revwalk *walk, git_odb *odb, const git_oid *haves, siz
 		if (git_revwalk_hide(walk, &haves[i]) < 0) {
 			const git_error *e = git_error_last();
 			if (e != NULL && e->klass == GIT_ERROR_NOMEMORY)
-				return nomem(err, errsz);
+				return gerr_nomem(err, errsz);
 			git_error_clear(); /* not a commit-ish: nothing to hide */
 			continue;
 		}
@@ -824,12 +765,12 @@ static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
 	if ((rc = oidset_init(&inc)) < 0 || (rc = oidset_init(&bset)) < 0)
 		return rc;
 	if (git_revwalk_new(&walk, src) < 0) {
-		rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 		goto out;
 	}
 	for (size_t i = 0; i < tipc->n; i++)
 		if (git_revwalk_push(walk, &tipc->v[i]) < 0) {
-			rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 			goto out;
 		}
 	if ((rc = hide_haves(walk, odb, haves, nhaves, err, errsz)) <= 0)
@@ -837,16 +778,16 @@ static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
 	rc = 0;
 	while ((grc = git_revwalk_next(&oid, walk)) == 0)
 		if (oidset_put(&inc, &oid, 0) < 0 || oidvec_push(&list, &oid) < 0) {
-			rc = nomem(err, errsz);
+			rc = gerr_nomem(err, errsz);
 			goto out;
 		}
 	if (grc != GIT_ITEROVER) {
-		rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 		goto out;
 	}
 	for (size_t i = 0; i < list.n; i++) {
 		if (git_commit_lookup(&c, src, &list.v[i]) < 0) {
-			rc = git_fail(err, errsz, ME_EGIT, "cannot read a commit");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
 			goto out;
 		}
 		for (unsigned p = 0; p < git_commit_parentcount(c); p++) {
@@ -856,7 +797,7 @@ static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
 			if ((rc = oidset_put(&bset, pid, 0)) == 1)
 				rc = oidvec_push(pre, pid);
 			if (rc < 0) {
-				rc = nomem(err, errsz);
+				rc = gerr_nomem(err, errsz);
 				goto out;
 			}
 		}
@@ -894,25 +835,25 @@ static int add_tip(git_packbuilder *pb, git_repository *src, const struct oidset
 	if ((grc = git_object_lookup(&obj, src, tip, GIT_OBJECT_ANY)) < 0) {
 		if (grc == GIT_ENOTFOUND) {
 			char hex[GIT_OID_HEXSZ + 1];
-			set_err(err, errsz, "%s (%s) is not in the repository", name,
+			gerr_set(err, errsz, "%s (%s) is not in the repository", name,
 				git_oid_tostr(hex, sizeof(hex), tip));
 			return ME_ENOTFOUND;
 		}
-		return git_fail(err, errsz, ME_EGIT, "cannot read a tip");
+		return gerr_git(err, errsz, ME_EGIT, "cannot read a tip");
 	}
 	while (git_object_type(obj) == GIT_OBJECT_TAG) {
 		if (++depth > 64) {
-			set_err(err, errsz, "%s: tag chain too long", name);
+			gerr_set(err, errsz, "%s: tag chain too long", name);
 			rc = ME_EPROTO;
 			goto out;
 		}
 		if (!oidset_has(haveset, git_object_id(obj)) &&
 		    git_packbuilder_insert(pb, git_object_id(obj), NULL) < 0) {
-			rc = git_fail(err, errsz, ME_EGIT, "cannot add a tag to the pack");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot add a tag to the pack");
 			goto out;
 		}
 		if (git_tag_target(&next, (git_tag *)obj) < 0) {
-			rc = git_fail(err, errsz, ME_EGIT, "cannot read a tag's target");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a tag's target");
 			goto out;
 		}
 		git_object_free(obj);
@@ -923,7 +864,7 @@ static int add_tip(git_packbuilder *pb, git_repository *src, const struct oidset
 		git_oid_cpy(commit, git_object_id(obj));
 	} else if (!oidset_has(haveset, git_object_id(obj)) &&
 		   git_packbuilder_insert_recur(pb, git_object_id(obj), NULL) < 0) {
-		rc = git_fail(err, errsz, ME_EGIT, "cannot add a tip to the pack");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot add a tip to the pack");
 	}
 out:
 	git_object_free(obj);
@@ -940,35 +881,36 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 	git_revwalk *walk = NULL;
 	git_odb *odb = NULL;
 	struct thinpack *tp = NULL;
+	struct packreuse *pr = NULL;
 	size_t nobj = 0;
 	struct wctx w = { fd, 0, 0 };
 	char *hdr = NULL;
 	size_t hdrlen = 0;
 	int rc;
 
-	clear_err(err, errsz);
+	gerr_clear(err, errsz);
 	if (st != NULL)
 		memset(st, 0, sizeof(*st));
 	if (src == NULL || fd < 0 || (nhaves > 0 && haves == NULL))
 		return ME_EINVAL;
 	if (!tips_valid(tips, ntips)) {
-		set_err(err, errsz, "invalid tips");
+		gerr_set(err, errsz, "invalid tips");
 		return ME_EINVAL;
 	}
 	if (nhaves > BUNDLE_MAX_HAVES) {
-		set_err(err, errsz, "more than %u haves", BUNDLE_MAX_HAVES);
+		gerr_set(err, errsz, "more than %u haves", BUNDLE_MAX_HAVES);
 		return ME_ETOOBIG;
 	}
 	if ((rc = oidset_init(&haveset)) < 0)
 		return rc;
 	for (size_t i = 0; i < nhaves; i++)
 		if (oidset_put(&haveset, &haves[i], 0) < 0) {
-			rc = nomem(err, errsz);
+			rc = gerr_nomem(err, errsz);
 			goto out;
 		}
 	if (git_repository_odb(&odb, src) < 0 || git_odb_refresh(odb) < 0 ||
 	    git_packbuilder_new(&pb, src) < 0) {
-		rc = git_fail(err, errsz, ME_EGIT, "cannot prepare the pack");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot prepare the pack");
 		goto out;
 	}
 	git_packbuilder_set_threads(pb, 0);
@@ -983,7 +925,7 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		if ((rc = add_tip(pb, src, &haveset, &tip, name, &commit, err, errsz)) < 0)
 			goto out;
 		if (!git_oid_is_zero(&commit) && oidvec_push(&tipc, &commit) < 0) {
-			rc = nomem(err, errsz);
+			rc = gerr_nomem(err, errsz);
 			goto out;
 		}
 	}
@@ -994,60 +936,72 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 					     errsz)) < 0) {
 		if (rc != ME_ETOOBIG)
 			goto out;
-		clear_err(err, errsz);
+		gerr_clear(err, errsz);
 	}
 	if (tp != NULL)
 		goto header;
+	/* A complete pack: copied from src's packs (ME_EINVAL: they cannot serve, libgit2's pack
+	 * builder does it below). */
+	if (pre.n == 0) {
+		if ((rc = packreuse_plan(src, tips, ntips, &pr, err, errsz)) == 0)
+			goto header;
+		if (rc != ME_EINVAL)
+			goto out;
+		gerr_clear(err, errsz);
+	}
 
 	if (git_revwalk_new(&walk, src) < 0) {
-		rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 		goto out;
 	}
 	for (size_t i = 0; i < tipc.n; i++)
 		if (git_revwalk_push(walk, &tipc.v[i]) < 0) {
-			rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 			goto out;
 		}
 	for (size_t i = 0; i < pre.n; i++)
 		if (git_revwalk_hide(walk, &pre.v[i]) < 0) {
-			rc = git_fail(err, errsz, ME_EGIT, "cannot walk the history");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 			goto out;
 		}
 	if (tipc.n > 0 && git_packbuilder_insert_walk(pb, walk) < 0) {
-		rc = git_fail(err, errsz, ME_EGIT, "cannot add commits to the pack");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot add commits to the pack");
 		goto out;
 	}
 
 header:
 	if ((rc = header_build(&pre, tips, ntips, &hdr, &hdrlen)) < 0) {
 		if (rc == ME_ETOOBIG)
-			set_err(err, errsz, "bundle header would exceed the limits (%zu "
+			gerr_set(err, errsz, "bundle header would exceed the limits (%zu "
 				"prerequisites, %zu refs)", pre.n, ntips);
 		else
-			nomem(err, errsz);
+			gerr_nomem(err, errsz);
 		goto out;
 	}
-	if ((rc = write_all(fd, hdr, hdrlen)) < 0) {
-		set_err(err, errsz, "cannot write the bundle: %s", strerror(-rc));
+	if ((rc = write_full(fd, hdr, hdrlen)) < 0) {
+		gerr_set(err, errsz, "cannot write the bundle: %s", strerror(-rc));
 		rc = ME_EIO;
 		goto out;
 	}
 	if (tp != NULL) {
 		if ((rc = thinpack_write(tp, fd, &w.bytes, &nobj, err, errsz)) < 0)
 			goto out;
+	} else if (pr != NULL) {
+		if ((rc = packreuse_write(pr, fd, &w.bytes, &nobj, NULL, err, errsz)) < 0)
+			goto out;
 	} else if (git_packbuilder_foreach(pb, pack_cb, &w) < 0) {
 		if (w.err < 0) {
-			set_err(err, errsz, "cannot write the bundle: %s", strerror(-w.err));
+			gerr_set(err, errsz, "cannot write the bundle: %s", strerror(-w.err));
 			rc = ME_EIO;
 		} else {
-			rc = git_fail(err, errsz, ME_EGIT, "cannot build the pack");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot build the pack");
 		}
 		goto out;
 	}
 	if (st != NULL) {
 		st->header_bytes = hdrlen;
 		st->pack_bytes = w.bytes;
-		st->objects = tp != NULL ? nobj : git_packbuilder_object_count(pb);
+		st->objects = tp != NULL || pr != NULL ? nobj : git_packbuilder_object_count(pb);
 		st->prereqs = pre.n;
 		st->refs = ntips;
 	}
@@ -1055,6 +1009,7 @@ header:
 out:
 	free(hdr);
 	thinpack_free(tp);
+	packreuse_free(pr);
 	git_revwalk_free(walk);
 	git_packbuilder_free(pb);
 	git_odb_free(odb);
@@ -1114,7 +1069,7 @@ static int rx_failed(struct bundle_rx *rx, int code)
 
 static int rx_git_fail(struct bundle_rx *rx, int code, const char *what)
 {
-	return rx_failed(rx, git_fail(rx->msg, sizeof(rx->msg), code, what));
+	return rx_failed(rx, gerr_git(rx->msg, sizeof(rx->msg), code, what));
 }
 
 static bool refstate_ok(const struct gmsg_refstate *rs)
@@ -1138,24 +1093,24 @@ int bundle_rx_new(struct bundle_rx **out, git_repository *mirror,
 {
 	struct bundle_rx *rx;
 
-	clear_err(err, errsz);
+	gerr_clear(err, errsz);
 	if (out == NULL)
 		return ME_EINVAL;
 	*out = NULL;
 	if (mirror == NULL || expected == NULL || opts == NULL || opts->max_bytes == 0)
 		return ME_EINVAL;
 	if (!refstate_ok(expected)) {
-		set_err(err, errsz, "malformed ref state");
+		gerr_set(err, errsz, "malformed ref state");
 		return ME_EINVAL;
 	}
 	if ((rx = calloc(1, sizeof(*rx))) == NULL)
-		return nomem(err, errsz);
+		return gerr_nomem(err, errsz);
 	rx->mirror = mirror;
 	rx->expected = expected;
 	rx->opts = *opts;
 	rx->state = RX_HEADER;
 	if (git_repository_odb(&rx->odb, mirror) < 0) {
-		int rc = git_fail(err, errsz, ME_EGIT, "cannot open the mirror's objects");
+		int rc = gerr_git(err, errsz, ME_EGIT, "cannot open the mirror's objects");
 		free(rx);
 		return rc;
 	}
@@ -1783,7 +1738,7 @@ int bundle_apply(git_repository *mirror, int fd, const struct gmsg_refstate *exp
 		return rc;
 	if ((buf = malloc(BUNDLE_CHUNK)) == NULL) {
 		bundle_rx_free(rx);
-		return nomem(err, errsz);
+		return gerr_nomem(err, errsz);
 	}
 	for (;;) {
 		ssize_t n = read_some(fd, buf, BUNDLE_CHUNK);
@@ -1800,7 +1755,7 @@ int bundle_apply(git_repository *mirror, int fd, const struct gmsg_refstate *exp
 			break;
 	}
 	if (rc < 0)
-		set_err(err, errsz, "%s", rx->msg);
+		gerr_set(err, errsz, "%s", rx->msg);
 	free(buf);
 	bundle_rx_free(rx);
 	return rc;

@@ -8,39 +8,14 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <wolfssl/options.h>
-#include <wolfssl/wolfcrypt/sha.h>
 #include <zlib.h>
 
 #include "common/err.h"
+#include "daemon/packwrite.h"
 
 #define BLK 16 /* delta: bytes per indexed block of the base */
 #define MAX_COPY 0xffffffu /* largest copy one instruction holds (3 size bytes) */
 #define MAX_TREE_DEPTH 256 /* nested trees followed while planning */
-
-__attribute__((format(printf, 3, 4)))
-static void set_err(char *err, size_t errsz, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err == NULL || errsz == 0)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errsz, fmt, ap);
-	va_end(ap);
-}
-
-static int git_fail(char *err, size_t errsz, const char *what)
-{
-	const git_error *e = git_error_last();
-
-	if (e != NULL && e->klass == GIT_ERROR_NOMEMORY) {
-		set_err(err, errsz, "out of memory");
-		return ME_ENOMEM;
-	}
-	set_err(err, errsz, "%s: %s", what, e != NULL && e->message ? e->message : "libgit2 error");
-	return ME_EGIT;
-}
 
 /* ---- delta encoding (git's format: see Documentation/gitformat-pack.txt) ---- */
 
@@ -313,7 +288,7 @@ static int walk_known(struct thinpack *tp, const git_oid *id, int depth, char *e
 	if ((rc = oidset_put(&tp->known, id, 0)) <= 0)
 		return rc;
 	if (git_tree_lookup(&t, tp->src, id) < 0)
-		return git_fail(err, errsz, "cannot read a tree");
+		return gerr_git(err, errsz, ME_EGIT, "cannot read a tree");
 	size_t n = git_tree_entrycount(t);
 	rc = 0;
 	for (size_t i = 0; i < n && rc >= 0; i++) {
@@ -348,10 +323,10 @@ static int plan_tree(struct thinpack *tp, const git_oid *id, const git_oid *old,
 	if ((rc = oidset_put(&tp->seen, id, 0)) < 0 || (rc = tp_push(tp, id, old, GIT_OBJECT_TREE)) < 0)
 		return rc;
 	if (git_tree_lookup(&t, tp->src, id) < 0)
-		return git_fail(err, errsz, "cannot read a tree");
+		return gerr_git(err, errsz, ME_EGIT, "cannot read a tree");
 	if (old != NULL && git_tree_lookup(&ot, tp->src, old) < 0) {
 		git_tree_free(t);
-		return git_fail(err, errsz, "cannot read a tree");
+		return gerr_git(err, errsz, ME_EGIT, "cannot read a tree");
 	}
 	size_t n = git_tree_entrycount(t);
 	rc = 0;
@@ -384,7 +359,7 @@ static int plan_tip(struct thinpack *tp, const struct oidset *haveset, const git
 	int rc = 0, depth = 0;
 
 	if (git_object_lookup(&obj, tp->src, tip, GIT_OBJECT_ANY) < 0)
-		return git_fail(err, errsz, "cannot read a tip");
+		return gerr_git(err, errsz, ME_EGIT, "cannot read a tip");
 	while (git_object_type(obj) == GIT_OBJECT_TAG && rc >= 0) {
 		if (++depth > 64) {
 			rc = ME_ETOOBIG;
@@ -394,7 +369,7 @@ static int plan_tip(struct thinpack *tp, const struct oidset *haveset, const git
 		if (!oidset_has(haveset, id) && (rc = oidset_put(&tp->seen, id, 0)) == 1)
 			rc = tp_push(tp, id, NULL, GIT_OBJECT_TAG);
 		if (rc >= 0 && git_tag_target(&next, (git_tag *)obj) < 0)
-			rc = git_fail(err, errsz, "cannot read a tag's target");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a tag's target");
 		git_object_free(obj);
 		obj = next;
 		next = NULL;
@@ -443,12 +418,12 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 	if ((rc = oidset_init(&tp->known)) < 0 || (rc = oidset_init(&tp->seen)) < 0)
 		goto out;
 	if (git_repository_odb(&tp->odb, src) < 0) {
-		rc = git_fail(err, errsz, "cannot open the object database");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot open the object database");
 		goto out;
 	}
 	for (size_t i = 0; i < pre->n; i++) {
 		if (git_commit_lookup(&c, src, &pre->v[i]) < 0) {
-			rc = git_fail(err, errsz, "cannot read a boundary commit");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a boundary commit");
 			goto out;
 		}
 		rc = walk_known(tp, git_commit_tree_id(c), 0, err, errsz);
@@ -465,17 +440,17 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 	}
 	if (git_revwalk_new(&walk, src) < 0 ||
 	    git_revwalk_sorting(walk, GIT_SORT_TOPOLOGICAL | GIT_SORT_REVERSE) < 0) {
-		rc = git_fail(err, errsz, "cannot walk the history");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 		goto out;
 	}
 	for (size_t i = 0; i < tipc->n; i++)
 		if (git_revwalk_push(walk, &tipc->v[i]) < 0) {
-			rc = git_fail(err, errsz, "cannot walk the history");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 			goto out;
 		}
 	for (size_t i = 0; i < pre->n; i++)
 		if (git_revwalk_hide(walk, &pre->v[i]) < 0) {
-			rc = git_fail(err, errsz, "cannot walk the history");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 			goto out;
 		}
 	/* Parents first: a delta base (the same path in the first parent) is then always the
@@ -486,7 +461,7 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 			goto out;
 		}
 		if (git_commit_lookup(&c, src, &id) < 0) {
-			rc = git_fail(err, errsz, "cannot read a commit");
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
 			goto out;
 		}
 		if ((rc = oidset_put(&tp->seen, &id, 0)) < 0 ||
@@ -495,7 +470,7 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 		const git_oid *old = NULL;
 		if (git_commit_parentcount(c) > 0) {
 			if (git_commit_parent(&pc, c, 0) < 0) {
-				rc = git_fail(err, errsz, "cannot read a parent commit");
+				rc = gerr_git(err, errsz, ME_EGIT, "cannot read a parent commit");
 				goto out;
 			}
 			old = git_commit_tree_id(pc);
@@ -508,7 +483,7 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 			goto out;
 	}
 	if (grc != GIT_ITEROVER) {
-		rc = git_fail(err, errsz, "cannot walk the history");
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 		goto out;
 	}
 	*out = tp;
@@ -524,113 +499,8 @@ out:
 
 /* ---- writing ---- */
 
-struct pw {
-	int fd;
-	wc_Sha sha;
-	uint64_t bytes;
-	size_t n;
-	uint8_t buf[64 * 1024];
-};
-
-static int pw_flush(struct pw *w)
-{
-	size_t off = 0;
-
-	if (wc_ShaUpdate(&w->sha, w->buf, (word32)w->n) != 0)
-		return ME_EINTERNAL;
-	while (off < w->n) {
-		ssize_t k = write(w->fd, w->buf + off, w->n - off);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k < 0)
-			return ME_EIO;
-		off += (size_t)k;
-	}
-	w->bytes += w->n;
-	w->n = 0;
-	return 0;
-}
-
-static int pw_put(struct pw *w, const void *src, size_t len)
-{
-	const uint8_t *p = src;
-	while (len > 0) {
-		size_t k = sizeof(w->buf) - w->n;
-		if (k > len)
-			k = len;
-		memcpy(w->buf + w->n, p, k);
-		w->n += k;
-		p += k;
-		len -= k;
-		if (w->n == sizeof(w->buf)) {
-			int rc = pw_flush(w);
-			if (rc < 0)
-				return rc;
-		}
-	}
-	return 0;
-}
-
-/* Entry header (type, uncompressed size), the base for a REF_DELTA, the deflated data. */
-static int pw_entry(struct pw *w, int type, const git_oid *base, const void *data, size_t len)
-{
-	uint8_t h[16], out[16384];
-	size_t n = 0, v = len;
-	z_stream z;
-	int zrc, rc = 0;
-
-	h[n] = (uint8_t)((type << 4) | (v & 15));
-	v >>= 4;
-	while (v) {
-		h[n++] |= 0x80;
-		h[n] = v & 0x7f;
-		v >>= 7;
-	}
-	n++;
-	if ((rc = pw_put(w, h, n)) < 0)
-		return rc;
-	if (base != NULL && (rc = pw_put(w, base->id, GIT_OID_RAWSZ)) < 0)
-		return rc;
-	memset(&z, 0, sizeof(z));
-	if (deflateInit(&z, Z_DEFAULT_COMPRESSION) != Z_OK)
-		return ME_ENOMEM;
-	z.next_in = (Bytef *)data;
-	do {
-		uInt chunk = len > (1u << 30) ? (1u << 30) : (uInt)len;
-		z.avail_in = chunk;
-		len -= chunk;
-		do {
-			z.next_out = out;
-			z.avail_out = sizeof(out);
-			zrc = deflate(&z, len == 0 ? Z_FINISH : Z_NO_FLUSH);
-			if (zrc == Z_STREAM_ERROR) {
-				rc = ME_EINTERNAL;
-				goto out;
-			}
-			if ((rc = pw_put(w, out, sizeof(out) - z.avail_out)) < 0)
-				goto out;
-		} while (z.avail_out == 0);
-	} while (len > 0);
-	if (zrc != Z_STREAM_END)
-		rc = ME_EINTERNAL;
-out:
-	deflateEnd(&z);
-	return rc;
-}
-
-static int pack_type(git_object_t t)
-{
-	switch (t) {
-	case GIT_OBJECT_COMMIT: return 1;
-	case GIT_OBJECT_TREE: return 2;
-	case GIT_OBJECT_BLOB: return 3;
-	case GIT_OBJECT_TAG: return 4;
-	default: return -1;
-	}
-}
-
 /* Writes one planned object, as a delta against its base when that pays. */
-static int write_obj(struct thinpack *tp, struct pw *w, const struct tp_obj *o, char *err,
+static int write_obj(struct thinpack *tp, struct packw *w, const struct tp_obj *o, char *err,
 		     size_t errsz)
 {
 	git_odb_object *obj = NULL, *bobj = NULL;
@@ -640,7 +510,7 @@ static int write_obj(struct thinpack *tp, struct pw *w, const struct tp_obj *o, 
 	int rc;
 
 	if (git_odb_read(&obj, tp->odb, &o->oid) < 0)
-		return git_fail(err, errsz, "cannot read an object");
+		return gerr_git(err, errsz, ME_EGIT, "cannot read an object");
 	const uint8_t *data = git_odb_object_data(obj);
 	size_t len = git_odb_object_size(obj);
 	if (!git_oid_is_zero(&o->base) && len >= 64 && len <= THIN_MAX_DELTA_SRC) {
@@ -659,9 +529,9 @@ static int write_obj(struct thinpack *tp, struct pw *w, const struct tp_obj *o, 
 		git_error_clear();
 	}
 	if (delta != NULL)
-		rc = pw_entry(w, 7, &o->base, delta, dlen);
+		rc = packw_entry(w, 7, &o->base, delta, dlen);
 	else
-		rc = pw_entry(w, pack_type(o->type), NULL, data, len);
+		rc = packw_entry(w, pack_type_of(o->type), NULL, data, len);
 	if (rc == 0) {
 		struct oidset_slot *s = oidset_find(&tp->seen, &o->oid);
 		if (s != NULL)
@@ -669,9 +539,9 @@ static int write_obj(struct thinpack *tp, struct pw *w, const struct tp_obj *o, 
 	}
 out:
 	if (rc == ME_EIO)
-		set_err(err, errsz, "cannot write the pack: %s", strerror(errno));
+		gerr_set(err, errsz, "cannot write the pack: %s", strerror(errno));
 	else if (rc < 0)
-		set_err(err, errsz, "cannot build the pack (%s)", me_strerror(rc));
+		gerr_set(err, errsz, "cannot build the pack (%s)", me_strerror(rc));
 	free(delta);
 	git_odb_object_free(bobj);
 	git_odb_object_free(obj);
@@ -681,55 +551,21 @@ out:
 int thinpack_write(struct thinpack *tp, int fd, uint64_t *bytes, size_t *objects, char *err,
 		   size_t errsz)
 {
-	struct pw *w;
-	uint8_t hdr[12] = { 'P', 'A', 'C', 'K', 0, 0, 0, 2 }, sum[WC_SHA_DIGEST_SIZE];
+	struct packw *w = NULL;
 	int rc;
 
-	if ((w = malloc(sizeof(*w))) == NULL)
-		return ME_ENOMEM;
-	w->fd = fd;
-	w->bytes = 0;
-	w->n = 0;
-	if (wc_InitSha(&w->sha) != 0) {
-		free(w);
-		return ME_EINTERNAL;
-	}
-	hdr[8] = (uint8_t)(tp->n >> 24);
-	hdr[9] = (uint8_t)(tp->n >> 16);
-	hdr[10] = (uint8_t)(tp->n >> 8);
-	hdr[11] = (uint8_t)tp->n;
-	if ((rc = pw_put(w, hdr, sizeof(hdr))) < 0)
+	if ((rc = packw_new(&w, fd, (uint32_t)tp->n)) < 0)
 		goto out;
 	for (size_t i = 0; i < tp->n; i++)
 		if ((rc = write_obj(tp, w, &tp->v[i], err, errsz)) < 0)
 			goto out;
-	if ((rc = pw_flush(w)) < 0 || wc_ShaFinal(&w->sha, sum) != 0) {
-		rc = rc < 0 ? rc : ME_EINTERNAL;
+	if ((rc = packw_finish(w, bytes)) < 0)
 		goto out;
-	}
-	/* The trailer is not part of what it sums: written directly. */
-	memcpy(w->buf, sum, sizeof(sum));
-	w->n = sizeof(sum);
-	for (size_t off = 0; off < w->n;) {
-		ssize_t k = write(fd, w->buf + off, w->n - off);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k < 0) {
-			rc = ME_EIO;
-			goto out;
-		}
-		off += (size_t)k;
-	}
-	w->bytes += w->n;
-	if (bytes != NULL)
-		*bytes = w->bytes;
 	if (objects != NULL)
 		*objects = tp->n;
-	rc = 0;
 out:
 	if (rc == ME_EIO)
-		set_err(err, errsz, "cannot write the pack: %s", strerror(errno));
-	wc_ShaFree(&w->sha);
-	free(w);
+		gerr_set(err, errsz, "cannot write the pack: %s", strerror(errno));
+	packw_free(w);
 	return rc;
 }

@@ -37,7 +37,7 @@ static void sh(const char *fmt, ...)
 }
 
 /* Runs a command and returns its standard output without the final newline. */
-__attribute__((format(printf, 3, 4)))
+__attribute__((format(printf, 3, 4), unused))
 static void capture(char *out, size_t outsz, const char *fmt, ...)
 {
 	char cmd[4096];

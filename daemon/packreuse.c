@@ -1,0 +1,645 @@
+#include "daemon/packreuse.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/err.h"
+#include "daemon/oidset.h"
+#include "daemon/packwrite.h"
+
+#define MAX_PACKS 4096
+#define MAX_TREE_DEPTH 256
+#define MAX_TAG_DEPTH 64
+#define IDX_HDR (8 + 256 * 4)
+#define IDX_TRAILER 40
+#define PACK_TRAILER 20
+
+/* What becomes of a pack entry: not sent, sent (undecided), copied as stored, copied with its
+ * OFS_DELTA offset rewritten, written whole. Entries are decided and written in the same
+ * order, so a base decided (>= ST_COPY) is one written before. */
+enum { ST_NONE, ST_WANT, ST_COPY, ST_OFS, ST_WHOLE };
+
+struct roff {
+	uint64_t off;
+	uint32_t pos;
+};
+
+struct rpack {
+	uint8_t *idx, *pack;
+	size_t idxlen, packlen;
+	uint32_t n, n64;
+	const uint8_t *fanout, *oids, *offs32, *offs64;
+	struct roff *rev;  /* entries by offset */
+	uint8_t *st;       /* by index position */
+	uint64_t *newoff;  /* by index position: where it went in the new pack */
+};
+
+struct packreuse {
+	git_repository *src;
+	git_odb *odb;
+	struct rpack *p;
+	size_t np;
+	struct oidset want;
+	struct oidvec loose; /* wanted, in no pack */
+	size_t ncopy;
+};
+
+static uint32_t be32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t be64(const uint8_t *p)
+{
+	return (uint64_t)be32(p) << 32 | be32(p + 4);
+}
+
+/* ---- enumeration ---- */
+
+static int want_tree(struct packreuse *r, const git_oid *id, int depth, char *err, size_t errsz)
+{
+	git_tree *t = NULL;
+	int rc;
+
+	if (depth > MAX_TREE_DEPTH) {
+		gerr_set(err, errsz, "trees nested deeper than %d", MAX_TREE_DEPTH);
+		return ME_EPROTO;
+	}
+	if ((rc = oidset_put(&r->want, id, 0)) <= 0)
+		return rc < 0 ? gerr_nomem(err, errsz) : 0;
+	if (git_tree_lookup(&t, r->src, id) < 0)
+		return gerr_git(err, errsz, ME_EGIT, "cannot read a tree");
+	rc = 0;
+	for (size_t i = 0, n = git_tree_entrycount(t); i < n && rc == 0; i++) {
+		const git_tree_entry *e = git_tree_entry_byindex(t, i);
+		switch (git_tree_entry_type(e)) {
+		case GIT_OBJECT_TREE:
+			rc = want_tree(r, git_tree_entry_id(e), depth + 1, err, errsz);
+			break;
+		case GIT_OBJECT_BLOB:
+			if (oidset_put(&r->want, git_tree_entry_id(e), 0) < 0)
+				rc = gerr_nomem(err, errsz);
+			break;
+		default: /* a submodule's commit: not ours */
+			break;
+		}
+	}
+	git_tree_free(t);
+	return rc;
+}
+
+static int want_tip(struct packreuse *r, git_revwalk *walk, const struct gmsg_ref *tip,
+		    size_t *ncommits, char *err, size_t errsz)
+{
+	git_object *obj = NULL, *next = NULL;
+	git_oid id;
+	int rc = 0, depth = 0, grc;
+
+	git_oid_fromraw(&id, tip->oid);
+	if ((grc = git_object_lookup(&obj, r->src, &id, GIT_OBJECT_ANY)) < 0) {
+		if (grc != GIT_ENOTFOUND)
+			return gerr_git(err, errsz, ME_EGIT, "cannot read a tip");
+		gerr_set(err, errsz, "%.*s is not in the repository", (int)tip->name.len,
+			 tip->name.ptr);
+		return ME_ENOTFOUND;
+	}
+	while (git_object_type(obj) == GIT_OBJECT_TAG) {
+		if (++depth > MAX_TAG_DEPTH) {
+			gerr_set(err, errsz, "tag chain too long");
+			rc = ME_EPROTO;
+			goto out;
+		}
+		if (oidset_put(&r->want, git_object_id(obj), 0) < 0) {
+			rc = gerr_nomem(err, errsz);
+			goto out;
+		}
+		if (git_tag_target(&next, (git_tag *)obj) < 0) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a tag's target");
+			goto out;
+		}
+		git_object_free(obj);
+		obj = next;
+		next = NULL;
+	}
+	switch (git_object_type(obj)) {
+	case GIT_OBJECT_COMMIT:
+		if (git_revwalk_push(walk, git_object_id(obj)) < 0)
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+		else
+			(*ncommits)++;
+		break;
+	case GIT_OBJECT_TREE:
+		rc = want_tree(r, git_object_id(obj), 0, err, errsz);
+		break;
+	default:
+		if (oidset_put(&r->want, git_object_id(obj), 0) < 0)
+			rc = gerr_nomem(err, errsz);
+		break;
+	}
+out:
+	git_object_free(obj);
+	return rc;
+}
+
+static int enumerate(struct packreuse *r, const struct gmsg_ref *tips, size_t ntips, char *err,
+		     size_t errsz)
+{
+	git_revwalk *walk = NULL;
+	git_commit *c = NULL;
+	git_oid id;
+	size_t ncommits = 0;
+	int rc = 0, grc;
+
+	if (git_revwalk_new(&walk, r->src) < 0)
+		return gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+	git_revwalk_sorting(walk, GIT_SORT_NONE);
+	for (size_t i = 0; i < ntips; i++)
+		if ((rc = want_tip(r, walk, &tips[i], &ncommits, err, errsz)) < 0)
+			goto out;
+	while (ncommits > 0 && (grc = git_revwalk_next(&id, walk)) == 0) {
+		if (oidset_put(&r->want, &id, 0) < 0) {
+			rc = gerr_nomem(err, errsz);
+			goto out;
+		}
+		if (git_commit_lookup(&c, r->src, &id) < 0) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
+			goto out;
+		}
+		rc = want_tree(r, git_commit_tree_id(c), 0, err, errsz);
+		git_commit_free(c);
+		if (rc < 0)
+			goto out;
+	}
+	if (ncommits > 0 && grc != GIT_ITEROVER)
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+out:
+	git_revwalk_free(walk);
+	return rc;
+}
+
+/* ---- the source's packs ---- */
+
+static int roff_cmp(const void *a, const void *b)
+{
+	const struct roff *x = a, *y = b;
+	return x->off < y->off ? -1 : x->off > y->off;
+}
+
+static void rpack_free(struct rpack *p)
+{
+	if (p->idx != NULL)
+		munmap(p->idx, p->idxlen);
+	if (p->pack != NULL)
+		munmap(p->pack, p->packlen);
+	free(p->rev);
+	free(p->st);
+	free(p->newoff);
+	memset(p, 0, sizeof(*p));
+}
+
+static int map_file(const char *path, uint8_t **out, size_t *len)
+{
+	struct stat sb;
+	void *m;
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+
+	if (fd < 0)
+		return -1;
+	if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode) || sb.st_size <= 0 ||
+	    (uint64_t)sb.st_size > SIZE_MAX) {
+		close(fd);
+		return -1;
+	}
+	m = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+	close(fd);
+	if (m == MAP_FAILED)
+		return -1;
+	*out = m;
+	*len = (size_t)sb.st_size;
+	return 0;
+}
+
+/* Maps a pack and its v2 index and checks their structure: ME_EINVAL when anything is not as
+ * git writes it (the caller then does without this pack's entries), ME_ENOMEM. */
+static int rpack_open(struct rpack *p, const char *idxpath, const char *packpath)
+{
+	size_t need;
+
+	memset(p, 0, sizeof(*p));
+	if (map_file(idxpath, &p->idx, &p->idxlen) < 0 ||
+	    map_file(packpath, &p->pack, &p->packlen) < 0)
+		goto bad;
+	if (p->idxlen < IDX_HDR + IDX_TRAILER || memcmp(p->idx, "\377tOc", 4) != 0 ||
+	    be32(p->idx + 4) != 2)
+		goto bad;
+	p->fanout = p->idx + 8;
+	for (int i = 1; i < 256; i++)
+		if (be32(p->fanout + 4 * i) < be32(p->fanout + 4 * (i - 1)))
+			goto bad;
+	p->n = be32(p->fanout + 4 * 255);
+	need = IDX_HDR + (size_t)p->n * (GIT_OID_RAWSZ + 8) + IDX_TRAILER;
+	if (p->idxlen < need ||
+	    (p->idxlen - need) % 8 != 0)
+		goto bad;
+	p->n64 = (uint32_t)((p->idxlen - need) / 8);
+	p->oids = p->idx + IDX_HDR;
+	p->offs32 = p->oids + (size_t)p->n * (GIT_OID_RAWSZ + 4);
+	p->offs64 = p->offs32 + (size_t)p->n * 4;
+	if (p->packlen < 12 + PACK_TRAILER || memcmp(p->pack, "PACK", 4) != 0 ||
+	    (be32(p->pack + 4) != 2 && be32(p->pack + 4) != 3) || be32(p->pack + 8) != p->n)
+		goto bad;
+	if (p->n == 0)
+		return 0;
+	if ((p->rev = malloc((size_t)p->n * sizeof(*p->rev))) == NULL ||
+	    (p->st = calloc(p->n, 1)) == NULL ||
+	    (p->newoff = calloc(p->n, sizeof(*p->newoff))) == NULL) {
+		rpack_free(p);
+		return ME_ENOMEM;
+	}
+	for (uint32_t i = 0; i < p->n; i++) {
+		uint64_t off = be32(p->offs32 + 4 * (size_t)i);
+		if (off & 0x80000000u) {
+			off &= 0x7fffffffu;
+			if (off >= p->n64)
+				goto bad;
+			off = be64(p->offs64 + 8 * off);
+		}
+		if (off < 12 || off >= p->packlen - PACK_TRAILER)
+			goto bad;
+		p->rev[i].off = off;
+		p->rev[i].pos = i;
+	}
+	qsort(p->rev, p->n, sizeof(*p->rev), roff_cmp);
+	for (uint32_t i = 1; i < p->n; i++)
+		if (p->rev[i].off == p->rev[i - 1].off)
+			goto bad;
+	madvise(p->pack, p->packlen, MADV_SEQUENTIAL);
+	return 0;
+bad:
+	rpack_free(p);
+	return ME_EINVAL;
+}
+
+/* Index position of oid in p, -1 when absent. */
+static int64_t rpack_find(const struct rpack *p, const git_oid *oid)
+{
+	unsigned b = oid->id[0];
+	uint32_t lo = b > 0 ? be32(p->fanout + 4 * (b - 1)) : 0, hi = be32(p->fanout + 4 * b);
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+		int c = memcmp(p->oids + (size_t)mid * GIT_OID_RAWSZ, oid->id, GIT_OID_RAWSZ);
+		if (c == 0)
+			return mid;
+		if (c < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return -1;
+}
+
+/* Rank (in rev) of the entry at off, -1 when no entry starts there. */
+static int64_t rpack_at(const struct rpack *p, uint64_t off)
+{
+	uint32_t lo = 0, hi = p->n;
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+		if (p->rev[mid].off == off)
+			return mid;
+		if (p->rev[mid].off < off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return -1;
+}
+
+struct entry {
+	int type;
+	uint64_t off, end;  /* the entry's bytes */
+	uint64_t size_end;  /* end of the type and size header */
+	uint64_t data;      /* start of the zlib stream */
+	uint64_t base_off;  /* OFS_DELTA */
+	const uint8_t *base_oid; /* REF_DELTA */
+};
+
+/* Parses the header of the entry of rank k; -1 when malformed. */
+static int rpack_entry(const struct rpack *p, uint32_t k, struct entry *e)
+{
+	const uint8_t *b = p->pack;
+	uint64_t i, end;
+	unsigned c, cnt = 0;
+
+	e->off = i = p->rev[k].off;
+	e->end = end = k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER;
+	c = b[i++];
+	e->type = (c >> 4) & 7;
+	while (c & 0x80) {
+		if (i >= end || ++cnt > 9)
+			return -1;
+		c = b[i++];
+	}
+	e->size_end = i;
+	e->base_oid = NULL;
+	e->base_off = 0;
+	switch (e->type) {
+	case PACK_COMMIT: case PACK_TREE: case PACK_BLOB: case PACK_TAG:
+		break;
+	case PACK_OFS_DELTA: {
+		uint64_t rel;
+		if (i >= end)
+			return -1;
+		c = b[i++];
+		rel = c & 127;
+		cnt = 0;
+		while (c & 0x80) {
+			if (i >= end || ++cnt > 8)
+				return -1;
+			c = b[i++];
+			rel = ((rel + 1) << 7) | (c & 127);
+		}
+		if (rel == 0 || rel > e->off - 12)
+			return -1;
+		e->base_off = e->off - rel;
+		break;
+	}
+	case PACK_REF_DELTA:
+		if (end - i < GIT_OID_RAWSZ)
+			return -1;
+		e->base_oid = b + i;
+		i += GIT_OID_RAWSZ;
+		break;
+	default:
+		return -1;
+	}
+	if (end - i < 2) /* a zlib stream is at least two bytes */
+		return -1;
+	e->data = i;
+	return 0;
+}
+
+static int load_packs(struct packreuse *r, char *err, size_t errsz)
+{
+	char dir[4096], ipath[4352], ppath[4352];
+	struct dirent **names = NULL;
+	int n, rc = 0;
+
+	if ((size_t)snprintf(dir, sizeof(dir), "%sobjects/pack", git_repository_commondir(r->src)) >=
+	    sizeof(dir)) {
+		gerr_set(err, errsz, "repository path too long");
+		return ME_EINVAL;
+	}
+	if ((n = scandir(dir, &names, NULL, alphasort)) < 0)
+		return 0; /* no packs: everything loose */
+	for (int i = 0; i < n; i++) {
+		size_t len = strlen(names[i]->d_name);
+		const char *nm = names[i]->d_name;
+		if (rc == 0 && len > 9 && strncmp(nm, "pack-", 5) == 0 &&
+		    strcmp(nm + len - 4, ".idx") == 0 && r->np < MAX_PACKS) {
+			struct rpack *np;
+			snprintf(ipath, sizeof(ipath), "%s/%s", dir, nm);
+			snprintf(ppath, sizeof(ppath), "%s/%.*s.pack", dir, (int)len - 4, nm);
+			if ((np = realloc(r->p, (r->np + 1) * sizeof(*np))) == NULL) {
+				rc = gerr_nomem(err, errsz);
+			} else {
+				r->p = np;
+				int orc = rpack_open(&r->p[r->np], ipath, ppath);
+				if (orc == 0)
+					r->np++;
+				else if (orc == ME_ENOMEM)
+					rc = gerr_nomem(err, errsz);
+				/* else: a pack we do not understand; its objects go whole */
+			}
+		}
+		free(names[i]);
+	}
+	free(names);
+	return rc;
+}
+
+/* ---- planning ---- */
+
+void packreuse_free(struct packreuse *r)
+{
+	if (r == NULL)
+		return;
+	for (size_t i = 0; i < r->np; i++)
+		rpack_free(&r->p[i]);
+	free(r->p);
+	free(r->loose.v);
+	oidset_free(&r->want);
+	git_odb_free(r->odb);
+	free(r);
+}
+
+/* Is the object with this raw id already decided (so written before)? */
+static bool decided(const struct packreuse *r, const uint8_t *raw)
+{
+	git_oid id;
+
+	git_oid_fromraw(&id, raw);
+	for (size_t q = 0; q < r->np; q++) {
+		int64_t pos = rpack_find(&r->p[q], &id);
+		if (pos >= 0 && r->p[q].st[pos] != ST_NONE)
+			return r->p[q].st[pos] >= ST_COPY;
+	}
+	return false;
+}
+
+static int decide(struct packreuse *r, char *err, size_t errsz)
+{
+	for (size_t q = 0; q < r->np; q++) {
+		struct rpack *p = &r->p[q];
+		for (uint32_t k = 0; k < p->n; k++) {
+			uint32_t pos = p->rev[k].pos;
+			struct entry e;
+			if (p->st[pos] != ST_WANT)
+				continue;
+			if (rpack_entry(p, k, &e) < 0) {
+				gerr_set(err, errsz, "unexpected pack entry at offset %llu",
+					 (unsigned long long)p->rev[k].off);
+				return ME_EINVAL;
+			}
+			if (e.type == PACK_OFS_DELTA) {
+				int64_t bk = rpack_at(p, e.base_off);
+				if (bk < 0) {
+					gerr_set(err, errsz, "delta base not at an entry");
+					return ME_EINVAL;
+				}
+				p->st[pos] = p->st[p->rev[bk].pos] >= ST_COPY ? ST_OFS : ST_WHOLE;
+			} else if (e.type == PACK_REF_DELTA) {
+				p->st[pos] = decided(r, e.base_oid) ? ST_COPY : ST_WHOLE;
+			} else {
+				p->st[pos] = ST_COPY;
+			}
+			if (p->st[pos] != ST_WHOLE)
+				r->ncopy++;
+		}
+	}
+	return 0;
+}
+
+int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
+		   struct packreuse **out, char *err, size_t errsz)
+{
+	struct packreuse *r;
+	int rc;
+
+	*out = NULL;
+	gerr_clear(err, errsz);
+	if ((r = calloc(1, sizeof(*r))) == NULL)
+		return gerr_nomem(err, errsz);
+	r->src = src;
+	if ((rc = oidset_init(&r->want)) < 0) {
+		free(r);
+		return rc;
+	}
+	if (git_repository_odb(&r->odb, src) < 0) {
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot open the object database");
+		goto out;
+	}
+	if ((rc = load_packs(r, err, errsz)) < 0)
+		goto out;
+	if (r->np == 0) {
+		gerr_set(err, errsz, "no pack to reuse");
+		rc = ME_EINVAL;
+		goto out;
+	}
+	if ((rc = enumerate(r, tips, ntips, err, errsz)) < 0)
+		goto out;
+	if (r->want.n > UINT32_MAX) {
+		gerr_set(err, errsz, "too many objects");
+		rc = ME_ETOOBIG;
+		goto out;
+	}
+	for (size_t i = 0; i < r->want.cap; i++) {
+		const struct oidset_slot *s = &r->want.slots[i];
+		bool found = false;
+		if (!s->used)
+			continue;
+		for (size_t q = 0; q < r->np && !found; q++) {
+			int64_t pos = rpack_find(&r->p[q], &s->oid);
+			if (pos >= 0) {
+				r->p[q].st[pos] = ST_WANT;
+				found = true;
+			}
+		}
+		if (!found && oidvec_push(&r->loose, &s->oid) < 0) {
+			rc = gerr_nomem(err, errsz);
+			goto out;
+		}
+	}
+	if ((rc = decide(r, err, errsz)) < 0)
+		goto out;
+	*out = r;
+	r = NULL;
+out:
+	packreuse_free(r);
+	return rc;
+}
+
+/* ---- writing ---- */
+
+static int write_whole(struct packreuse *r, struct packw *w, const git_oid *id, char *err,
+		       size_t errsz)
+{
+	git_odb_object *o = NULL;
+	int rc, type;
+
+	if (git_odb_read(&o, r->odb, id) < 0)
+		return gerr_git(err, errsz, ME_EGIT, "cannot read an object");
+	if ((type = pack_type_of(git_odb_object_type(o))) < 0) {
+		gerr_set(err, errsz, "object of unexpected type");
+		rc = ME_EGIT;
+	} else {
+		rc = packw_entry(w, type, NULL, git_odb_object_data(o), git_odb_object_size(o));
+	}
+	git_odb_object_free(o);
+	return rc;
+}
+
+static int write_pack(struct packreuse *r, struct rpack *p, struct packw *w, size_t *n,
+		      char *err, size_t errsz)
+{
+	int rc = 0;
+
+	for (uint32_t k = 0; k < p->n && rc == 0; k++) {
+		uint32_t pos = p->rev[k].pos;
+		struct entry e;
+		git_oid id;
+		uint8_t ofs[16];
+		size_t i = sizeof(ofs);
+		uint64_t rel;
+
+		if (p->st[pos] < ST_COPY)
+			continue;
+		p->newoff[pos] = packw_offset(w);
+		(*n)++;
+		switch (p->st[pos]) {
+		case ST_COPY:
+			rc = packw_put(w, p->pack + p->rev[k].off,
+				       (k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER) -
+					       p->rev[k].off);
+			break;
+		case ST_OFS:
+			if (rpack_entry(p, k, &e) < 0)
+				return ME_EINTERNAL; /* decided on the same bytes */
+			rel = p->newoff[pos] - p->newoff[p->rev[rpack_at(p, e.base_off)].pos];
+			ofs[--i] = rel & 127;
+			while (rel >>= 7)
+				ofs[--i] = 128 | (--rel & 127);
+			if ((rc = packw_put(w, p->pack + e.off, e.size_end - e.off)) == 0 &&
+			    (rc = packw_put(w, ofs + i, sizeof(ofs) - i)) == 0)
+				rc = packw_put(w, p->pack + e.data, e.end - e.data);
+			break;
+		default:
+			git_oid_fromraw(&id, p->oids + (size_t)pos * GIT_OID_RAWSZ);
+			rc = write_whole(r, w, &id, err, errsz);
+			break;
+		}
+	}
+	return rc;
+}
+
+int packreuse_write(struct packreuse *r, int fd, uint64_t *bytes, size_t *objects,
+		    size_t *reused, char *err, size_t errsz)
+{
+	struct packw *w = NULL;
+	size_t n = 0;
+	int rc;
+
+	if ((rc = packw_new(&w, fd, (uint32_t)r->want.n)) < 0)
+		goto out;
+	for (size_t q = 0; q < r->np; q++)
+		if ((rc = write_pack(r, &r->p[q], w, &n, err, errsz)) < 0)
+			goto out;
+	for (size_t i = 0; i < r->loose.n; i++, n++)
+		if ((rc = write_whole(r, w, &r->loose.v[i], err, errsz)) < 0)
+			goto out;
+	if (n != r->want.n) {
+		gerr_set(err, errsz, "wrote %zu objects of %zu", n, r->want.n);
+		rc = ME_EINTERNAL;
+		goto out;
+	}
+	if ((rc = packw_finish(w, bytes)) < 0)
+		goto out;
+	if (objects != NULL)
+		*objects = n;
+	if (reused != NULL)
+		*reused = r->ncopy;
+out:
+	if (rc == ME_EIO)
+		gerr_set(err, errsz, "cannot write the pack: %s", strerror(errno));
+	packw_free(w);
+	return rc;
+}

@@ -1,0 +1,35 @@
+/* Complete packs built from the source's own packs, as `git pack-objects` does for a clone:
+ * every object reachable from the tips is copied as it is stored (compressed data, and deltas
+ * against bases that are sent too), instead of being decompressed and deltified again, which
+ * is what libgit2's pack builder does and takes seconds per ten thousand objects.
+ *
+ * Objects stored loose, in packs without a v2 index, or as deltas against objects that are
+ * not sent go whole (deflated afresh). Packs on disk are self-contained, so the result is too.
+ *
+ * Library code: no logging; ME_* codes with a message in err. */
+#ifndef ME_PACKREUSE_H
+#define ME_PACKREUSE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <git2.h>
+
+#include "common/gossip_msg.h"
+
+struct packreuse;
+
+/* Plans the pack of everything reachable from the tips (through annotated tags, commits'
+ * histories and trees; submodule commits are not followed): enumerates the objects, finds
+ * them in src's packs and checks every entry to be copied. Nothing is written. ME_EINVAL
+ * when src's object store has no pack to reuse or a pack is not as expected (the caller then
+ * uses libgit2's pack builder); ME_ENOTFOUND for a tip not in src. */
+int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
+		   struct packreuse **out, char *err, size_t errsz);
+/* Writes the planned pack to fd (blocking). *bytes and *objects may be NULL; *reused (may be
+ * NULL) = entries copied as stored. */
+int packreuse_write(struct packreuse *r, int fd, uint64_t *bytes, size_t *objects,
+		    size_t *reused, char *err, size_t errsz);
+void packreuse_free(struct packreuse *r);
+
+#endif
