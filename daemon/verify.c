@@ -458,6 +458,9 @@ int verify_main(int argc, char **argv)
 	 * mirror's packs the thin bases come from */
 	git_libgit2_opts(GIT_OPT_SET_MWINDOW_SIZE, (size_t)VERIFY_MWINDOW_SIZE);
 	git_libgit2_opts(GIT_OPT_SET_MWINDOW_MAPPED_LIMIT, (size_t)VERIFY_MWINDOW_LIMIT);
+	/* The check parses each new object once: libgit2's object cache (up to 256 MiB of parsed
+	 * trees and commits) would only hold on to memory. */
+	git_libgit2_opts(GIT_OPT_ENABLE_CACHING, 0);
 	rc = child_work(&q, msg, sizeof(msg), &refuted, &st);
 	/* Over the limit the bundle's size allows: the bundle's doing (ME_ETOOBIG), not this
 	 * node's lack of memory (ME_ENOMEM is not held against the peer). */

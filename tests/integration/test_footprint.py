@@ -1,0 +1,64 @@
+"""Counts of a full replication that do not depend on the machine's speed (issue 8), asserted so
+that a change that breaks them fails CI; times stay in bench/sync.sh.
+
+The repository is bench/sync.sh's default: bench/genrepo.py, 10,000 commits, about 68k objects in
+one pack, 5 branches and 13 tags. Nothing leaves 127.0.0.0/8.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import git
+from test_gossip import Node, wait_for
+from test_protocol import sanitized
+from test_sync import assert_mirror_sound, mirror_matches
+
+GENREPO = Path(__file__).resolve().parents[2] / "bench" / "genrepo.py"
+# Receiver peak: the daemon's VmHWM plus its largest verifier child's (shared library pages
+# counted twice). bench/sync.sh measures 69-70 MiB here; the issue's target is 64 MiB, not met
+# yet (README, "Benchmarks"): this bound catches regressions (it was 122 MiB before the
+# verifier stopped caching parsed objects).
+RECEIVER_PEAK_KIB = 80 << 10
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "gen.git"
+    subprocess.run([sys.executable, str(GENREPO), str(out), "--commits", "10000", "--seed", "1"],
+                   check=True, capture_output=True)
+    return out
+
+
+def git_pack_bytes(path, env):
+    """Size of the pack `git clone --mirror` gets for the branches and tags (what upload-pack's
+    pack-objects sends: offset deltas, deltas reused)."""
+    tips = git(path, "for-each-ref", "--format=%(objectname)", "refs/heads", "refs/tags",
+               env=env)
+    r = subprocess.run(["git", "-C", str(path), "pack-objects", "--stdout", "--revs",
+                        "--delta-base-offset", "-q"], input=(tips + "\n").encode(),
+                       capture_output=True, env=env, check=True)
+    return len(r.stdout)
+
+
+def test_full_replication_bytes_and_peak_memory(daemon_factory, git_repo, generated):
+    env = git_repo.env
+    a = Node(daemon_factory, "alpha", "127.0.11.1").start()
+    rid = a.j("repo", "add", generated)["id"]
+    b = Node(daemon_factory, "bravo", "127.0.11.2").start([a])
+    wait_for(mirror_matches(b, rid, generated, env), "B mirrors the generated repository",
+             [a, b], timeout=300)
+    assert_mirror_sound(b, rid, generated, env)
+    sync = b.j("node", "status")["sync"]
+    got, ref = sync["bytes_fetched"], git_pack_bytes(generated, env)
+    with open(f"/proc/{b.d.proc.pid}/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    child = sync["verifier_max_rss_kib"]
+    print(f"\nfull transfer {got} B (git's pack {ref} B, {got / ref:.3f}x); receiver peak "
+          f"{(hwm + child) / 1024:.1f} MiB (daemon {hwm / 1024:.1f} + verifier {child / 1024:.1f})")
+    # the complete bundle copies the source's packs: git's size plus the bundle header
+    assert got <= ref * 1.02 + 4096, (got, ref)
+    if sanitized():
+        return  # ASan's shadow memory and quarantine: RSS says nothing there
+    assert 0 < child and hwm + child < RECEIVER_PEAK_KIB, (hwm, child)
