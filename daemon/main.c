@@ -10,6 +10,7 @@
 #include "common/err.h"
 #include "common/log.h"
 #include "daemon/config.h"
+#include "daemon/footprint.h"
 #include "daemon/control.h"
 #include "daemon/gitrepo.h"
 #include "daemon/gossip.h"
@@ -231,6 +232,7 @@ int main(int argc, char **argv)
 			      cfg.socket_path);
 	status_text(&node, st, sizeof(st));
 	sdglue_ready(st);
+	footprint_trim();
 	uv_timer_start(&status_timer, on_status_timer, STATUS_EVERY_MS, STATUS_EVERY_MS);
 	if ((wd_usec = sdglue_watchdog_usec()) > 0) {
 		uint64_t ms = wd_usec / 2000;

@@ -4,8 +4,10 @@ that a change that breaks them fails CI; times stay in bench/sync.sh.
 The repository is bench/sync.sh's default: bench/genrepo.py, 10,000 commits, about 68k objects in
 one pack, 5 branches and 13 tags. Nothing leaves 127.0.0.0/8.
 """
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,41 @@ def test_full_replication_bytes_and_peak_memory(daemon_factory, git_repo, genera
     if sanitized():
         return  # ASan's shadow memory and quarantine: RSS says nothing there
     assert 0 < child and hwm + child < RECEIVER_PEAK_KIB, (hwm, child)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resident_by_mapping(pid):
+    rss, name = {}, "?"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                name = parts[5] if len(parts) > 5 else "[anon]"
+            elif parts[0] == "Rss:":
+                rss[name] = rss.get(name, 0) + int(parts[1])
+    return sorted(rss.items(), key=lambda kv: -kv[1])
+
+
+def test_idle_daemon_memory_and_cpu(daemon_factory):
+    """An idle node as started by hand (identity, QUIC socket, default gossip interval and log
+    level): under 10 MB resident (the
+    library pages start-up touched are given back, daemon/footprint.c) and under 1 % of a
+    core."""
+    a = Node(daemon_factory, "alpha", "127.0.11.3").start(interval=10, extra=["--log-level", "info"])
+    pid = a.d.proc.pid
+    time.sleep(2)
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(8)
+    cpu = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    print(f"\nidle: {rss / 1024:.1f} MiB resident, {cpu * 100:.2f} % of a core; largest: " +
+          ", ".join(f"{Path(k).name} {v} KiB" for k, v in resident_by_mapping(pid)[:6]))
+    assert cpu < 0.01, cpu
+    if not sanitized():
+        assert rss * 1024 < 10_000_000, rss
