@@ -9,6 +9,7 @@
 #include <git2.h>
 
 #include "common/err.h"
+#include "daemon/gitutil.h"
 
 _Static_assert(GIT_OID_RAWSZ == sizeof(((struct gitrepo_info *)0)->root_oid), "oid size");
 _Static_assert(GIT_OID_HEXSZ + 1 == sizeof(((struct gitrepo_info *)0)->root_hex), "hex size");
@@ -28,24 +29,12 @@ void gitrepo_global_free(void)
 	git_libgit2_shutdown();
 }
 
-__attribute__((format(printf, 3, 4)))
-static void set_err(char *errbuf, size_t errsz, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (errbuf == NULL || errsz == 0)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(errbuf, errsz, fmt, ap);
-	va_end(ap);
-}
-
 /* Reports a libgit2 failure: "<what>: <libgit2 message>". */
 static int git_fail(char *errbuf, size_t errsz, const char *what)
 {
 	const git_error *e = git_error_last();
 
-	set_err(errbuf, errsz, "%s: %s", what, e != NULL && e->message != NULL ? e->message
+	gerr_set(errbuf, errsz, "%s: %s", what, e != NULL && e->message != NULL ? e->message
 									: "unknown libgit2 error");
 	return e != NULL && e->klass == GIT_ERROR_NOMEMORY ? ME_ENOMEM : ME_EGIT;
 }
@@ -122,7 +111,7 @@ static int refs_collect(git_repository *repo, const char *glob, struct refs_acc 
 			oid = git_reference_target(ref);
 		}
 		if (oid != NULL && (rc = refs_push(acc, git_reference_name(ref), oid)) < 0)
-			set_err(errbuf, errsz, "out of memory");
+			gerr_set(errbuf, errsz, "out of memory");
 		git_reference_free(res);
 		git_reference_free(ref);
 		res = ref = NULL;
@@ -163,7 +152,7 @@ static int head_name(git_repository *repo, char **out, char *errbuf, size_t errs
 	*out = strdup(t);
 	git_reference_free(head);
 	if (*out == NULL) {
-		set_err(errbuf, errsz, "out of memory");
+		gerr_set(errbuf, errsz, "out of memory");
 		return ME_ENOMEM;
 	}
 	return 0;
@@ -189,32 +178,32 @@ static int repo_open(const char *path, git_repository **repo, char *errbuf, size
 
 	*repo = NULL;
 	if (path == NULL || path[0] == '\0') {
-		set_err(errbuf, errsz, "no repository path");
+		gerr_set(errbuf, errsz, "no repository path");
 		return ME_EINVAL;
 	}
 	if ((real = realpath(path, NULL)) == NULL) {
 		e = errno;
 		if (e == ENOMEM) {
-			set_err(errbuf, errsz, "out of memory");
+			gerr_set(errbuf, errsz, "out of memory");
 			return ME_ENOMEM;
 		}
 		if (e == ENOENT || e == ENOTDIR)
-			set_err(errbuf, errsz, "%s does not exist", path);
+			gerr_set(errbuf, errsz, "%s does not exist", path);
 		else
-			set_err(errbuf, errsz, "%s is not a git repository: %s", path, strerror(e));
+			gerr_set(errbuf, errsz, "%s is not a git repository: %s", path, strerror(e));
 		return e == EACCES ? ME_EPERM : ME_ENOTREPO;
 	}
 	/* NO_SEARCH: path must be the repository itself, not somewhere inside one. */
 	grc = git_repository_open_ext(repo, real, GIT_REPOSITORY_OPEN_NO_SEARCH, NULL);
 	free(real);
 	if (grc == GIT_EOWNER) {
-		set_err(errbuf, errsz, "%s is owned by another user (see git's safe.directory)", path);
+		gerr_set(errbuf, errsz, "%s is owned by another user (see git's safe.directory)", path);
 		return ME_EPERM;
 	}
 	if (grc < 0) {
 		git_repository_free(*repo);
 		*repo = NULL;
-		set_err(errbuf, errsz, "%s is not a git repository", path);
+		gerr_set(errbuf, errsz, "%s is not a git repository", path);
 		return ME_ENOTREPO;
 	}
 	return 0;
@@ -293,7 +282,7 @@ int gitrepo_dirs(const char *path, char **gitdir, char **commondir, char *errbuf
 		free(*gitdir);
 		free(*commondir);
 		*gitdir = *commondir = NULL;
-		set_err(errbuf, errsz, "out of memory");
+		gerr_set(errbuf, errsz, "out of memory");
 		return ME_ENOMEM;
 	}
 	return 0;
@@ -317,7 +306,7 @@ int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, si
 
 	dir = git_repository_is_bare(repo) ? git_repository_path(repo) : git_repository_workdir(repo);
 	if (dir == NULL) {
-		set_err(errbuf, errsz, "%s has no work tree", path);
+		gerr_set(errbuf, errsz, "%s has no work tree", path);
 		rc = ME_ENOTREPO;
 		goto fail;
 	}
@@ -329,7 +318,7 @@ int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, si
 
 	grc = git_repository_head_unborn(repo);
 	if (grc == 1) {
-		set_err(errbuf, errsz, "%s has no commits", path);
+		gerr_set(errbuf, errsz, "%s has no commits", path);
 		rc = ME_EEMPTY;
 		goto fail;
 	}
@@ -339,7 +328,7 @@ int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, si
 	}
 	if ((grc = git_revparse_single(&commit, repo, "HEAD^{commit}")) < 0) {
 		if (grc == GIT_EUNBORNBRANCH || grc == GIT_EPEEL) {
-			set_err(errbuf, errsz, "%s has no commits", path);
+			gerr_set(errbuf, errsz, "%s has no commits", path);
 			rc = ME_EEMPTY;
 		} else {
 			rc = git_fail(errbuf, errsz, "cannot read HEAD");
@@ -359,7 +348,7 @@ int gitrepo_inspect(const char *path, struct gitrepo_info *out, char *errbuf, si
 	git_repository_free(repo);
 	return 0;
 nomem:
-	set_err(errbuf, errsz, "out of memory");
+	gerr_set(errbuf, errsz, "out of memory");
 	rc = ME_ENOMEM;
 fail:
 	gitrepo_info_clear(out);

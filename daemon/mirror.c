@@ -20,7 +20,7 @@
 #include "common/ids.h"
 #include "daemon/oidset.h"
 #include "daemon/packreuse.h"
-#include "daemon/packwrite.h"
+#include "daemon/gitutil.h"
 #include "daemon/thinpack.h"
 
 _Static_assert(GIT_OID_RAWSZ == ME_OID_LEN, "oid size");
@@ -764,15 +764,8 @@ static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
 		return 0;
 	if ((rc = oidset_init(&inc)) < 0 || (rc = oidset_init(&bset)) < 0)
 		return rc;
-	if (git_revwalk_new(&walk, src) < 0) {
-		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+	if ((rc = walk_new(&walk, src, GIT_SORT_NONE, tipc, NULL, err, errsz)) < 0)
 		goto out;
-	}
-	for (size_t i = 0; i < tipc->n; i++)
-		if (git_revwalk_push(walk, &tipc->v[i]) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
-			goto out;
-		}
 	if ((rc = hide_haves(walk, odb, haves, nhaves, err, errsz)) <= 0)
 		goto out;
 	rc = 0;
@@ -823,52 +816,21 @@ out:
 	return rc < 0 ? rc : 0;
 }
 
-/* Inserts a tip's annotated tags (unless haves) and non-commit targets; returns the commit to
- * walk from in *commit (zero oid when there is none). */
-static int add_tip(git_packbuilder *pb, git_repository *src, const struct oidset *haveset,
-		   const git_oid *tip, const char *name, git_oid *commit, char *err, size_t errsz)
-{
-	git_object *obj = NULL, *next = NULL;
-	int rc = 0, grc, depth = 0;
+/* The annotated tags the tips point through that the receiver does not have: in the pack. */
+struct tagnote {
+	const struct oidset *haveset;
+	struct oidvec *tags;
+	char *err;
+	size_t errsz;
+};
 
-	memset(commit, 0, sizeof(*commit));
-	if ((grc = git_object_lookup(&obj, src, tip, GIT_OBJECT_ANY)) < 0) {
-		if (grc == GIT_ENOTFOUND) {
-			char hex[GIT_OID_HEXSZ + 1];
-			gerr_set(err, errsz, "%s (%s) is not in the repository", name,
-				git_oid_tostr(hex, sizeof(hex), tip));
-			return ME_ENOTFOUND;
-		}
-		return gerr_git(err, errsz, ME_EGIT, "cannot read a tip");
-	}
-	while (git_object_type(obj) == GIT_OBJECT_TAG) {
-		if (++depth > 64) {
-			gerr_set(err, errsz, "%s: tag chain too long", name);
-			rc = ME_EPROTO;
-			goto out;
-		}
-		if (!oidset_has(haveset, git_object_id(obj)) &&
-		    git_packbuilder_insert(pb, git_object_id(obj), NULL) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot add a tag to the pack");
-			goto out;
-		}
-		if (git_tag_target(&next, (git_tag *)obj) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a tag's target");
-			goto out;
-		}
-		git_object_free(obj);
-		obj = next;
-		next = NULL;
-	}
-	if (git_object_type(obj) == GIT_OBJECT_COMMIT) {
-		git_oid_cpy(commit, git_object_id(obj));
-	} else if (!oidset_has(haveset, git_object_id(obj)) &&
-		   git_packbuilder_insert_recur(pb, git_object_id(obj), NULL) < 0) {
-		rc = gerr_git(err, errsz, ME_EGIT, "cannot add a tip to the pack");
-	}
-out:
-	git_object_free(obj);
-	return rc;
+static int note_tag(const git_oid *tag, void *arg)
+{
+	struct tagnote *t = arg;
+
+	if (!oidset_has(t->haveset, tag) && oidvec_push(t->tags, tag) < 0)
+		return gerr_nomem(t->err, t->errsz);
+	return 0;
 }
 
 int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
@@ -877,6 +839,8 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 {
 	struct oidset haveset;
 	struct oidvec tipc = { NULL, 0, 0 }, pre = { NULL, 0, 0 };
+	struct oidvec tags = { NULL, 0, 0 }, ends = { NULL, 0, 0 }; /* libgit2's builder only */
+	struct tagnote tn = { &haveset, &tags, err, errsz };
 	git_packbuilder *pb = NULL;
 	git_revwalk *walk = NULL;
 	git_odb *odb = NULL;
@@ -908,23 +872,24 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 			rc = gerr_nomem(err, errsz);
 			goto out;
 		}
-	if (git_repository_odb(&odb, src) < 0 || git_odb_refresh(odb) < 0 ||
-	    git_packbuilder_new(&pb, src) < 0) {
+	if (git_repository_odb(&odb, src) < 0 || git_odb_refresh(odb) < 0) {
 		rc = gerr_git(err, errsz, ME_EGIT, "cannot prepare the pack");
 		goto out;
 	}
-	git_packbuilder_set_threads(pb, 0);
-
+	/* Each tip: a commit to walk from, or a tree or blob (a tag of one) that goes whole. */
 	for (size_t i = 0; i < ntips; i++) {
-		char name[GMSG_MAX_REFNAME + 1];
-		git_oid tip, commit;
+		git_object *end = NULL;
+		const git_oid *id;
 
-		memcpy(name, tips[i].name.ptr, tips[i].name.len);
-		name[tips[i].name.len] = '\0';
-		git_oid_fromraw(&tip, tips[i].oid);
-		if ((rc = add_tip(pb, src, &haveset, &tip, name, &commit, err, errsz)) < 0)
+		if ((rc = tip_peel(src, &tips[i], note_tag, &tn, &end, err, errsz)) < 0)
 			goto out;
-		if (!git_oid_is_zero(&commit) && oidvec_push(&tipc, &commit) < 0) {
+		id = git_object_id(end);
+		if (git_object_type(end) == GIT_OBJECT_COMMIT)
+			rc = oidvec_push(&tipc, id);
+		else if (!oidset_has(&haveset, id))
+			rc = oidvec_push(&ends, id);
+		git_object_free(end);
+		if (rc < 0) {
 			rc = gerr_nomem(err, errsz);
 			goto out;
 		}
@@ -950,23 +915,28 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		gerr_clear(err, errsz);
 	}
 
-	if (git_revwalk_new(&walk, src) < 0) {
-		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+	if (git_packbuilder_new(&pb, src) < 0) {
+		rc = gerr_git(err, errsz, ME_EGIT, "cannot prepare the pack");
 		goto out;
 	}
-	for (size_t i = 0; i < tipc.n; i++)
-		if (git_revwalk_push(walk, &tipc.v[i]) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+	git_packbuilder_set_threads(pb, 0);
+	for (size_t i = 0; i < tags.n; i++)
+		if (git_packbuilder_insert(pb, &tags.v[i], NULL) < 0) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot add a tag to the pack");
 			goto out;
 		}
-	for (size_t i = 0; i < pre.n; i++)
-		if (git_revwalk_hide(walk, &pre.v[i]) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+	for (size_t i = 0; i < ends.n; i++)
+		if (git_packbuilder_insert_recur(pb, &ends.v[i], NULL) < 0) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot add a tip to the pack");
 			goto out;
 		}
-	if (tipc.n > 0 && git_packbuilder_insert_walk(pb, walk) < 0) {
-		rc = gerr_git(err, errsz, ME_EGIT, "cannot add commits to the pack");
-		goto out;
+	if (tipc.n > 0) {
+		if ((rc = walk_new(&walk, src, GIT_SORT_NONE, &tipc, &pre, err, errsz)) < 0)
+			goto out;
+		if (git_packbuilder_insert_walk(pb, walk) < 0) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot add commits to the pack");
+			goto out;
+		}
 	}
 
 header:
@@ -1015,6 +985,8 @@ out:
 	git_odb_free(odb);
 	free(tipc.v);
 	free(pre.v);
+	free(tags.v);
+	free(ends.v);
 	oidset_free(&haveset);
 	return rc;
 }

@@ -12,12 +12,12 @@
 #include <unistd.h>
 
 #include "common/err.h"
+#include "daemon/gitutil.h"
 #include "daemon/oidset.h"
 #include "daemon/packwrite.h"
 
 #define MAX_PACKS 4096
 #define MAX_TREE_DEPTH 256
-#define MAX_TAG_DEPTH 64
 #define IDX_HDR (8 + 256 * 4)
 #define IDX_TRAILER 40
 #define PACK_TRAILER 20
@@ -96,75 +96,48 @@ static int want_tree(struct packreuse *r, const git_oid *id, int depth, char *er
 	return rc;
 }
 
-static int want_tip(struct packreuse *r, git_revwalk *walk, const struct gmsg_ref *tip,
-		    size_t *ncommits, char *err, size_t errsz)
+static int want_tag(const git_oid *id, void *arg)
 {
-	git_object *obj = NULL, *next = NULL;
-	git_oid id;
-	int rc = 0, depth = 0, grc;
+	struct packreuse *r = arg;
 
-	git_oid_fromraw(&id, tip->oid);
-	if ((grc = git_object_lookup(&obj, r->src, &id, GIT_OBJECT_ANY)) < 0) {
-		if (grc != GIT_ENOTFOUND)
-			return gerr_git(err, errsz, ME_EGIT, "cannot read a tip");
-		gerr_set(err, errsz, "%.*s is not in the repository", (int)tip->name.len,
-			 tip->name.ptr);
-		return ME_ENOTFOUND;
-	}
-	while (git_object_type(obj) == GIT_OBJECT_TAG) {
-		if (++depth > MAX_TAG_DEPTH) {
-			gerr_set(err, errsz, "tag chain too long");
-			rc = ME_EPROTO;
-			goto out;
-		}
-		if (oidset_put(&r->want, git_object_id(obj), 0) < 0) {
-			rc = gerr_nomem(err, errsz);
-			goto out;
-		}
-		if (git_tag_target(&next, (git_tag *)obj) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a tag's target");
-			goto out;
-		}
-		git_object_free(obj);
-		obj = next;
-		next = NULL;
-	}
-	switch (git_object_type(obj)) {
-	case GIT_OBJECT_COMMIT:
-		if (git_revwalk_push(walk, git_object_id(obj)) < 0)
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
-		else
-			(*ncommits)++;
-		break;
-	case GIT_OBJECT_TREE:
-		rc = want_tree(r, git_object_id(obj), 0, err, errsz);
-		break;
-	default:
-		if (oidset_put(&r->want, git_object_id(obj), 0) < 0)
-			rc = gerr_nomem(err, errsz);
-		break;
-	}
-out:
-	git_object_free(obj);
-	return rc;
+	return oidset_put(&r->want, id, 0) < 0 ? ME_ENOMEM : 0;
 }
 
+/* Everything reachable from the tips: their tags, the trees and blobs they end on, and the
+ * histories of the commits they end on (with each commit's tree). */
 static int enumerate(struct packreuse *r, const struct gmsg_ref *tips, size_t ntips, char *err,
 		     size_t errsz)
 {
+	struct oidvec commits = { NULL, 0, 0 };
 	git_revwalk *walk = NULL;
 	git_commit *c = NULL;
 	git_oid id;
-	size_t ncommits = 0;
 	int rc = 0, grc;
 
-	if (git_revwalk_new(&walk, r->src) < 0)
-		return gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
-	git_revwalk_sorting(walk, GIT_SORT_NONE);
-	for (size_t i = 0; i < ntips; i++)
-		if ((rc = want_tip(r, walk, &tips[i], &ncommits, err, errsz)) < 0)
-			goto out;
-	while (ncommits > 0 && (grc = git_revwalk_next(&id, walk)) == 0) {
+	for (size_t i = 0; i < ntips && rc == 0; i++) {
+		git_object *end = NULL;
+		if ((rc = tip_peel(r->src, &tips[i], want_tag, r, &end, err, errsz)) < 0)
+			break;
+		switch (git_object_type(end)) {
+		case GIT_OBJECT_COMMIT:
+			rc = oidvec_push(&commits, git_object_id(end));
+			break;
+		case GIT_OBJECT_TREE:
+			rc = want_tree(r, git_object_id(end), 0, err, errsz);
+			break;
+		default:
+			rc = oidset_put(&r->want, git_object_id(end), 0) < 0 ? ME_ENOMEM : 0;
+			break;
+		}
+		git_object_free(end);
+	}
+	if (rc == ME_ENOMEM)
+		gerr_nomem(err, errsz);
+	if (rc < 0 || commits.n == 0)
+		goto out;
+	if ((rc = walk_new(&walk, r->src, GIT_SORT_NONE, &commits, NULL, err, errsz)) < 0)
+		goto out;
+	while ((grc = git_revwalk_next(&id, walk)) == 0) {
 		if (oidset_put(&r->want, &id, 0) < 0) {
 			rc = gerr_nomem(err, errsz);
 			goto out;
@@ -178,10 +151,11 @@ static int enumerate(struct packreuse *r, const struct gmsg_ref *tips, size_t nt
 		if (rc < 0)
 			goto out;
 	}
-	if (ncommits > 0 && grc != GIT_ITEROVER)
+	if (grc != GIT_ITEROVER)
 		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
 out:
 	git_revwalk_free(walk);
+	free(commits.v);
 	return rc;
 }
 
@@ -324,6 +298,12 @@ static int64_t rpack_at(const struct rpack *p, uint64_t off)
 	return -1;
 }
 
+/* End of the entry of rank k: where the next one starts, or the trailer. */
+static uint64_t rpack_end(const struct rpack *p, uint32_t k)
+{
+	return k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER;
+}
+
 struct entry {
 	int type;
 	uint64_t off, end;  /* the entry's bytes */
@@ -341,7 +321,7 @@ static int rpack_entry(const struct rpack *p, uint32_t k, struct entry *e)
 	unsigned c, cnt = 0;
 
 	e->off = i = p->rev[k].off;
-	e->end = end = k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER;
+	e->end = end = rpack_end(p, k);
 	c = b[i++];
 	e->type = (c >> 4) & 7;
 	while (c & 0x80) {
@@ -587,9 +567,7 @@ static int write_pack(struct packreuse *r, struct rpack *p, struct packw *w, siz
 		(*n)++;
 		switch (p->st[pos]) {
 		case ST_COPY:
-			rc = packw_put(w, p->pack + p->rev[k].off,
-				       (k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER) -
-					       p->rev[k].off);
+			rc = packw_put(w, p->pack + p->rev[k].off, rpack_end(p, k) - p->rev[k].off);
 			break;
 		case ST_OFS:
 			if (rpack_entry(p, k, &e) < 0)

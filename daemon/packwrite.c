@@ -1,8 +1,6 @@
 #include "daemon/packwrite.h"
 
 #include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -12,62 +10,7 @@
 #include <zlib.h>
 
 #include "common/err.h"
-
-void gerr_set(char *err, size_t errsz, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err == NULL || errsz == 0)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errsz, fmt, ap);
-	va_end(ap);
-}
-
-void gerr_clear(char *err, size_t errsz)
-{
-	if (err != NULL && errsz > 0)
-		err[0] = '\0';
-}
-
-int gerr_git(char *err, size_t errsz, int code, const char *what)
-{
-	int oserr = errno;
-	const git_error *e = git_error_last();
-
-	gerr_set(err, errsz, "%s: %s", what,
-		 e != NULL && e->message != NULL ? e->message : "unknown libgit2 error");
-	if (e != NULL && e->klass == GIT_ERROR_NOMEMORY)
-		return ME_ENOMEM;
-	/* a full disk is ours, not the data's: libgit2 appends strerror to OS errors */
-	if (e != NULL && e->klass == GIT_ERROR_OS)
-		return oserr == ENOSPC || oserr == EDQUOT ||
-		       (e->message != NULL && strstr(e->message, strerror(ENOSPC)) != NULL) ?
-		       ME_ENOSPC : ME_EIO;
-	return code;
-}
-
-int gerr_nomem(char *err, size_t errsz)
-{
-	gerr_set(err, errsz, "out of memory");
-	return ME_ENOMEM;
-}
-
-int write_full(int fd, const void *buf, size_t len)
-{
-	const char *p = buf;
-
-	while (len > 0) {
-		ssize_t n = write(fd, p, len);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
+#include "daemon/gitutil.h"
 
 int pack_type_of(git_object_t t)
 {

@@ -1,8 +1,5 @@
-/* What the code writing git packs shares: error helpers for library code that reports in an
- * err buffer, a blocking write loop, and a streaming pack writer (header, entries, SHA-1
- * trailer). See Documentation/gitformat-pack.txt in git for the format.
- *
- * Library code: no logging; ME_* codes with a message in err. */
+/* A streaming git pack writer (header, entries, SHA-1 trailer), shared by the pack planners
+ * (thinpack, packreuse). See Documentation/gitformat-pack.txt in git for the format. */
 #ifndef ME_PACKWRITE_H
 #define ME_PACKWRITE_H
 
@@ -14,18 +11,6 @@
 /* Pack entry types. */
 enum { PACK_COMMIT = 1, PACK_TREE = 2, PACK_BLOB = 3, PACK_TAG = 4, PACK_OFS_DELTA = 6,
        PACK_REF_DELTA = 7 };
-
-__attribute__((format(printf, 3, 4)))
-void gerr_set(char *err, size_t errsz, const char *fmt, ...);
-void gerr_clear(char *err, size_t errsz);
-/* Reports a libgit2 failure as "<what>: <libgit2 message>"; returns code, or ME_ENOMEM /
- * ME_ENOSPC / ME_EIO when libgit2 says it ran out of memory or hit an OS error. */
-int gerr_git(char *err, size_t errsz, int code, const char *what);
-/* "out of memory", ME_ENOMEM. */
-int gerr_nomem(char *err, size_t errsz);
-
-/* write(2) until done: 0 or -errno. */
-int write_full(int fd, const void *buf, size_t len);
 
 /* The pack entry type of a libgit2 object type, -1 for none. */
 int pack_type_of(git_object_t t);

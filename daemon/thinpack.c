@@ -11,6 +11,7 @@
 #include <zlib.h>
 
 #include "common/err.h"
+#include "daemon/gitutil.h"
 #include "daemon/packwrite.h"
 
 #define BLK 16 /* delta: bytes per indexed block of the base */
@@ -350,31 +351,34 @@ static int plan_tree(struct thinpack *tp, const git_oid *id, const git_oid *old,
 	return rc < 0 ? rc : 0;
 }
 
-/* The annotated tags a tip points through (unless haves) go whole; then what they end on: a
- * commit is walked later, a tree or blob (a tag of a tree) is planned here unless known. */
-static int plan_tip(struct thinpack *tp, const struct oidset *haveset, const git_oid *tip,
-		    char *err, size_t errsz)
-{
-	git_object *obj = NULL, *next = NULL;
-	int rc = 0, depth = 0;
+struct tagplan {
+	struct thinpack *tp;
+	const struct oidset *haveset;
+};
 
-	if (git_object_lookup(&obj, tp->src, tip, GIT_OBJECT_ANY) < 0)
-		return gerr_git(err, errsz, ME_EGIT, "cannot read a tip");
-	while (git_object_type(obj) == GIT_OBJECT_TAG && rc >= 0) {
-		if (++depth > 64) {
-			rc = ME_ETOOBIG;
-			break;
-		}
-		const git_oid *id = git_object_id(obj);
-		if (!oidset_has(haveset, id) && (rc = oidset_put(&tp->seen, id, 0)) == 1)
-			rc = tp_push(tp, id, NULL, GIT_OBJECT_TAG);
-		if (rc >= 0 && git_tag_target(&next, (git_tag *)obj) < 0)
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a tag's target");
-		git_object_free(obj);
-		obj = next;
-		next = NULL;
-	}
-	if (rc >= 0 && obj != NULL && !oidset_has(haveset, git_object_id(obj))) {
+/* An annotated tag a tip points through goes whole, unless the receiver has it. */
+static int plan_tag(const git_oid *id, void *arg)
+{
+	struct tagplan *t = arg;
+	int rc = 0;
+
+	if (!oidset_has(t->haveset, id) && (rc = oidset_put(&t->tp->seen, id, 0)) == 1)
+		rc = tp_push(t->tp, id, NULL, GIT_OBJECT_TAG);
+	return rc < 0 ? rc : 0;
+}
+
+/* The tags a tip points through; then what they end on: a commit is walked later, a tree or
+ * blob (a tag of a tree) is planned here unless known. */
+static int plan_tip(struct thinpack *tp, const struct oidset *haveset,
+		    const struct gmsg_ref *tip, char *err, size_t errsz)
+{
+	struct tagplan t = { tp, haveset };
+	git_object *obj = NULL;
+	int rc;
+
+	if ((rc = tip_peel(tp->src, tip, plan_tag, &t, &obj, err, errsz)) < 0)
+		return rc;
+	if (!oidset_has(haveset, git_object_id(obj))) {
 		const git_oid *id = git_object_id(obj);
 		if (git_object_type(obj) == GIT_OBJECT_TREE) {
 			rc = plan_tree(tp, id, NULL, 0, err, errsz);
@@ -432,27 +436,12 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 		if (rc < 0)
 			goto out;
 	}
-	for (size_t i = 0; i < ntips; i++) {
-		git_oid tip;
-		git_oid_fromraw(&tip, tips[i].oid);
-		if ((rc = plan_tip(tp, haveset, &tip, err, errsz)) < 0)
+	for (size_t i = 0; i < ntips; i++)
+		if ((rc = plan_tip(tp, haveset, &tips[i], err, errsz)) < 0)
 			goto out;
-	}
-	if (git_revwalk_new(&walk, src) < 0 ||
-	    git_revwalk_sorting(walk, GIT_SORT_TOPOLOGICAL | GIT_SORT_REVERSE) < 0) {
-		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+	if ((rc = walk_new(&walk, src, GIT_SORT_TOPOLOGICAL | GIT_SORT_REVERSE, tipc, pre, err,
+			   errsz)) < 0)
 		goto out;
-	}
-	for (size_t i = 0; i < tipc->n; i++)
-		if (git_revwalk_push(walk, &tipc->v[i]) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
-			goto out;
-		}
-	for (size_t i = 0; i < pre->n; i++)
-		if (git_revwalk_hide(walk, &pre->v[i]) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
-			goto out;
-		}
 	/* Parents first: a delta base (the same path in the first parent) is then always the
 	 * receiver's already or planned earlier, so no two objects are each other's base. */
 	while ((grc = git_revwalk_next(&id, walk)) == 0) {

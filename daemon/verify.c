@@ -30,6 +30,7 @@
 #include "common/ids.h"
 #include "common/util.h"
 #include "daemon/gitrepo.h"
+#include "daemon/gitutil.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define VERIFY_ASAN 1
@@ -262,22 +263,6 @@ static int child_decode(const uint8_t *buf, size_t len, struct child_req *q)
 	return rc;
 }
 
-static int write_all(int fd, const void *p, size_t n)
-{
-	const char *c = p;
-
-	while (n > 0) {
-		ssize_t k = write(fd, c, n);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			return -1;
-		c += k;
-		n -= (size_t)k;
-	}
-	return 0;
-}
-
 static void child_reply(int rc, const char *msg, int refuted, const struct bundle_stats *st)
 {
 	msgpack_sbuffer sb;
@@ -306,7 +291,7 @@ static void child_reply(int rc, const char *msg, int refuted, const struct bundl
 	msgpack_pack_uint64(&pk, st->refs_updated);
 	msgpack_pack_uint64(&pk, st->refs_deleted);
 	if (me_frame_end(&sb, 0, VERIFY_MAX_REPLY) == 0)
-		write_all(STDOUT_FILENO, sb.data, sb.size);
+		write_full(STDOUT_FILENO, sb.data, sb.size);
 	msgpack_sbuffer_destroy(&sb);
 }
 

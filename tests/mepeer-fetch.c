@@ -18,6 +18,7 @@
 #include "common/ids.h"
 #include "common/sha3.h"
 #include "common/util.h"
+#include "daemon/gitutil.h"
 #include "tests/mepeer-xfer.h"
 
 /* ---- what requested streams carry (--xsend) ---- */
@@ -235,16 +236,10 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 			rc = ME_EPROTO;
 			break;
 		}
-		for (size_t off = 0; off < m.len;) {
-			ssize_t k = write(f->fd, m.data + off, m.len - off);
-			if (k < 0 && errno == EINTR)
-				continue;
-			if (k <= 0) {
-				fetch_note(f, "cannot write --out");
-				rc = ME_EIO;
-				break;
-			}
-			off += (size_t)k;
+		if (write_full(f->fd, m.data, m.len) < 0) {
+			fetch_note(f, "cannot write --out");
+			rc = ME_EIO;
+			break;
 		}
 		me_sha3_update(f->h, m.data, m.len);
 		f->pos += m.len;
