@@ -12,6 +12,7 @@
 #include "common/gossip_msg.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "daemon/refstate.h"
 
 #define DEDUP_MIN_CAP 1024
 #define DEDUP_MAX_CAP (1u << 20)
@@ -687,20 +688,11 @@ static int build_node_ann(struct gossip *g, int force)
 	return rc < 0 ? rc : 1;
 }
 
-static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
-{
-	size_t bin_len;
-	if (strlen(hex) != 2 * ME_OID_LEN ||
-	    sodium_hex2bin(out, ME_OID_LEN, hex, 2 * ME_OID_LEN, NULL, &bin_len, NULL) != 0 ||
-	    bin_len != ME_OID_LEN)
-		return ME_EINVAL;
-	return 0;
-}
-
 /* Signs the current refs of one of our repositories when they have no signed state yet. */
 static int ensure_refstate(struct gossip *g, struct store_repo *r)
 {
 	struct store_ref *refs;
+	int64_t seq = me_now_ms();
 	size_t n;
 	int rc;
 
@@ -708,31 +700,12 @@ static int ensure_refstate(struct gossip *g, struct store_repo *r)
 		return 0;
 	if ((rc = store_refs_get(g->node->store, r->id, &refs, &n)) < 0)
 		return rc;
-	struct gmsg_refstate rs = { .repo_id = gmsg_str(r->id), .seq = (uint64_t)me_now_ms(),
-				    .head = gmsg_str(r->head), .nrefs = n };
-	rs.refs = calloc(n ? n : 1, sizeof(*rs.refs));
-	if (rs.refs == NULL) {
-		store_refs_free(refs, n);
-		return ME_ENOMEM;
-	}
-	for (size_t i = 0; i < n; i++) {
-		rs.refs[i].name = gmsg_str(refs[i].name);
-		if (hex20(refs[i].oid, rs.refs[i].oid) < 0)
-			rc = ME_EINVAL;
-	}
-	qsort(rs.refs, n, sizeof(*rs.refs), gmsg_ref_cmp);
-	if (rc == 0)
-		rc = gmsg_refstate_sign(&g->node->kp, &rs);
-	if (rc == 0)
-		rc = store_repo_set_refstate(g->node->store, r->id, (int64_t)rs.seq, r->head, rs.sig,
-					     refs, n);
+	rc = refstate_sign_store(g->node, r->id, seq, r->head, refs, n, r->ref_sig);
+	store_refs_free(refs, n);
 	if (rc == 0) {
-		r->ref_seq = (int64_t)rs.seq;
-		memcpy(r->ref_sig, rs.sig, ME_SIG_LEN);
+		r->ref_seq = seq;
 		r->has_ref_sig = 1;
 	}
-	free(rs.refs);
-	store_refs_free(refs, n);
 	return rc;
 }
 
@@ -774,17 +747,10 @@ static int build_repo_ann(struct gossip *g, int force)
 		gr->refstate.repo_id = gmsg_str(r->id);
 		gr->refstate.seq = (uint64_t)r->ref_seq;
 		gr->refstate.head = gmsg_str(r->head);
-		gr->refstate.nrefs = nrefs[k];
-		gr->refstate.refs = calloc(nrefs[k] ? nrefs[k] : 1, sizeof(struct gmsg_ref));
-		if (gr->refstate.refs == NULL) {
+		if (refstate_from_refs(&gr->refstate, refs[k], nrefs[k]) < 0) {
 			store_refs_free(refs[k], nrefs[k]);
 			continue;
 		}
-		for (size_t j = 0; j < nrefs[k]; j++) {
-			gr->refstate.refs[j].name = gmsg_str(refs[k][j].name);
-			hex20(refs[k][j].oid, gr->refstate.refs[j].oid);
-		}
-		qsort(gr->refstate.refs, nrefs[k], sizeof(struct gmsg_ref), gmsg_ref_cmp);
 		memcpy(gr->refstate.sig, r->ref_sig, ME_SIG_LEN);
 		k++;
 	}

@@ -21,8 +21,10 @@
 #include "common/log.h"
 #include "common/sha3.h"
 #include "common/util.h"
+#include "daemon/gitutil.h"
 #include "daemon/gossip.h"
 #include "daemon/mirror.h"
+#include "daemon/refstate.h"
 #include "daemon/verify.h"
 
 #define TICK_MS 1000
@@ -255,21 +257,6 @@ static void kick(struct sync *s)
 		uv_timer_start(&s->kick, on_kick, 0, 0);
 }
 
-static int oid_cmp(const void *a, const void *b)
-{
-	return memcmp(a, b, ME_OID_LEN);
-}
-
-static int hex20(const char *hex, uint8_t out[ME_OID_LEN])
-{
-	size_t n = 0;
-	if (strlen(hex) != 2 * ME_OID_LEN ||
-	    sodium_hex2bin(out, ME_OID_LEN, hex, 2 * ME_OID_LEN, NULL, &n, NULL) != 0 ||
-	    n != ME_OID_LEN)
-		return ME_EINVAL;
-	return 0;
-}
-
 static void rs_copy_free(struct rs_copy *c)
 {
 	free(c->rs.refs);
@@ -323,15 +310,8 @@ static int rs_from_store(struct sync *s, const struct store_repo *r, struct rs_c
 	if ((rc = store_refs_get(s->node->store, r->id, &refs, &n)) < 0)
 		return rc;
 	struct gmsg_refstate rs = { .repo_id = gmsg_str(r->id), .seq = (uint64_t)r->ref_seq,
-				    .head = gmsg_str(r->head), .nrefs = n };
-	rs.refs = calloc(n ? n : 1, sizeof(*rs.refs));
-	rc = rs.refs == NULL ? ME_ENOMEM : 0;
-	for (size_t i = 0; rc == 0 && i < n; i++) {
-		rs.refs[i].name = gmsg_str(refs[i].name);
-		rc = hex20(refs[i].oid, rs.refs[i].oid);
-	}
-	if (rc == 0) {
-		qsort(rs.refs, n, sizeof(*rs.refs), gmsg_ref_cmp);
+				    .head = gmsg_str(r->head) };
+	if ((rc = refstate_from_refs(&rs, refs, n)) == 0) {
 		memcpy(rs.sig, r->ref_sig, ME_SIG_LEN);
 		rc = rs_copy_set(out, &rs);
 	}
@@ -779,20 +759,12 @@ static int fetch_on_frame(void *ud, struct net_xfer *x, const uint8_t *body, siz
 			f->s->stats.bytes_fetched += m.len;
 			break;
 		}
-		for (size_t off = 0; off < m.len;) {
-			ssize_t k = write(f->fd, m.data + off, m.len - off);
-			if (k < 0 && errno == EINTR)
-				continue;
-			if (k <= 0) {
-				char why[ERRSZ];
-				int nospc = errno == ENOSPC || errno == EDQUOT;
-				fmt(why, sizeof(why), "cannot write %s: %s", f->path,
-					 strerror(errno));
-				fetch_end(f, nospc ? ME_ENOSPC : ME_EIO, why);
-				xmsg_free(&m);
-				return 0;
-			}
-			off += (size_t)k;
+		if ((rc = write_full(f->fd, m.data, m.len)) < 0) {
+			char why[ERRSZ];
+			fmt(why, sizeof(why), "cannot write %s: %s", f->path, strerror(-rc));
+			fetch_end(f, rc == -ENOSPC || rc == -EDQUOT ? ME_ENOSPC : ME_EIO, why);
+			xmsg_free(&m);
+			return 0;
 		}
 		me_sha3_update(f->h, m.data, m.len);
 		f->pos += m.len;

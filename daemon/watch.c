@@ -15,6 +15,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "daemon/gitrepo.h"
+#include "daemon/refstate.h"
 #include "daemon/store.h"
 
 /* A check that finds packed-refs being rewritten tries again after WATCH_DEBOUNCE_MS, this many
@@ -390,30 +391,6 @@ static int packed_busy(const struct packed *a, const struct packed *b)
 	       a->mtime.tv_nsec != b->mtime.tv_nsec;
 }
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-static int oid_parse(const char *hex, uint8_t oid[ME_OID_LEN])
-{
-	if (strlen(hex) != 2 * ME_OID_LEN)
-		return ME_EINVAL;
-	for (size_t i = 0; i < ME_OID_LEN; i++) {
-		int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
-		if (hi < 0 || lo < 0)
-			return ME_EINVAL;
-		oid[i] = (uint8_t)(hi << 4 | lo);
-	}
-	return 0;
-}
-
 /* Leaves out the refs a ref state cannot carry (names git allows but the protocol does not, or
  * an oid that is not SHA-1). */
 static size_t refs_announceable(const struct wrepo *r, struct store_ref *refs, size_t n)
@@ -423,7 +400,7 @@ static size_t refs_announceable(const struct wrepo *r, struct store_ref *refs, s
 
 	for (size_t i = 0; i < n; i++) {
 		if (gmsg_refname_valid(refs[i].name, strlen(refs[i].name)) &&
-		    oid_parse(refs[i].oid, oid) == 0) {
+		    refstate_oid(refs[i].oid, oid) == 0) {
 			refs[k++] = refs[i];
 			continue;
 		}
@@ -448,28 +425,10 @@ static int refs_same(const struct store_ref *a, size_t na, const struct store_re
 static int sign_store(struct wrepo *r, const struct store_repo *sr, const char *head,
 		      const struct store_ref *refs, size_t n, int64_t *seq_out)
 {
-	struct node *node = r->w->node;
 	int64_t now = me_now_ms(), seq = sr->ref_seq + 1 > now ? sr->ref_seq + 1 : now;
-	struct gmsg_refstate rs = { .repo_id = gmsg_str(r->id), .seq = (uint64_t)seq,
-				    .head = gmsg_str(head), .nrefs = n };
-	int rc = 0;
 
-	if (!node->has_key)
-		return ME_ENOKEY;
-	if ((rs.refs = calloc(n ? n : 1, sizeof(*rs.refs))) == NULL)
-		return ME_ENOMEM;
-	for (size_t i = 0; i < n && rc == 0; i++) {
-		rs.refs[i].name = gmsg_str(refs[i].name);
-		rc = oid_parse(refs[i].oid, rs.refs[i].oid);
-	}
-	qsort(rs.refs, n, sizeof(*rs.refs), gmsg_ref_cmp);
-	if (rc == 0)
-		rc = gmsg_refstate_sign(&node->kp, &rs);
-	if (rc == 0)
-		rc = store_repo_set_refstate(node->store, r->id, seq, head, rs.sig, refs, n);
-	free(rs.refs);
 	*seq_out = seq;
-	return rc;
+	return refstate_sign_store(r->w->node, r->id, seq, head, refs, n, NULL);
 }
 
 /* Compares what the working repository holds with the stored state and signs a new one when
