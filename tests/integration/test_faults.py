@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 import conftest
-from conftest import Daemon, MEGAENGINED, git
+from conftest import git
 from test_gossip import Node, wait_for
-from test_sync import mirror_of, refs_of
+from test_sync import mirror_matches, mirror_of, refs_of
 
 ASAN = "asan" in str(conftest.BUILD_DIR)
 SEED = int(os.environ.get("ME_FAULT_SEED") or time.time_ns() % (1 << 32))
@@ -65,12 +65,14 @@ def parts(node):
 
 
 def synced(node, rid, src, env):
+    """mirror_matches, with the node's row for the repository (its sync error) in the state."""
+    match = mirror_matches(node, rid, src, env)
+
     def check():
-        m = mirror_of(node, rid)
-        if not (m / "HEAD").exists():
-            return False, "no mirror yet"
-        have, want = refs_of(m, env), refs_of(src, env)
-        return have == want, {"mirror": have, "creator": want, "repo": node.repos().get(rid)}
+        ok, state = match()
+        if isinstance(state, dict):
+            state["repo"] = node.repos().get(rid)
+        return ok, state
     return check
 
 
@@ -154,7 +156,6 @@ def test_kill_9_sender_or_receiver_at_random_moments(daemon_factory, git_repo):
     t_c = wait_for(synced(c, rid, src, env), "C gets everything from B", [b, c], timeout=60)
     fsck(mirror_of(c, rid), env)
     assert_integrity(c)
-    st = b.j("node", "status")["sync"]
     print(f"faults: kill -9: {KILL_TRANSFERS} transfers, {sum(kills.values())} kills "
           f"(sender {kills['alpha']}, receiver {kills['bravo']}; {mid} with a partial bundle "
           f"on disk, {stayed_old} left the mirror at the old state), corruptions 0, "
@@ -350,23 +351,8 @@ class NsNode(Node):
     socket, a Unix socket in its root, is reached from here as usual."""
     ns = None
 
-    def start(self, boots=(), extra=(), wait=True, interval=1):
-        argv = ["ip", "netns", "exec", self.ns, str(MEGAENGINED), "--root", str(self.root),
-                "--addr", self.addr, "--alias", self.alias, "--gossip-interval", str(interval),
-                "--log-level", "debug"]
-        for b in boots:
-            argv += ["--bootstrap-node", b.bootstrap]
-        argv += [str(a) for a in extra]
-        errpath = self.factory._logpath()
-        with open(errpath, "wb") as errf:
-            proc = subprocess.Popen(argv, env=self.factory.env, stdin=subprocess.DEVNULL,
-                                    stdout=errf, stderr=errf)
-        self.d = Daemon(self.factory, self.root, self.root / conftest.SOCKET_NAME, proc, errpath,
-                        self.port, self.factory.env, argv, custom_socket=False)
-        self.factory.daemons.append(self.d)
-        if wait:
-            self.d.wait_ready()
-        return self
+    def launcher(self):
+        return ["ip", "netns", "exec", self.ns]
 
 
 @pytest.fixture

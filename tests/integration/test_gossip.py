@@ -69,11 +69,15 @@ class Node:
     def bootstrap(self):
         return f"{self.did}@{self.addr}"
 
+    def launcher(self):
+        """What the daemon's command line starts with, before the daemon itself."""
+        return []
+
     def start(self, boots=(), extra=(), wait=True, interval=GOSSIP_INTERVAL):
         """Starts the daemon: --addr is always this node's own address; boots are Nodes."""
-        argv = [str(MEGAENGINED), "--root", str(self.root), "--addr", self.addr,
-                "--alias", self.alias, "--gossip-interval", str(interval),
-                "--log-level", "debug"]
+        argv = self.launcher() + [
+            str(MEGAENGINED), "--root", str(self.root), "--addr", self.addr, "--alias", self.alias,
+            "--gossip-interval", str(interval), "--log-level", "debug"]
         for b in boots:
             argv += ["--bootstrap-node", b.bootstrap]
         argv += [str(a) for a in extra]
