@@ -14,30 +14,18 @@
 #include "common/err.h"
 #include "daemon/gitutil.h"
 #include "daemon/oidset.h"
+#include "daemon/packidx.h"
 #include "daemon/packwrite.h"
 
 #define MAX_PACKS 4096
 #define MAX_TREE_DEPTH 256
-#define IDX_HDR (8 + 256 * 4)
-#define IDX_TRAILER 40
-#define PACK_TRAILER 20
-
 /* What becomes of a pack entry: not sent, sent (undecided), copied as stored, copied with its
  * OFS_DELTA offset rewritten, written whole. Entries are decided and written in the same
  * order, so a base decided (>= ST_COPY) is one written before. */
 enum { ST_NONE, ST_WANT, ST_COPY, ST_OFS, ST_WHOLE };
 
-struct roff {
-	uint64_t off;
-	uint32_t pos;
-};
-
 struct rpack {
-	uint8_t *idx, *pack;
-	size_t idxlen, packlen;
-	uint32_t n, n64;
-	const uint8_t *fanout, *oids, *offs32, *offs64;
-	struct roff *rev;  /* entries by offset */
+	struct pidx x;
 	uint8_t *st;       /* by index position */
 	uint64_t *newoff;  /* by index position: where it went in the new pack */
 };
@@ -51,18 +39,6 @@ struct packreuse {
 	struct oidvec loose; /* wanted, in no pack */
 	size_t ncopy;
 };
-
-static uint32_t be32(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static uint64_t be64(const uint8_t *p)
-{
-	return (uint64_t)be32(p) << 32 | be32(p + 4);
-}
-
-/* ---- enumeration ---- */
 
 static int want_tree(struct packreuse *r, const git_oid *id, int depth, char *err, size_t errsz)
 {
@@ -161,210 +137,31 @@ out:
 
 /* ---- the source's packs ---- */
 
-static int roff_cmp(const void *a, const void *b)
-{
-	const struct roff *x = a, *y = b;
-	return x->off < y->off ? -1 : x->off > y->off;
-}
-
 static void rpack_free(struct rpack *p)
 {
-	if (p->idx != NULL)
-		munmap(p->idx, p->idxlen);
-	if (p->pack != NULL)
-		munmap(p->pack, p->packlen);
-	free(p->rev);
+	pidx_free(&p->x);
 	free(p->st);
 	free(p->newoff);
 	memset(p, 0, sizeof(*p));
 }
 
-static int map_file(const char *path, uint8_t **out, size_t *len)
-{
-	struct stat sb;
-	void *m;
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-
-	if (fd < 0)
-		return -1;
-	if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode) || sb.st_size <= 0 ||
-	    (uint64_t)sb.st_size > SIZE_MAX) {
-		close(fd);
-		return -1;
-	}
-	m = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-	close(fd);
-	if (m == MAP_FAILED)
-		return -1;
-	*out = m;
-	*len = (size_t)sb.st_size;
-	return 0;
-}
-
-/* Maps a pack and its v2 index and checks their structure: ME_EINVAL when anything is not as
- * git writes it (the caller then does without this pack's entries), ME_ENOMEM. */
+/* ME_EINVAL when the pair is not as git writes it (the caller then does without this pack's
+ * entries), ME_ENOMEM. */
 static int rpack_open(struct rpack *p, const char *idxpath, const char *packpath)
 {
-	size_t need;
+	int rc;
 
 	memset(p, 0, sizeof(*p));
-	if (map_file(idxpath, &p->idx, &p->idxlen) < 0 ||
-	    map_file(packpath, &p->pack, &p->packlen) < 0)
-		goto bad;
-	if (p->idxlen < IDX_HDR + IDX_TRAILER || memcmp(p->idx, "\377tOc", 4) != 0 ||
-	    be32(p->idx + 4) != 2)
-		goto bad;
-	p->fanout = p->idx + 8;
-	for (int i = 1; i < 256; i++)
-		if (be32(p->fanout + 4 * i) < be32(p->fanout + 4 * (i - 1)))
-			goto bad;
-	p->n = be32(p->fanout + 4 * 255);
-	need = IDX_HDR + (size_t)p->n * (GIT_OID_RAWSZ + 8) + IDX_TRAILER;
-	if (p->idxlen < need ||
-	    (p->idxlen - need) % 8 != 0)
-		goto bad;
-	p->n64 = (uint32_t)((p->idxlen - need) / 8);
-	p->oids = p->idx + IDX_HDR;
-	p->offs32 = p->oids + (size_t)p->n * (GIT_OID_RAWSZ + 4);
-	p->offs64 = p->offs32 + (size_t)p->n * 4;
-	if (p->packlen < 12 + PACK_TRAILER || memcmp(p->pack, "PACK", 4) != 0 ||
-	    (be32(p->pack + 4) != 2 && be32(p->pack + 4) != 3) || be32(p->pack + 8) != p->n)
-		goto bad;
-	if (p->n == 0)
+	if ((rc = pidx_open(&p->x, idxpath, packpath)) < 0)
+		return rc;
+	if (p->x.n == 0)
 		return 0;
-	if ((p->rev = malloc((size_t)p->n * sizeof(*p->rev))) == NULL ||
-	    (p->st = calloc(p->n, 1)) == NULL ||
-	    (p->newoff = calloc(p->n, sizeof(*p->newoff))) == NULL) {
+	if ((p->st = calloc(p->x.n, 1)) == NULL ||
+	    (p->newoff = calloc(p->x.n, sizeof(*p->newoff))) == NULL) {
 		rpack_free(p);
 		return ME_ENOMEM;
 	}
-	for (uint32_t i = 0; i < p->n; i++) {
-		uint64_t off = be32(p->offs32 + 4 * (size_t)i);
-		if (off & 0x80000000u) {
-			off &= 0x7fffffffu;
-			if (off >= p->n64)
-				goto bad;
-			off = be64(p->offs64 + 8 * off);
-		}
-		if (off < 12 || off >= p->packlen - PACK_TRAILER)
-			goto bad;
-		p->rev[i].off = off;
-		p->rev[i].pos = i;
-	}
-	qsort(p->rev, p->n, sizeof(*p->rev), roff_cmp);
-	for (uint32_t i = 1; i < p->n; i++)
-		if (p->rev[i].off == p->rev[i - 1].off)
-			goto bad;
-	madvise(p->pack, p->packlen, MADV_SEQUENTIAL);
-	return 0;
-bad:
-	rpack_free(p);
-	return ME_EINVAL;
-}
-
-/* Index position of oid in p, -1 when absent. */
-static int64_t rpack_find(const struct rpack *p, const git_oid *oid)
-{
-	unsigned b = oid->id[0];
-	uint32_t lo = b > 0 ? be32(p->fanout + 4 * (b - 1)) : 0, hi = be32(p->fanout + 4 * b);
-
-	while (lo < hi) {
-		uint32_t mid = lo + (hi - lo) / 2;
-		int c = memcmp(p->oids + (size_t)mid * GIT_OID_RAWSZ, oid->id, GIT_OID_RAWSZ);
-		if (c == 0)
-			return mid;
-		if (c < 0)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return -1;
-}
-
-/* Rank (in rev) of the entry at off, -1 when no entry starts there. */
-static int64_t rpack_at(const struct rpack *p, uint64_t off)
-{
-	uint32_t lo = 0, hi = p->n;
-
-	while (lo < hi) {
-		uint32_t mid = lo + (hi - lo) / 2;
-		if (p->rev[mid].off == off)
-			return mid;
-		if (p->rev[mid].off < off)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return -1;
-}
-
-/* End of the entry of rank k: where the next one starts, or the trailer. */
-static uint64_t rpack_end(const struct rpack *p, uint32_t k)
-{
-	return k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER;
-}
-
-struct entry {
-	int type;
-	uint64_t off, end;  /* the entry's bytes */
-	uint64_t size_end;  /* end of the type and size header */
-	uint64_t data;      /* start of the zlib stream */
-	uint64_t base_off;  /* OFS_DELTA */
-	const uint8_t *base_oid; /* REF_DELTA */
-};
-
-/* Parses the header of the entry of rank k; -1 when malformed. */
-static int rpack_entry(const struct rpack *p, uint32_t k, struct entry *e)
-{
-	const uint8_t *b = p->pack;
-	uint64_t i, end;
-	unsigned c, cnt = 0;
-
-	e->off = i = p->rev[k].off;
-	e->end = end = rpack_end(p, k);
-	c = b[i++];
-	e->type = (c >> 4) & 7;
-	while (c & 0x80) {
-		if (i >= end || ++cnt > 9)
-			return -1;
-		c = b[i++];
-	}
-	e->size_end = i;
-	e->base_oid = NULL;
-	e->base_off = 0;
-	switch (e->type) {
-	case PACK_COMMIT: case PACK_TREE: case PACK_BLOB: case PACK_TAG:
-		break;
-	case PACK_OFS_DELTA: {
-		uint64_t rel;
-		if (i >= end)
-			return -1;
-		c = b[i++];
-		rel = c & 127;
-		cnt = 0;
-		while (c & 0x80) {
-			if (i >= end || ++cnt > 8)
-				return -1;
-			c = b[i++];
-			rel = ((rel + 1) << 7) | (c & 127);
-		}
-		if (rel == 0 || rel > e->off - 12)
-			return -1;
-		e->base_off = e->off - rel;
-		break;
-	}
-	case PACK_REF_DELTA:
-		if (end - i < GIT_OID_RAWSZ)
-			return -1;
-		e->base_oid = b + i;
-		i += GIT_OID_RAWSZ;
-		break;
-	default:
-		return -1;
-	}
-	if (end - i < 2) /* a zlib stream is at least two bytes */
-		return -1;
-	e->data = i;
+	madvise(p->x.pack, p->x.packlen, MADV_SEQUENTIAL);
 	return 0;
 }
 
@@ -429,7 +226,7 @@ static bool decided(const struct packreuse *r, const uint8_t *raw)
 
 	git_oid_fromraw(&id, raw);
 	for (size_t q = 0; q < r->np; q++) {
-		int64_t pos = rpack_find(&r->p[q], &id);
+		int64_t pos = pidx_find(&r->p[q].x, &id);
 		if (pos >= 0 && r->p[q].st[pos] != ST_NONE)
 			return r->p[q].st[pos] >= ST_COPY;
 	}
@@ -440,23 +237,23 @@ static int decide(struct packreuse *r, char *err, size_t errsz)
 {
 	for (size_t q = 0; q < r->np; q++) {
 		struct rpack *p = &r->p[q];
-		for (uint32_t k = 0; k < p->n; k++) {
-			uint32_t pos = p->rev[k].pos;
-			struct entry e;
+		for (uint32_t k = 0; k < p->x.n; k++) {
+			uint32_t pos = p->x.rev[k].pos;
+			struct pidx_entry e;
 			if (p->st[pos] != ST_WANT)
 				continue;
-			if (rpack_entry(p, k, &e) < 0) {
+			if (pidx_entry(&p->x, k, &e) < 0) {
 				gerr_set(err, errsz, "unexpected pack entry at offset %llu",
-					 (unsigned long long)p->rev[k].off);
+					 (unsigned long long)p->x.rev[k].off);
 				return ME_EINVAL;
 			}
 			if (e.type == PACK_OFS_DELTA) {
-				int64_t bk = rpack_at(p, e.base_off);
+				int64_t bk = pidx_at(&p->x, e.base_off);
 				if (bk < 0) {
 					gerr_set(err, errsz, "delta base not at an entry");
 					return ME_EINVAL;
 				}
-				p->st[pos] = p->st[p->rev[bk].pos] >= ST_COPY ? ST_OFS : ST_WHOLE;
+				p->st[pos] = p->st[p->x.rev[bk].pos] >= ST_COPY ? ST_OFS : ST_WHOLE;
 			} else if (e.type == PACK_REF_DELTA) {
 				p->st[pos] = decided(r, e.base_oid) ? ST_COPY : ST_WHOLE;
 			} else {
@@ -508,7 +305,7 @@ int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntip
 		if (!s->used)
 			continue;
 		for (size_t q = 0; q < r->np && !found; q++) {
-			int64_t pos = rpack_find(&r->p[q], &s->oid);
+			int64_t pos = pidx_find(&r->p[q].x, &s->oid);
 			if (pos >= 0) {
 				r->p[q].st[pos] = ST_WANT;
 				found = true;
@@ -553,9 +350,9 @@ static int write_pack(struct packreuse *r, struct rpack *p, struct packw *w, siz
 {
 	int rc = 0;
 
-	for (uint32_t k = 0; k < p->n && rc == 0; k++) {
-		uint32_t pos = p->rev[k].pos;
-		struct entry e;
+	for (uint32_t k = 0; k < p->x.n && rc == 0; k++) {
+		uint32_t pos = p->x.rev[k].pos;
+		struct pidx_entry e;
 		git_oid id;
 		uint8_t ofs[16];
 		size_t i = sizeof(ofs);
@@ -567,21 +364,22 @@ static int write_pack(struct packreuse *r, struct rpack *p, struct packw *w, siz
 		(*n)++;
 		switch (p->st[pos]) {
 		case ST_COPY:
-			rc = packw_put(w, p->pack + p->rev[k].off, rpack_end(p, k) - p->rev[k].off);
+			rc = packw_put(w, p->x.pack + p->x.rev[k].off,
+				       pidx_end(&p->x, k) - p->x.rev[k].off);
 			break;
 		case ST_OFS:
-			if (rpack_entry(p, k, &e) < 0)
+			if (pidx_entry(&p->x, k, &e) < 0)
 				return ME_EINTERNAL; /* decided on the same bytes */
-			rel = p->newoff[pos] - p->newoff[p->rev[rpack_at(p, e.base_off)].pos];
+			rel = p->newoff[pos] - p->newoff[p->x.rev[pidx_at(&p->x, e.base_off)].pos];
 			ofs[--i] = rel & 127;
 			while (rel >>= 7)
 				ofs[--i] = 128 | (--rel & 127);
-			if ((rc = packw_put(w, p->pack + e.off, e.size_end - e.off)) == 0 &&
+			if ((rc = packw_put(w, p->x.pack + e.off, e.size_end - e.off)) == 0 &&
 			    (rc = packw_put(w, ofs + i, sizeof(ofs) - i)) == 0)
-				rc = packw_put(w, p->pack + e.data, e.end - e.data);
+				rc = packw_put(w, p->x.pack + e.data, e.end - e.data);
 			break;
 		default:
-			git_oid_fromraw(&id, p->oids + (size_t)pos * GIT_OID_RAWSZ);
+			git_oid_fromraw(&id, pidx_oid(&p->x, pos));
 			rc = write_whole(r, w, &id, err, errsz);
 			break;
 		}
