@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,7 @@
 #include "common/err.h"
 #include "common/ids.h"
 #include "daemon/oidset.h"
+#include "daemon/packidx.h"
 #include "daemon/packreuse.h"
 #include "daemon/gitutil.h"
 #include "daemon/thinpack.h"
@@ -1259,97 +1261,189 @@ int bundle_rx_write(struct bundle_rx *rx, const void *buf, size_t len)
 
 /* Connectivity. libgit2's indexer "verify" mode is not used: in 1.5 it leaks every parsed
  * object that the odb already has. Instead every object of the new pack is checked here: its
- * type is read, and each commit, tree and tag is parsed and what it references must be in the
+ * type is read from the pack itself (entry headers, deltas through their bases: nothing is
+ * decompressed), and each commit, tree and tag is parsed and what it references must be in the
  * pack or in the mirror, with the type the reference says (a commit's tree is a tree, its
  * parents commits, a tree entry's mode matches, a tag's target has the declared type). So the
  * mirror keeps an invariant: every object it holds has all it references. Given that, a tip
  * that is in the pack or in the mirror is connected. The work is bounded by the objects of the
- * pack and their references; each external object is looked up once. */
-#define EXTERNAL 0x80 /* oidset value flag: an object of the mirror, not of the pack */
+ * pack and their references; each external object is looked up once.
+ *
+ * The objects are parsed in pack order: bases come before their deltas, so libgit2's
+ * delta-base cache serves the chains. (Parsing on several threads or processes was measured:
+ * libgit2 serialises the threads on its pack windows and cache, and the processes each rebuild
+ * the delta bases of their part; neither saved more than a tenth.) While it parses, the check
+ * records the pack's commit -> parent and tag -> target edges and its root commits, so that
+ * the roots reachable from the tips are known without walking the history again. */
 
-struct vctx {
-	struct bundle_rx *rx;
-	git_odb *packodb;
-	struct oidset types; /* oid -> type (| EXTERNAL) */
-	struct oidvec objs; /* the pack's objects */
+struct vedge {
+	uint32_t from, to; /* index positions in the new pack: commit -> parent, tag -> target */
 };
 
-static int vlist_cb(const git_oid *oid, void *payload)
-{
-	struct vctx *v = payload;
-	git_object_t type;
-	size_t size;
+struct vctx {
+	const char *gitdir, *idxpath;
+	const struct pidx *p;
+	const uint8_t *types;   /* by index position */
+	bool graph;             /* record edges and roots (for opts.check) */
+	git_odb *odb;
+	git_repository *view;
+	struct oidset ext;      /* objects of the mirror met: oid -> type */
+	struct vedge *edges;
+	size_t nedges, capedges;
+	uint32_t *roots;        /* root commits (index positions) */
+	size_t nroots, caproots;
 	int rc;
+	char msg[512];
+};
 
-	if (git_odb_read_header(&size, &type, v->packodb, oid) < 0)
-		return rx_git_fail(v->rx, ME_EPROTO, "cannot read a new object");
-	if ((rc = oidset_put(&v->types, oid, (uint8_t)type)) < 0 ||
-	    (rc == 1 && oidvec_push(&v->objs, oid) < 0))
-		return rx_fail(v->rx, ME_ENOMEM, "out of memory");
+__attribute__((format(printf, 3, 4)))
+static int vc_fail(struct vctx *t, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(t->msg, sizeof(t->msg), fmt, ap);
+	va_end(ap);
+	return t->rc = code;
+}
+
+static int vc_git_fail(struct vctx *t, int code, const char *what)
+{
+	return t->rc = gerr_git(t->msg, sizeof(t->msg), code, what);
+}
+
+/* A view over the mirror's objects plus the new pack (when there is one). */
+static int view_open(struct vctx *t)
+{
+	git_odb_backend *b = NULL;
+	char objdir[PATH_MAX];
+
+	if ((size_t)snprintf(objdir, sizeof(objdir), "%sobjects", t->gitdir) >= sizeof(objdir))
+		return vc_fail(t, ME_ETOOBIG, "mirror path too long");
+	if (git_odb_open(&t->odb, objdir) < 0)
+		return vc_git_fail(t, ME_EGIT, "cannot open the mirror's objects");
+	if (t->p->n > 0) {
+		if (git_odb_backend_one_pack(&b, t->idxpath) < 0)
+			return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
+		if (git_odb_add_backend(t->odb, b, 100) < 0) {
+			b->free(b);
+			return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
+		}
+	}
+	if (git_repository_wrap_odb(&t->view, t->odb) < 0)
+		return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
 	return 0;
 }
 
-/* A reference from an object (from; NULL for a tip) to oid, which must have type want. */
-static int vref(struct vctx *v, const git_oid *oid, git_object_t want, const git_oid *from)
+static int vc_edge(struct vctx *t, uint32_t from, int64_t to)
 {
-	struct oidset_slot *s = oidset_find(&v->types, oid);
+	if (!t->graph || to < 0)
+		return 0;
+	if (t->nedges == t->capedges) {
+		size_t ncap = t->capedges ? 2 * t->capedges : 1024;
+		struct vedge *e = reallocarray(t->edges, ncap, sizeof(*e));
+		if (e == NULL)
+			return vc_fail(t, ME_ENOMEM, "out of memory");
+		t->edges = e;
+		t->capedges = ncap;
+	}
+	t->edges[t->nedges++] = (struct vedge){ from, (uint32_t)to };
+	return 0;
+}
+
+static int vc_root(struct vctx *t, uint32_t pos)
+{
+	if (!t->graph)
+		return 0;
+	if (t->nroots == t->caproots) {
+		size_t ncap = t->caproots ? 2 * t->caproots : 16;
+		uint32_t *r = reallocarray(t->roots, ncap, sizeof(*r));
+		if (r == NULL)
+			return vc_fail(t, ME_ENOMEM, "out of memory");
+		t->roots = r;
+		t->caproots = ncap;
+	}
+	t->roots[t->nroots++] = pos;
+	return 0;
+}
+
+/* A reference from an object (from; NULL for a tip) to oid, which must have type want. *pos:
+ * its index position in the new pack, -1 when it is the mirror's. */
+static int vref(struct vctx *t, const git_oid *oid, git_object_t want, const git_oid *from,
+		int64_t *pos)
+{
 	char hex[GIT_OID_HEXSZ + 1], fhex[GIT_OID_HEXSZ + 1] = "a tip";
+	int64_t k = t->p->n > 0 ? pidx_find(t->p, oid) : -1;
 	git_object_t type;
 	size_t size;
 	int grc;
 
-	if (s != NULL) {
-		type = (git_object_t)(s->val & ~EXTERNAL);
+	if (k >= 0) {
+		type = (git_object_t)t->types[k];
 	} else {
-		grc = git_odb_read_header(&size, &type, v->rx->odb, oid);
-		if (grc == GIT_ENOTFOUND) {
-			if (from != NULL)
-				git_oid_tostr(fhex, sizeof(fhex), from);
-			return rx_fail(v->rx, ME_EPROTO, "bundle is not connected: object %s "
-				       "(referenced by %s) is missing",
-				       git_oid_tostr(hex, sizeof(hex), oid), fhex);
+		struct oidset_slot *s = oidset_find(&t->ext, oid);
+		if (s != NULL) {
+			type = (git_object_t)s->val;
+		} else {
+			grc = git_odb_read_header(&size, &type, t->odb, oid);
+			if (grc == GIT_ENOTFOUND) {
+				if (from != NULL)
+					git_oid_tostr(fhex, sizeof(fhex), from);
+				return vc_fail(t, ME_EPROTO, "bundle is not connected: object %s "
+					       "(referenced by %s) is missing",
+					       git_oid_tostr(hex, sizeof(hex), oid), fhex);
+			}
+			if (grc < 0)
+				return vc_git_fail(t, ME_EGIT, "cannot read an object");
+			if (oidset_put(&t->ext, oid, (uint8_t)type) < 0)
+				return vc_fail(t, ME_ENOMEM, "out of memory");
 		}
-		if (grc < 0)
-			return rx_git_fail(v->rx, ME_EGIT, "cannot read an object");
-		if (oidset_put(&v->types, oid, (uint8_t)(type | EXTERNAL)) < 0)
-			return rx_fail(v->rx, ME_ENOMEM, "out of memory");
 	}
 	if (want != GIT_OBJECT_ANY && type != want) {
 		if (from != NULL)
 			git_oid_tostr(fhex, sizeof(fhex), from);
-		return rx_fail(v->rx, ME_EPROTO, "bundle is not connected: object %s (referenced "
+		return vc_fail(t, ME_EPROTO, "bundle is not connected: object %s (referenced "
 			       "by %s) is not a %s", git_oid_tostr(hex, sizeof(hex), oid), fhex,
 			       git_object_type2string(want));
 	}
+	if (pos != NULL)
+		*pos = k;
 	return 0;
 }
 
-static int vobject(struct vctx *v, git_object *obj)
+static int vobject(struct vctx *t, git_object *obj, uint32_t pos)
 {
 	const git_oid *id = git_object_id(obj);
+	int64_t to;
 	int rc = 0;
 
 	switch (git_object_type(obj)) {
 	case GIT_OBJECT_COMMIT: {
 		const git_commit *c = (const git_commit *)obj;
-		rc = vref(v, git_commit_tree_id(c), GIT_OBJECT_TREE, id);
-		for (unsigned i = 0; rc == 0 && i < git_commit_parentcount(c); i++)
-			rc = vref(v, git_commit_parent_id(c, i), GIT_OBJECT_COMMIT, id);
+		unsigned np = git_commit_parentcount(c);
+		rc = vref(t, git_commit_tree_id(c), GIT_OBJECT_TREE, id, NULL);
+		for (unsigned i = 0; rc == 0 && i < np; i++)
+			if ((rc = vref(t, git_commit_parent_id(c, i), GIT_OBJECT_COMMIT, id,
+				       &to)) == 0)
+				rc = vc_edge(t, pos, to);
+		if (rc == 0 && np == 0)
+			rc = vc_root(t, pos);
 		break;
 	}
 	case GIT_OBJECT_TREE: {
-		const git_tree *t = (const git_tree *)obj;
-		for (size_t i = 0; rc == 0 && i < git_tree_entrycount(t); i++) {
-			const git_tree_entry *e = git_tree_entry_byindex(t, i);
+		const git_tree *tr = (const git_tree *)obj;
+		for (size_t i = 0; rc == 0 && i < git_tree_entrycount(tr); i++) {
+			const git_tree_entry *e = git_tree_entry_byindex(tr, i);
 			git_object_t type = git_tree_entry_type(e);
 			if (type != GIT_OBJECT_COMMIT) /* a submodule is another repository */
-				rc = vref(v, git_tree_entry_id(e), type, id);
+				rc = vref(t, git_tree_entry_id(e), type, id, NULL);
 		}
 		break;
 	}
 	case GIT_OBJECT_TAG: {
-		const git_tag *t = (const git_tag *)obj;
-		rc = vref(v, git_tag_target_id(t), git_tag_target_type(t), id);
+		const git_tag *tg = (const git_tag *)obj;
+		if ((rc = vref(t, git_tag_target_id(tg), git_tag_target_type(tg), id, &to)) == 0)
+			rc = vc_edge(t, pos, to);
 		break;
 	}
 	default:
@@ -1358,75 +1452,184 @@ static int vobject(struct vctx *v, git_object *obj)
 	return rc;
 }
 
-static int rx_verify(struct bundle_rx *rx, git_odb *packodb, git_repository *view)
+/* Parses every commit, tree and tag of the pack, in pack order. */
+static int vc_run(struct vctx *t)
 {
-	struct vctx v = { rx, packodb, { NULL, 0, 0, { 0 } }, { NULL, 0, 0 } };
-	int rc;
+	const struct pidx *p = t->p;
 
-	if ((rc = oidset_init(&v.types)) < 0)
-		return rx_fail(rx, rc, "cannot initialise the check");
-	if (packodb != NULL && git_odb_foreach(packodb, vlist_cb, &v) < 0)
-		rc = rx->rc < 0 ? rx->rc : rx_git_fail(rx, ME_EPROTO, "cannot list the new objects");
-	for (size_t i = 0; rc == 0 && i < v.objs.n; i++) {
-		struct oidset_slot *s = oidset_find(&v.types, &v.objs.v[i]);
-		git_object_t type = (git_object_t)s->val;
+	for (uint32_t k = 0; t->rc == 0 && k < p->n; k++) {
+		uint32_t pos = p->rev[k].pos;
 		git_object *obj = NULL;
+		git_oid id;
 
-		if (type == GIT_OBJECT_BLOB)
+		if (t->types[pos] == GIT_OBJECT_BLOB)
 			continue;
-		if (git_object_lookup(&obj, view, &v.objs.v[i], type) < 0) {
-			rc = rx_git_fail(rx, ME_EPROTO, "cannot parse a new object");
-			break;
-		}
-		rc = vobject(&v, obj);
+		git_oid_fromraw(&id, pidx_oid(p, pos));
+		if (git_object_lookup(&obj, t->view, &id, (git_object_t)t->types[pos]) < 0)
+			return vc_git_fail(t, ME_EPROTO, "cannot parse a new object");
+		vobject(t, obj, pos);
 		git_object_free(obj);
 	}
-	for (size_t i = 0; rc == 0 && i < rx->expected->nrefs; i++) {
-		git_oid oid;
+	return t->rc;
+}
 
-		git_oid_fromraw(&oid, rx->expected->refs[i].oid);
-		rc = vref(&v, &oid, GIT_OBJECT_ANY, NULL);
+static void vc_free(struct vctx *t)
+{
+	git_repository_free(t->view);
+	git_odb_free(t->odb);
+	oidset_free(&t->ext);
+	free(t->edges);
+	free(t->roots);
+}
+
+static int edge_cmp(const void *a, const void *b)
+{
+	const struct vedge *x = a, *y = b;
+	return x->from < y->from ? -1 : x->from > y->from;
+}
+
+/* The root commits of the new pack reachable from the tips, through its commits' parents and
+ * its tags' targets (what the mirror already had is not walked: the check runs on a first
+ * fetch, into an empty mirror). */
+static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gmsg_refstate *rs,
+			   git_oid **out, size_t *nout)
+{
+	struct vedge *edges = t->edges;
+	uint8_t *seen = NULL, *isroot = NULL;
+	uint32_t *stack = NULL;
+	size_t ne = t->nedges, sp = 0, nr = 0;
+	int rc = ME_ENOMEM;
+
+	*out = NULL;
+	*nout = 0;
+	if (p->n == 0)
+		return 0;
+	if ((seen = calloc(p->n, 1)) == NULL || (isroot = calloc(p->n, 1)) == NULL ||
+	    (stack = malloc((ne + rs->nrefs + 1) * sizeof(*stack))) == NULL)
+		goto out;
+	for (size_t j = 0; j < t->nroots; j++)
+		isroot[t->roots[j]] = 1;
+	if (ne > 0)
+		qsort(edges, ne, sizeof(*edges), edge_cmp);
+	/* Each node is pushed at most once per edge into it, plus once per tip. */
+	for (size_t i = 0; i < rs->nrefs; i++) {
+		git_oid id;
+		int64_t k;
+		git_oid_fromraw(&id, rs->refs[i].oid);
+		if ((k = pidx_find(p, &id)) >= 0 && !seen[k]) {
+			seen[k] = 1;
+			stack[sp++] = (uint32_t)k;
+		}
 	}
-	free(v.objs.v);
-	oidset_free(&v.types);
+	while (sp > 0) {
+		uint32_t k = stack[--sp];
+		size_t lo = 0, hi = ne;
+		if (isroot[k]) {
+			isroot[k] = 2;
+			nr++;
+		}
+		while (lo < hi) { /* first edge from k */
+			size_t mid = lo + (hi - lo) / 2;
+			if (edges[mid].from < k)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		for (; lo < ne && edges[lo].from == k; lo++)
+			if (!seen[edges[lo].to]) {
+				seen[edges[lo].to] = 1;
+				stack[sp++] = edges[lo].to;
+			}
+	}
+	if (nr > 0 && (*out = malloc(nr * sizeof(**out))) == NULL)
+		goto out;
+	for (uint32_t k = 0; k < p->n; k++)
+		if (isroot[k] == 2)
+			git_oid_fromraw(&(*out)[(*nout)++], pidx_oid(p, k));
+	rc = 0;
+out:
+	free(seen);
+	free(isroot);
+	free(stack);
 	return rc;
 }
 
-/* Builds the view used by the verification and the check: packodb (the new pack alone) and view (a
- * repository over the mirror's objects plus the new pack). */
-static int rx_open_views(struct bundle_rx *rx, const char *idxpath, git_odb **packodb,
-			 git_odb **viewodb, git_repository **view)
+/* The check's error becomes the receiver's. */
+static int vc_to_rx(struct bundle_rx *rx, const struct vctx *t)
 {
-	git_odb_backend *b = NULL;
-	char *objdir = NULL;
-	const char *gitdir = git_repository_path(rx->mirror);
-	size_t l = strlen(gitdir) + sizeof("objects");
+	_Static_assert(sizeof(rx->msg) == sizeof(t->msg), "message sizes");
+	memcpy(rx->msg, t->msg, sizeof(rx->msg));
+	rx->msg[sizeof(rx->msg) - 1] = '\0';
+	return rx_failed(rx, t->rc);
+}
 
-	if ((objdir = malloc(l)) == NULL)
-		return rx_fail(rx, ME_ENOMEM, "out of memory");
-	snprintf(objdir, l, "%sobjects", gitdir);
-	if (git_odb_open(viewodb, objdir) < 0) {
-		free(objdir);
-		return rx_git_fail(rx, ME_EGIT, "cannot open the mirror's objects");
-	}
-	free(objdir);
+/* Checks the new pack (above), then the tips, then calls opts.check. */
+static int rx_verify(struct bundle_rx *rx, const char *idxpath, const char *packpath)
+{
+	struct vctx t;
+	struct pidx p;
+	uint8_t *types = NULL;
+	git_oid *roots = NULL;
+	size_t nroots = 0;
+	int rc = 0;
+
+	memset(&t, 0, sizeof(t));
+	memset(&p, 0, sizeof(p));
 	if (rx->prog.total_objects > 0) {
-		if (git_odb_new(packodb) < 0 || git_odb_backend_one_pack(&b, idxpath) < 0 ||
-		    git_odb_add_backend(*packodb, b, 1) < 0)
-			goto fail;
-		b = NULL;
-		if (git_odb_backend_one_pack(&b, idxpath) < 0 ||
-		    git_odb_add_backend(*viewodb, b, 100) < 0)
-			goto fail;
-		b = NULL;
+		if ((rc = pidx_open(&p, idxpath, packpath)) < 0)
+			return rx_fail(rx, rc == ME_ENOMEM ? rc : ME_EINTERNAL,
+				       "cannot read the new pack's index");
+		if ((types = malloc(p.n)) == NULL) {
+			rc = rx_fail(rx, ME_ENOMEM, "out of memory");
+			goto out;
+		}
+		if ((rc = pidx_types(&p, types)) < 0) {
+			rc = rx_fail(rx, rc == ME_ENOMEM ? rc : ME_EPROTO,
+				     "bad pack: cannot resolve the object types");
+			goto out;
+		}
+		/* Types and offsets are known: libgit2 maps the pack from here on. */
+		pidx_unmap_pack(&p);
 	}
-	if (git_repository_wrap_odb(view, *viewodb) < 0)
-		goto fail;
-	return 0;
-fail:
-	if (b != NULL)
-		b->free(b);
-	return rx_git_fail(rx, ME_EGIT, "cannot open the new pack");
+	t.gitdir = git_repository_path(rx->mirror);
+	t.idxpath = idxpath;
+	t.p = &p;
+	t.types = types;
+	t.graph = rx->opts.check != NULL;
+	if (oidset_init(&t.ext) < 0)
+		vc_fail(&t, ME_EINTERNAL, "cannot initialise the check");
+	else if (view_open(&t) == 0)
+		vc_run(&t);
+	for (size_t i = 0; t.rc == 0 && i < rx->expected->nrefs; i++) {
+		git_oid oid;
+
+		git_oid_fromraw(&oid, rx->expected->refs[i].oid);
+		vref(&t, &oid, GIT_OBJECT_ANY, NULL, NULL);
+	}
+	if (t.rc < 0) {
+		rc = vc_to_rx(rx, &t);
+		goto out;
+	}
+	if (rx->opts.check != NULL) {
+		if ((rc = reachable_roots(&t, &p, rx->expected, &roots, &nroots)) < 0) {
+			rc = rx_fail(rx, rc, "out of memory");
+			goto out;
+		}
+		rx->msg[0] = '\0';
+		rc = rx->opts.check(t.view, rx->expected, roots, nroots, rx->opts.check_arg,
+				    rx->msg, sizeof(rx->msg));
+		if (rc < 0) {
+			if (rx->msg[0] == '\0')
+				snprintf(rx->msg, sizeof(rx->msg), "bundle rejected by the check");
+			rx_failed(rx, rc);
+		}
+	}
+out:
+	vc_free(&t);
+	free(roots);
+	free(types);
+	pidx_free(&p);
+	return rc;
 }
 
 /* Is a deleted ref in a directory/file conflict with a ref to be written? */
@@ -1601,9 +1804,7 @@ static void rx_uninstall(struct bundle_rx *rx, const char *name)
 int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
 {
 	struct bundle_stats dummy;
-	git_odb *packodb = NULL, *viewodb = NULL;
-	git_repository *view = NULL;
-	char name[GIT_OID_HEXSZ + 1], idxpath[PATH_MAX];
+	char name[GIT_OID_HEXSZ + 1], idxpath[PATH_MAX], packpath[PATH_MAX];
 	bool moved = false, started = false;
 	int rc, n;
 
@@ -1629,26 +1830,11 @@ int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
 	git_indexer_free(rx->idx);
 	rx->idx = NULL;
 
-	if ((rc = rx_open_views(rx, idxpath, &packodb, &viewodb, &view)) < 0)
+	n = snprintf(packpath, sizeof(packpath), "%s/pack-%s.pack", rx->tmpdir, name);
+	if (n < 0 || (size_t)n >= sizeof(packpath))
+		return rx_fail(rx, ME_ETOOBIG, "mirror path too long");
+	if ((rc = rx_verify(rx, idxpath, packpath)) < 0)
 		goto out;
-	if ((rc = rx_verify(rx, packodb, view)) < 0)
-		goto out;
-	if (rx->opts.check != NULL) {
-		rx->msg[0] = '\0';
-		rc = rx->opts.check(view, rx->expected, rx->opts.check_arg, rx->msg,
-				    sizeof(rx->msg));
-		if (rc < 0) {
-			if (rx->msg[0] == '\0')
-				snprintf(rx->msg, sizeof(rx->msg), "bundle rejected by the check");
-			rx_failed(rx, rc);
-			goto out;
-		}
-	}
-	git_repository_free(view);
-	git_odb_free(viewodb);
-	git_odb_free(packodb);
-	view = NULL;
-	viewodb = packodb = NULL;
 
 	if (rx->prog.total_objects > 0 && (rc = rx_install(rx, name, &moved)) < 0)
 		goto out;
@@ -1668,9 +1854,6 @@ int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
 out:
 	if (rc < 0 && moved && !started)
 		rx_uninstall(rx, name);
-	git_repository_free(view);
-	git_odb_free(viewodb);
-	git_odb_free(packodb);
 	if (rx->tmpdir != NULL) {
 		rm_tree(rx->tmpdir);
 		free(rx->tmpdir);

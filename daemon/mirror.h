@@ -141,8 +141,9 @@ void bundle_header_free(struct bundle_header *h);
  * same names and oids ("refs differ from the signed ref state", ME_EPERM). The pack goes, as
  * it arrives, to libgit2's indexer (every object hashed, deltas resolved, trailer checked) in
  * a temporary directory inside the mirror, never into its objects. finish then checks every
- * object of the pack: each commit, tree and tag is parsed and everything it references must
- * be in the pack or in the mirror with the right type; and every tip must be in one of them.
+ * object of the pack (types read from the pack's entries; commits, trees and tags parsed in
+ * pack order, on up to 4 threads for large packs): everything an object references must be
+ * in the pack or in the mirror with the right type; and every tip must be in one of them.
  * Objects already in the mirror are trusted: the mirror only ever receives packs checked this
  * way, so it holds no object with a missing reference, and the tips are therefore connected.
  * Then finish calls opts->check, moves the pack into objects/pack and only then updates the
@@ -162,11 +163,12 @@ struct bundle_rx;
 struct bundle_rx_opts {
 	uint64_t max_bytes; /* whole bundle, header included: more is ME_ETOOBIG (required) */
 	/* Optional, called by finish once the objects are checked and before anything changes,
-	 * with a read-only view of the mirror's objects plus the new ones (for example to compute
-	 * the did:repo from the root commit). A negative return rejects the bundle with that
-	 * code; the message should go to err. */
-	int (*check)(git_repository *view, const struct gmsg_refstate *expected, void *arg,
-		     char *err, size_t errsz);
+	 * with a read-only view of the mirror's objects plus the new ones and the root commits
+	 * (commits without parents) of the new pack that are reachable from the tips through
+	 * the pack's commits and annotated tags (for example to compute the did:repo). A
+	 * negative return rejects the bundle with that code; the message should go to err. */
+	int (*check)(git_repository *view, const struct gmsg_refstate *expected,
+		     const git_oid *roots, size_t nroots, void *arg, char *err, size_t errsz);
 	void *check_arg;
 };
 

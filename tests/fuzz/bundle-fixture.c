@@ -185,11 +185,18 @@ static size_t count_mirror(struct bundle_fixture *fx)
 	return count_dir(gitdir) + count_dir(p);
 }
 
-static int stop(git_repository *view, const struct gmsg_refstate *expected, void *arg, char *err,
-		size_t errsz)
+static int stop(git_repository *view, const struct gmsg_refstate *expected, const git_oid *roots,
+		size_t nroots, void *arg, char *err, size_t errsz)
 {
 	git_odb *odb;
 
+	/* Every root reported is a commit without parents of the view. */
+	for (size_t i = 0; i < nroots; i++) {
+		git_commit *c = NULL;
+		FUZZ_ASSERT(git_commit_lookup(&c, view, &roots[i]) == 0);
+		FUZZ_ASSERT(git_commit_parentcount(c) == 0);
+		git_commit_free(c);
+	}
 	FUZZ_ASSERT(git_repository_odb(&odb, view) == 0);
 	for (size_t i = 0; i < expected->nrefs; i++) {
 		git_oid oid;

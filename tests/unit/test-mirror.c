@@ -1052,14 +1052,19 @@ static void test_rx_stream(void **state)
 	state_clear(&t);
 }
 
-/* The pre-commit check sees the new objects and can veto. */
+static void pack_bundle(const char *dir, const struct gmsg_refstate *rs, const char *prereq,
+			const char *objcmd, const char *out);
+
+/* The pre-commit check sees the new objects and the reachable root commits, and can veto. */
 struct check_arg {
 	const char *want_root;
 	int calls;
+	size_t nroots;
+	char roots[4][GIT_OID_HEXSZ + 1];
 };
 
-static int check_root(git_repository *view, const struct gmsg_refstate *rs, void *arg, char *err,
-		      size_t errsz)
+static int check_root(git_repository *view, const struct gmsg_refstate *rs, const git_oid *roots,
+		      size_t nroots, void *arg, char *err, size_t errsz)
 {
 	struct check_arg *a = arg;
 	git_revwalk *w = NULL;
@@ -1068,6 +1073,9 @@ static int check_root(git_repository *view, const struct gmsg_refstate *rs, void
 	int rc = 0;
 
 	a->calls++;
+	a->nroots = nroots;
+	for (size_t i = 0; i < nroots && i < 4; i++)
+		git_oid_tostr(a->roots[i], sizeof(a->roots[i]), &roots[i]);
 	/* HEAD's target in the signed state, then the first commit of a reversed walk. */
 	for (size_t i = 0; i < rs->nrefs; i++)
 		if (gmsg_str_eq(rs->refs[i].name, rs->head))
@@ -1091,7 +1099,7 @@ static void test_check_hook(void **state)
 {
 	char src[PATH_MAX], mdir[PATH_MAX], b[PATH_MAX], err[256];
 	struct tstate t;
-	struct check_arg a = { NULL, 0 };
+	struct check_arg a = { NULL, 0, 0, { "" } };
 	struct bundle_rx_opts o = { 1u << 30, check_root, &a };
 	struct bundle_rx *rx;
 	git_repository *m;
@@ -1124,10 +1132,38 @@ static void test_check_hook(void **state)
 	assert_int_equal(bundle_rx_finish(rx, NULL), 0);
 	bundle_rx_free(rx);
 	assert_int_equal(a.calls, 2);
+	assert_int_equal(a.nroots, 1);
+	assert_string_equal(a.roots[0], t.gi.root_hex);
 	expect_same_refs(src, mdir);
 	fsck(mdir);
 	free(data);
 	git_repository_free(m);
+
+	/* A root commit in the pack that no tip reaches is not reported as one of the history's
+	 * roots (a pack can carry anything: the binding must come from the history itself). */
+	{
+		char orphan[64], cmd[256], m2dir[PATH_MAX];
+		git_repository *m2 = new_mirror("node-check-decoy", m2dir, sizeof(m2dir));
+
+		capture(orphan, sizeof(orphan), "cd '%s' && git commit-tree 'HEAD^{tree}' -m decoy",
+			src);
+		snprintf(cmd, sizeof(cmd), "git rev-list --objects --branches --tags; echo %s",
+			 orphan);
+		pack_bundle(src, &t.rs, NULL, cmd, b);
+		a.calls = 0;
+		data = slurp(b, &len);
+		assert_int_equal(bundle_rx_new(&rx, m2, &t.rs, &o, err, sizeof(err)), 0);
+		assert_int_equal(bundle_rx_write(rx, data, len), 0);
+		assert_int_equal(bundle_rx_finish(rx, NULL), 0);
+		bundle_rx_free(rx);
+		assert_int_equal(a.calls, 1);
+		assert_int_equal(a.nroots, 1);
+		assert_string_equal(a.roots[0], t.gi.root_hex);
+		capture(cmd, sizeof(cmd), "git -C '%s' cat-file -t %s", m2dir, orphan);
+		assert_string_equal(cmd, "commit"); /* it was received all the same */
+		free(data);
+		git_repository_free(m2);
+	}
 	state_clear(&t);
 }
 
