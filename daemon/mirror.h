@@ -165,7 +165,8 @@ struct bundle_rx_opts {
 	/* Optional, called by finish once the objects are checked and before anything changes,
 	 * with a read-only view of the mirror's objects plus the new ones and the root commits
 	 * (commits without parents) of the new pack that are reachable from the tips through
-	 * the pack's commits and annotated tags (for example to compute the did:repo). A
+	 * the pack's commits and annotated tags (for example to compute the did:repo; roots the
+	 * mirror already held are not among them: walk the view for those). A
 	 * negative return rejects the bundle with that code; the message should go to err. */
 	int (*check)(git_repository *view, const struct gmsg_refstate *expected,
 		     const git_oid *roots, size_t nroots, void *arg, char *err, size_t errsz);

@@ -156,26 +156,63 @@ static git_allocator bounded_alloc = {
 };
 
 /* The did:repo binding, checked on the first fetch: some root commit of the history (a commit
- * without parents reachable from the tips; bundle_rx finds them while it checks the pack)
- * hashed with the creator's key must give the repository id. */
+ * without parents reachable from the tips) hashed with the creator's key must give the
+ * repository id. bundle_rx hands over the roots it met in the new pack; only when none of them
+ * matches (the bundle is an increment on history the mirror already holds, or the claim is
+ * false) is the whole history walked. */
 struct bind_arg {
 	const uint8_t *creator_pk;
 	const char *repo_id;
 	int refuted; /* set when no root commit matches: the claimed creator is not the creator */
 };
 
+static bool root_matches(const struct bind_arg *b, const git_oid *root)
+{
+	char id[ME_DID_REPO_SIZE];
+
+	return me_did_repo_compute(root->id, b->creator_pk, id, sizeof(id)) == 0 &&
+	       strcmp(id, b->repo_id) == 0;
+}
+
 static int check_binding(git_repository *view, const struct gmsg_refstate *rs,
 			 const git_oid *roots, size_t nroots, void *arg, char *err, size_t errsz)
 {
 	struct bind_arg *b = arg;
+	git_revwalk *w = NULL;
+	git_oid oid;
+	int found = 0, pushed = 0;
 
-	(void)view, (void)rs;
-	for (size_t i = 0; i < nroots; i++) {
-		char id[ME_DID_REPO_SIZE];
-		if (me_did_repo_compute(roots[i].id, b->creator_pk, id, sizeof(id)) == 0 &&
-		    strcmp(id, b->repo_id) == 0)
+	for (size_t i = 0; i < nroots; i++)
+		if (root_matches(b, &roots[i]))
 			return 0;
+	if (git_revwalk_new(&w, view) < 0) {
+		set_msg(err, errsz, "revwalk: %s",
+			git_error_last() ? git_error_last()->message : "");
+		return ME_EGIT;
 	}
+	for (size_t i = 0; i < rs->nrefs; i++) {
+		git_oid t;
+		git_object *o = NULL, *peeled = NULL;
+		git_oid_fromraw(&t, rs->refs[i].oid);
+		if (git_object_lookup(&o, view, &t, GIT_OBJECT_ANY) < 0)
+			continue;
+		if (git_object_peel(&peeled, o, GIT_OBJECT_COMMIT) == 0) {
+			if (git_revwalk_push(w, git_object_id(peeled)) == 0)
+				pushed++;
+			git_object_free(peeled);
+		}
+		git_object_free(o);
+	}
+	while (pushed > 0 && !found && git_revwalk_next(&oid, w) == 0) {
+		git_commit *c = NULL;
+		if (git_commit_lookup(&c, view, &oid) < 0)
+			continue;
+		found = git_commit_parentcount(c) == 0 && root_matches(b, &oid);
+		git_commit_free(c);
+	}
+	git_revwalk_free(w);
+	if (found)
+		return 0;
 	b->refuted = 1;
 	set_msg(err, errsz, "no root commit of this history gives the repository id with the "
 		"creator's key");
