@@ -138,8 +138,9 @@ struct fetch {
 	int skipping;        /* reading past a bundle of a state the mirror has (no file) */
 	int nskipped;
 	uint64_t bytes_done, bytes_total;
-	struct segrx *queue; /* received, to verify in order */
+	struct segrx *queue; /* to verify in order (the last one may still be arriving) */
 	struct segrx *verifying;
+	struct segrx *cur;   /* the one arriving, in queue or verifying */
 	int ended; /* the server finished its side after a Done */
 	int64_t last_rx_ms;
 	int64_t begun_ms;      /* wall clock: when it was requested */
@@ -447,8 +448,10 @@ static void waiters_progress(struct srepo *r, uint64_t done, uint64_t total)
 
 /* ---- requesting ---- */
 
-/* A received bundle waiting for, or under, verification. It outlives its fetch when the fetch
- * fails while the job runs (the job's result is still recorded: the mirror may have moved). */
+/* A bundle waiting for, or under, verification: from its Start on, so that the verifier
+ * indexes it while it arrives (it reads the file as it grows and checks size and digest
+ * itself). It outlives its fetch when the fetch fails while the job runs (the job's result is
+ * still recorded: the mirror may have moved). */
 struct segrx {
 	struct sync *s;
 	struct fetch *f; /* NULL once the fetch is gone */
@@ -467,12 +470,16 @@ struct segrx {
 	char verr[ERRSZ];
 	struct bundle_stats st;
 	int refuted; /* the id is not this creator's (first fetch) */
+	/* Set on the loop's thread, read by the job's: */
+	volatile int arriving; /* the data is still coming */
+	volatile int abort;    /* the transfer failed: stop the verifier */
+	int keep_file;         /* the partial file is kept to resume */
 	struct segrx *next;
 };
 
 static void segrx_free(struct segrx *g, int drop_file)
 {
-	if (drop_file)
+	if (drop_file && !g->keep_file)
 		unlink(g->path);
 	rs_copy_free(&g->rs);
 	free(g);
@@ -530,14 +537,21 @@ static void fetch_end(struct fetch *f, int rc, const char *why)
 		close(f->fd);
 		f->fd = -1;
 	}
+	if (f->cur != NULL) { /* its verifier stops; the file goes, or stays for a resume */
+		f->cur->abort = 1;
+		f->cur->arriving = 0;
+	}
 	if ((rc == ME_ECONN || rc == ME_ETIMEDOUT) && f->phase == F_DATA && f->pos > 0) {
 		r->has_part = 1;
 		r->part_size = f->pos;
 		fmt(r->part_path, sizeof(r->part_path), "%s", f->path);
 		memcpy(r->part_digest, f->digest, sizeof(r->part_digest));
+		if (f->cur != NULL)
+			f->cur->keep_file = 1;
 	} else if (f->phase == F_DATA) {
 		unlink(f->path);
 	}
+	f->cur = NULL;
 	if (f->x != NULL)
 		net_xfer_reset(f->x, rc == ME_EPROTO ? NET_ERR_FRAME : NET_ERR_CANCEL);
 	fetch_release(f);
@@ -583,6 +597,36 @@ static void verify_next(struct fetch *f)
 	f->r->jobs++;
 	f->s->jobs++;
 	uv_queue_work(f->s->loop, &g->work, verify_work, verify_done);
+}
+
+/* The bundle announced by a Start is queued for verification at once, as arriving. */
+static int fetch_queue(struct fetch *f)
+{
+	struct segrx *g, **pp;
+
+	if ((g = calloc(1, sizeof(*g))) == NULL) {
+		fetch_end(f, ME_ENOMEM, "out of memory");
+		return ME_ENOMEM;
+	}
+	g->s = f->s;
+	g->f = f;
+	fmt(g->repo_id, sizeof(g->repo_id), "%s", f->r->id);
+	fmt(g->peer_did, sizeof(g->peer_did), "%s", f->peer_did);
+	fmt(g->path, sizeof(g->path), "%s", f->path);
+	g->rs = f->rs; /* moves the copy */
+	memset(&f->rs, 0, sizeof(f->rs));
+	memcpy(g->creator_pk, f->creator_pk, ME_PK_LEN);
+	memcpy(g->digest, f->digest, XMSG_DIGEST_LEN);
+	g->size = f->total;
+	g->max_bytes = f->max_bytes;
+	fmt(g->root, sizeof(g->root), "%s", f->root);
+	g->arriving = 1;
+	for (pp = &f->queue; *pp; pp = &(*pp)->next)
+		; /* in order: appended at the end */
+	*pp = g;
+	f->cur = g;
+	verify_next(f);
+	return 0;
 }
 
 static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
@@ -677,13 +721,12 @@ static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
 	f->bytes_done += m->offset;
 	memcpy(f->digest, m->digest, XMSG_DIGEST_LEN);
 	waiters_progress(r, f->bytes_done, f->bytes_total);
-	return 0;
+	return fetch_queue(f);
 }
 
 static int fetch_done_frame(struct fetch *f, const struct xmsg *m)
 {
 	uint8_t d[XMSG_DIGEST_LEN];
-	struct segrx *g;
 
 	if (f->pos != f->total) {
 		fetch_end(f, ME_EPROTO, "transfer ended before the announced size");
@@ -700,27 +743,9 @@ static int fetch_done_frame(struct fetch *f, const struct xmsg *m)
 		fetch_end(f, ME_EIO, "cannot write the bundle");
 		return ME_EIO;
 	}
-	if ((g = calloc(1, sizeof(*g))) == NULL) {
-		fetch_end(f, ME_ENOMEM, "out of memory");
-		return ME_ENOMEM;
-	}
-	g->s = f->s;
-	g->f = f;
-	fmt(g->repo_id, sizeof(g->repo_id), "%s", f->r->id);
-	fmt(g->peer_did, sizeof(g->peer_did), "%s", f->peer_did);
-	fmt(g->path, sizeof(g->path), "%s", f->path);
-	g->rs = f->rs; /* moves the copy */
-	memset(&f->rs, 0, sizeof(f->rs));
-	memcpy(g->creator_pk, f->creator_pk, ME_PK_LEN);
-	memcpy(g->digest, f->digest, XMSG_DIGEST_LEN);
-	g->size = f->total;
-	g->max_bytes = f->max_bytes;
-	fmt(g->root, sizeof(g->root), "%s", f->root);
-	/* in order: appended at the end */
-	struct segrx **pp = &f->queue;
-	while (*pp)
-		pp = &(*pp)->next;
-	*pp = g;
+	if (f->cur != NULL)
+		f->cur->arriving = 0;
+	f->cur = NULL;
 	f->npieces++;
 	f->phase = F_IDLE;
 	verify_next(f);
@@ -865,6 +890,10 @@ static void verify_work(uv_work_t *w)
 		.creator_pk = g->creator_pk,
 		.check_binding = g->base_seq <= 0,
 		.cancel = &g->s->closing, /* set by sync_free on the loop's thread */
+		.digest = g->digest,
+		.size = g->size,
+		.arriving = &g->arriving,
+		.abort = &g->abort,
 	};
 	struct verify_res res;
 
@@ -969,7 +998,12 @@ static void verify_done(uv_work_t *w, int status)
 		r->jobs--;
 	if (f != NULL)
 		f->verifying = NULL;
-	if (g->vrc < 0) {
+	if (g->vrc == ME_ECANCELED && g->abort) {
+		/* the transfer failed while it was verified: already reported by fetch_end */
+		log_debug("sync: verification of a bundle of %s from %s stopped: %s", g->repo_id,
+			  g->peer_did, g->verr);
+		segrx_free(g, 1);
+	} else if (g->vrc < 0) {
 		char why[ERRSZ];
 		/* a full disk (or memory) is this node's failure, not a bad bundle of the peer's */
 		int vrc = g->vrc, local = vrc == ME_ENOSPC || vrc == ME_ENOMEM;

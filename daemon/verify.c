@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -27,6 +28,7 @@
 
 #include "common/err.h"
 #include "common/frame.h"
+#include "common/sha3.h"
 #include "common/ids.h"
 #include "common/util.h"
 #include "daemon/footprint.h"
@@ -45,7 +47,8 @@
 #define VERIFY_MWINDOW_SIZE (32u << 20)
 #define VERIFY_MWINDOW_LIMIT (256u << 20)
 #define CPU_KILL_AFTER_S 5 /* RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later */
-#define REQ_VERSION 1
+#define REQ_VERSION 2
+#define FOLLOW_WAIT_MS 100 /* inotify is the wake-up; this only bounds a missed one */
 #define NSTATS 7
 
 extern char **environ;
@@ -224,7 +227,7 @@ struct child_req {
 	char root[PATH_MAX];
 	char path[PATH_MAX];
 	uint64_t max_bytes, mem_limit, cpu_s;
-	int check_binding;
+	int check_binding, follow;
 	struct xmsg start;
 };
 
@@ -250,7 +253,7 @@ static int child_decode(const uint8_t *buf, size_t len, struct child_req *q)
 		return ME_EPROTO;
 	msgpack_zone_init(&zone, 1024);
 	rc = me_mp_unpack(buf + ME_FRAME_HDR, len - ME_FRAME_HDR, 64, &zone, &o);
-	if (rc == 0 && (o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size != 8))
+	if (rc == 0 && (o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size != 9))
 		rc = ME_EPROTO;
 	if (rc == 0) {
 		a = o.via.array.ptr;
@@ -260,13 +263,15 @@ static int child_decode(const uint8_t *buf, size_t len, struct child_req *q)
 			 me_mp_strcpy(&a[2], q->path, sizeof(q->path)) < 0 ||
 			 u64_of(&a[3], &q->max_bytes) < 0 || a[4].type != MSGPACK_OBJECT_BOOLEAN ||
 			 u64_of(&a[5], &q->mem_limit) < 0 || u64_of(&a[6], &q->cpu_s) < 0 ||
-			 a[7].type != MSGPACK_OBJECT_BIN)
+			 a[7].type != MSGPACK_OBJECT_BIN || a[8].type != MSGPACK_OBJECT_BOOLEAN)
 			rc = ME_EPROTO;
 		else if ((rc = xmsg_decode((const uint8_t *)a[7].via.bin.ptr, a[7].via.bin.size,
 					   &q->start)) == 0 && q->start.type != XMSG_START)
 			rc = ME_EPROTO;
-		if (rc == 0)
+		if (rc == 0) {
 			q->check_binding = a[4].via.boolean;
+			q->follow = a[8].via.boolean;
+		}
 	}
 	msgpack_zone_destroy(&zone);
 	return rc;
@@ -322,8 +327,24 @@ static void child_limits(const struct child_req *q)
 		alloc_cap = (size_t)q->mem_limit;
 }
 
+/* Waits for more of a bundle that is still arriving. */
+static void follow_wait(int ino)
+{
+	char ev[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+	struct pollfd p = { ino, POLLIN, 0 };
+
+	if (ino < 0) {
+		poll(NULL, 0, 5);
+		return;
+	}
+	if (poll(&p, 1, FOLLOW_WAIT_MS) > 0)
+		while (read(ino, ev, sizeof(ev)) > 0)
+			;
+}
+
 /* What the daemon did in-process before: open (or create) the mirror, feed the bundle to
- * bundle_rx, check the binding on a first fetch. */
+ * bundle_rx (with follow: as it arrives, up to its size, checked against its digest), check
+ * the binding on a first fetch. */
 static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted,
 		      struct bundle_stats *st)
 {
@@ -334,7 +355,9 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 	struct bundle_rx *rx = NULL;
 	uint8_t *buf = NULL;
 	char repo_id[ME_DID_REPO_SIZE];
-	int fd = -1, rc;
+	struct me_sha3 *h = NULL;
+	uint64_t got = 0;
+	int fd = -1, ino = -1, rc;
 
 	msg[0] = '\0';
 	if (rs->repo_id.len >= sizeof(repo_id))
@@ -359,8 +382,30 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 	}
 	if ((rc = bundle_rx_new(&rx, m, rs, &o, msg, msgsz)) < 0)
 		goto out;
+	if (q->follow) {
+		if ((h = me_sha3_new()) == NULL) {
+			rc = ME_ENOMEM;
+			goto out;
+		}
+		/* Watched before the first read: a write after a read that found nothing wakes
+		 * the wait. Without inotify, the wait is a short sleep. */
+		if ((ino = inotify_init1(IN_CLOEXEC | IN_NONBLOCK)) >= 0 &&
+		    inotify_add_watch(ino, q->path, IN_MODIFY | IN_CLOSE_WRITE) < 0) {
+			close(ino);
+			ino = -1;
+		}
+	}
 	for (;;) {
-		ssize_t k = read(fd, buf, BUNDLE_CHUNK);
+		size_t want = BUNDLE_CHUNK;
+		ssize_t k;
+
+		if (q->follow) {
+			if (got == q->start.total_size)
+				break;
+			if (q->start.total_size - got < want)
+				want = (size_t)(q->start.total_size - got);
+		}
+		k = read(fd, buf, want);
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k < 0) {
@@ -368,16 +413,35 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 			set_msg(msg, msgsz, "read: %s", strerror(errno));
 			goto out;
 		}
-		if (k == 0)
+		if (k == 0 && !q->follow)
 			break;
+		if (k == 0) { /* not here yet: the daemon kills us if it never comes */
+			follow_wait(ino);
+			continue;
+		}
+		got += (uint64_t)k;
+		if (h != NULL)
+			me_sha3_update(h, buf, (size_t)k);
 		if ((rc = bundle_rx_write(rx, buf, (size_t)k)) < 0)
 			break;
+	}
+	if (rc == 0 && h != NULL) {
+		uint8_t d[ME_SHA3_256_LEN];
+		_Static_assert(sizeof(d) == XMSG_DIGEST_LEN, "digest size");
+		if (me_sha3_final(h, d) < 0 || memcmp(d, q->start.digest, sizeof(d)) != 0) {
+			rc = ME_EPROTO;
+			set_msg(msg, msgsz, "bundle digest mismatch");
+			goto out;
+		}
 	}
 	if (rc == 0)
 		rc = bundle_rx_finish(rx, st);
 	if (rc < 0 && msg[0] == '\0')
 		set_msg(msg, msgsz, "%s", bundle_rx_errmsg(rx));
 out:
+	if (ino >= 0)
+		close(ino);
+	me_sha3_free(h);
 	bundle_rx_free(rx);
 	free(buf);
 	if (fd >= 0)
@@ -572,13 +636,14 @@ static int encode_request(const struct verify_req *r, uint64_t mem, unsigned cpu
 	int rc;
 
 	msgpack_sbuffer_init(&st);
-	if ((rc = xmsg_encode_start(&st, "verify", 0, zero, 0, r->creator_pk, r->rs)) < 0) {
+	if ((rc = xmsg_encode_start(&st, "verify", r->digest ? r->size : 0,
+				    r->digest ? r->digest : zero, 0, r->creator_pk, r->rs)) < 0) {
 		msgpack_sbuffer_destroy(&st);
 		return rc;
 	}
 	me_frame_begin(out);
 	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
-	msgpack_pack_array(&pk, 8);
+	msgpack_pack_array(&pk, 9);
 	msgpack_pack_unsigned_int(&pk, REQ_VERSION);
 	me_mp_pack_str(&pk, r->root);
 	me_mp_pack_str(&pk, r->bundle_path);
@@ -591,6 +656,10 @@ static int encode_request(const struct verify_req *r, uint64_t mem, unsigned cpu
 	msgpack_pack_uint64(&pk, cpu);
 	msgpack_pack_bin(&pk, st.size - ME_FRAME_HDR);
 	msgpack_pack_bin_body(&pk, st.data + ME_FRAME_HDR, st.size - ME_FRAME_HDR);
+	if (r->digest != NULL)
+		msgpack_pack_true(&pk);
+	else
+		msgpack_pack_false(&pk);
 	msgpack_sbuffer_destroy(&st);
 	return me_frame_end(out, 0, VERIFY_MAX_REQUEST);
 }
@@ -673,12 +742,12 @@ static uint64_t rss_bytes(pid_t pid)
 	return (uint64_t)(res - shared) * (uint64_t)sysconf(_SC_PAGESIZE);
 }
 
-enum kill_why { K_NONE, K_MEM, K_TIME, K_CANCEL };
+enum kill_why { K_NONE, K_MEM, K_TIME, K_CANCEL, K_ABORT };
 
 /* Spawns the child, feeds it req, collects at most VERIFY_MAX_REPLY bytes of reply, enforces
  * the limits. Fills res from how it ended. */
-static void run_child(const char *exe, const volatile int *cancel, const msgpack_sbuffer *req, uint64_t mem, unsigned cpu,
-		      unsigned wall, struct verify_res *res)
+static void run_child(const char *exe, const struct verify_req *r, const msgpack_sbuffer *req,
+		      uint64_t mem, unsigned cpu, unsigned wall, struct verify_res *res)
 {
 	static uint8_t dummy[4096];
 	uint8_t rbuf[VERIFY_MAX_REPLY + ME_FRAME_HDR];
@@ -770,12 +839,16 @@ static void run_child(const char *exe, const volatile int *cancel, const msgpack
 		}
 		if ((rc = (int)waitpid(pid, &status, WNOHANG)) == pid)
 			break;
+		if (r->arriving != NULL && *r->arriving) /* the clock starts with the last byte */
+			deadline = me_mono_ms() + (int64_t)wall * 1000;
 		if (rss_bytes(pid) > mem)
 			why = K_MEM;
 		else if (me_mono_ms() > deadline)
 			why = K_TIME;
-		else if (cancel != NULL && *cancel)
+		else if (r->cancel != NULL && *r->cancel)
 			why = K_CANCEL;
+		else if (r->abort != NULL && *r->abort)
+			why = K_ABORT;
 		if (why != K_NONE) {
 			kill(pid, SIGKILL);
 			while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
@@ -801,6 +874,9 @@ static void run_child(const char *exe, const volatile int *cancel, const msgpack
 	} else if (why == K_CANCEL) {
 		res->rc = ME_ESHUTDOWN;
 		set_msg(res->msg, sizeof(res->msg), "verifier stopped: the daemon is shutting down");
+	} else if (why == K_ABORT) {
+		res->rc = ME_ECANCELED;
+		set_msg(res->msg, sizeof(res->msg), "verifier stopped: the transfer failed");
 	} else if (why == K_TIME) {
 		res->rc = ME_ETIMEDOUT;
 		set_msg(res->msg, sizeof(res->msg), "verifier timed out (%u s)", wall);
@@ -855,7 +931,9 @@ int verify_bundle(const struct verify_req *r, struct verify_res *res)
 		set_msg(res->msg, sizeof(res->msg), "invalid mirror path");
 		return res->rc;
 	}
-	if (stat(r->bundle_path, &sb) == 0 && sb.st_size > 0)
+	if (r->digest != NULL)
+		size = r->size;
+	else if (stat(r->bundle_path, &sb) == 0 && sb.st_size > 0)
 		size = (uint64_t)sb.st_size;
 	if (mem == 0)
 		mem = VERIFY_MEM_BASE + VERIFY_MEM_PER_BYTE * size;
@@ -878,7 +956,7 @@ int verify_bundle(const struct verify_req *r, struct verify_res *res)
 	if ((res->rc = encode_request(r, mem, cpu, &req)) < 0)
 		set_msg(res->msg, sizeof(res->msg), "cannot encode the verifier's request");
 	else
-		run_child(r->exe ? r->exe : "/proc/self/exe", r->cancel, &req, mem, cpu, wall, res);
+		run_child(r->exe ? r->exe : "/proc/self/exe", r, &req, mem, cpu, wall, res);
 	msgpack_sbuffer_destroy(&req);
 
 	if (res->rc < 0 && fresh)

@@ -6,10 +6,11 @@
  * binary, /proc/self/exe VERIFY_ARG, with stdin and stdout on pipes, stderr inherited and no
  * other file descriptor, writes it the request and waits for its reply:
  *   request (stdin, then closed): one frame (common/frame.h, at most VERIFY_MAX_REQUEST)
- *       [1, root str, bundle_path str, max_bytes uint, check_binding bool, mem_limit uint,
- *        cpu_limit_s uint, start bin]
+ *       [2, root str, bundle_path str, max_bytes uint, check_binding bool, mem_limit uint,
+ *        cpu_limit_s uint, start bin, follow bool]
  *     start: the body of an xmsg Start (common/gossip_msg.h) carrying the creator's key and the
- *     expected ref state (its other fields are unused)
+ *     expected ref state, and with follow the bundle's size and digest (its name and offset
+ *     are unused)
  *   reply (stdout): one frame of at most VERIFY_MAX_REPLY bytes
  *       [rc int, message str, refuted bool,
  *        [header_bytes, pack_bytes, objects, prereqs, refs, refs_updated, refs_deleted]]
@@ -17,7 +18,8 @@
  * unless built with AddressSanitizer (whose shadow memory rules it out), RLIMIT_AS mem_limit;
  * a libgit2 allocator of its own refuses any single allocation over mem_limit. It then does
  * what the daemon did in-process: mirror_open (creating the mirror), bundle_rx_* fed from the
- * bundle file and, when check_binding, the did:repo binding check (some root commit hashed
+ * bundle file (with follow: as it grows, up to the size, checked against the digest before
+ * bundle_rx_finish) and, when check_binding, the did:repo binding check (some root commit hashed
  * with the creator's key gives the repository id; refuted when none does).
  * libgit2's pack windows are made small (32 MiB, 256 MiB mapped in all) so that the mirror's
  * packs do not eat the address space.
@@ -28,9 +30,9 @@
  * already moved in is removed when the refs did not change; a mirror created by this
  * verification is removed).
  *
- * Limits: mem_limit = VERIFY_MEM_BASE + VERIFY_MEM_PER_BYTE x bundle size; cpu_limit_s =
- * VERIFY_CPU_BASE_S + 1 s per MiB of bundle; the wall-clock deadline is twice the CPU limit
- * plus VERIFY_WALL_EXTRA_S. */
+ * Limits (size: the request's when set, else the file's): mem_limit = VERIFY_MEM_BASE +
+ * VERIFY_MEM_PER_BYTE x bundle size; cpu_limit_s = VERIFY_CPU_BASE_S + 1 s per MiB of bundle;
+ * the wall-clock deadline is twice the CPU limit plus VERIFY_WALL_EXTRA_S. */
 #ifndef ME_VERIFY_H
 #define ME_VERIFY_H
 
@@ -57,6 +59,15 @@ struct verify_req {
 	int check_binding;       /* first fetch: check the did:repo binding */
 	const char *exe;         /* NULL: /proc/self/exe */
 	const volatile int *cancel; /* optional: once non-zero, the child is killed (shutdown) */
+	/* Optional: the bundle as it is still arriving. When digest is set, the child reads
+	 * bundle_path as it grows (inotify) until it holds size bytes, hashes them (SHA3-256)
+	 * and refuses the bundle unless they match digest, before anything changes; the
+	 * parent's wall-clock limit counts from when *arriving (optional) becomes zero. Once
+	 * *abort (optional) is non-zero, the child is killed: ME_ECANCELED (the transfer
+	 * failed). */
+	const uint8_t *digest;
+	uint64_t size;
+	const volatile int *arriving, *abort;
 	/* 0: computed from the bundle's size (above) */
 	uint64_t mem_limit;
 	unsigned cpu_limit_s, wall_limit_s;
