@@ -327,19 +327,20 @@ static void child_limits(const struct child_req *q)
 		alloc_cap = (size_t)q->mem_limit;
 }
 
-/* Waits for more of a bundle that is still arriving. */
-static void follow_wait(int ino)
+/* Waits for more of a bundle that is still arriving: ME_ECANCELED when the daemon is gone
+ * (the request pipe, which it keeps open, ended). */
+static int follow_wait(int ino)
 {
 	char ev[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
-	struct pollfd p = { ino, POLLIN, 0 };
+	struct pollfd p[2] = { { STDIN_FILENO, POLLIN, 0 }, { ino, POLLIN, 0 } };
 
-	if (ino < 0) {
-		poll(NULL, 0, 5);
-		return;
-	}
-	if (poll(&p, 1, FOLLOW_WAIT_MS) > 0)
-		while (read(ino, ev, sizeof(ev)) > 0)
+	if (poll(p, ino >= 0 ? 2 : 1, ino >= 0 ? FOLLOW_WAIT_MS : 5) > 0) {
+		if (p[0].revents != 0)
+			return ME_ECANCELED;
+		while (ino >= 0 && read(ino, ev, sizeof(ev)) > 0)
 			;
+	}
+	return 0;
 }
 
 /* What the daemon did in-process before: open (or create) the mirror, feed the bundle to
@@ -416,7 +417,10 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 		if (k == 0 && !q->follow)
 			break;
 		if (k == 0) { /* not here yet: the daemon kills us if it never comes */
-			follow_wait(ino);
+			if ((rc = follow_wait(ino)) < 0) {
+				set_msg(msg, msgsz, "the daemon is gone");
+				goto out;
+			}
 			continue;
 		}
 		got += (uint64_t)k;
@@ -494,16 +498,22 @@ int verify_main(int argc, char **argv)
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	signal(SIGPIPE, SIG_IGN);
 	memset(&st, 0, sizeof(st));
-	for (;;) {
-		ssize_t k = read(STDIN_FILENO, req + len, sizeof(req) - len);
+	/* One frame; stdin stays open: its end tells that the daemon is gone (a daemon killed
+	 * before the prctl above, while this process was still being loaded, sends no signal). */
+	for (size_t want = ME_FRAME_HDR; len < want;) {
+		ssize_t k = read(STDIN_FILENO, req + len, want - len);
 		if (k < 0 && errno == EINTR)
 			continue;
-		if (k < 0)
+		if (k <= 0)
 			return 2;
-		if (k == 0 || (len += (size_t)k) == sizeof(req))
-			break;
+		len += (size_t)k;
+		if (len == ME_FRAME_HDR) {
+			want += (size_t)((uint32_t)req[0] << 24 | (uint32_t)req[1] << 16 |
+					 (uint32_t)req[2] << 8 | req[3]);
+			if (want > sizeof(req) - 1)
+				want = sizeof(req); /* too long: refused below */
+		}
 	}
-	close(STDIN_FILENO);
 	if (len == sizeof(req) || child_decode(req, len, &q) < 0) {
 		child_reply(ME_EPROTO, "verifier: bad request", 0, &st);
 		_exit(1);
@@ -800,7 +810,9 @@ static void run_child(const char *exe, const struct verify_req *r, const msgpack
 		nfds_t n = 0;
 		int iw = -1, ir = -1;
 
-		if (in[1] >= 0) {
+		/* written, the pipe stays open until the child is gone: its end is the child's
+		 * sign that we are */
+		if (in[1] >= 0 && woff < req->size) {
 			p[n] = (struct pollfd){ in[1], POLLOUT, 0 };
 			iw = (int)n++;
 		}
@@ -814,7 +826,7 @@ static void run_child(const char *exe, const struct verify_req *r, const msgpack
 			ssize_t k = write(in[1], req->data + woff, req->size - woff);
 			if (k > 0)
 				woff += (size_t)k;
-			if ((k < 0 && errno != EAGAIN && errno != EINTR) || woff == req->size) {
+			if (k < 0 && errno != EAGAIN && errno != EINTR) {
 				close(in[1]);
 				in[1] = -1;
 			}

@@ -11,6 +11,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
@@ -156,7 +157,7 @@ static void test_abort(void **state)
 	time_t t0 = time(NULL);
 	(void)state;
 
-	stand_in("cat > /dev/null; exec sleep 60");
+	stand_in("exec sleep 60");
 	b.q.abort = &b.flag;
 	bg_start(&b, 0, 1, 300);
 	assert_int_equal(bg_join(&b), ME_ECANCELED);
@@ -174,7 +175,7 @@ static void test_arriving(void **state)
 			       .wall_limit_s = 1 } };
 	(void)state;
 
-	stand_in("cat > /dev/null; sleep 2; exit 3");
+	stand_in("sleep 2; exit 3");
 	b.q.arriving = &b.flag;
 	bg_start(&b, 1, 0, 2500);
 	assert_int_equal(bg_join(&b), ME_EINTERNAL);
@@ -351,7 +352,7 @@ static void test_timeout(void **state)
 	struct verify_res res;
 	(void)state;
 
-	stand_in("cat > /dev/null; exec sleep 60");
+	stand_in("exec sleep 60");
 	assert_int_equal(run(&res, 1ull << 30, 1), ME_ETIMEDOUT);
 	assert_string_equal(res.msg, "verifier timed out (1 s)");
 	assert_true(res.killed);
@@ -362,13 +363,13 @@ static void test_crash(void **state)
 	struct verify_res res;
 	(void)state;
 
-	stand_in("cat > /dev/null; kill -SEGV $$");
+	stand_in("kill -SEGV $$");
 	assert_int_equal(run(&res, 1ull << 30, 30), ME_EINTERNAL);
 	assert_string_equal(res.msg, "verifier crashed (signal 11)");
-	stand_in("cat > /dev/null; exit 3");
+	stand_in("exit 3");
 	assert_int_equal(run(&res, 1ull << 30, 30), ME_EINTERNAL);
 	assert_string_equal(res.msg, "verifier crashed (exit status 3)");
-	stand_in("cat > /dev/null; printf 'garbage'");
+	stand_in("printf 'garbage'");
 	assert_int_equal(run(&res, 1ull << 30, 30), ME_EINTERNAL);
 	assert_string_equal(res.msg, "verifier crashed (exit status 0, no reply)");
 	/* a first fetch that fails leaves no mirror */
@@ -381,7 +382,7 @@ static void test_memory(void **state)
 	(void)state;
 
 	/* 200 MiB written (so resident), against a limit of 64 MiB */
-	stand_in("cat > /dev/null; exec /usr/bin/python3 -c "
+	stand_in("exec /usr/bin/python3 -c "
 		 "'import time; b = b\"x\" * (200 << 20); time.sleep(60)'");
 	assert_int_equal(run(&res, 64u << 20, 50), ME_ETOOBIG);
 	assert_string_equal(res.msg, "verifier exceeded its memory limit (64 MiB)");
@@ -394,7 +395,7 @@ static void test_reply(void **state)
 	struct verify_res res;
 	(void)state;
 
-	stand_in("cat > /dev/null; printf '\\000\\000\\000\\014\\224\\000\\240\\302"
+	stand_in("printf '\\000\\000\\000\\014\\224\\000\\240\\302"
 		 "\\227\\001\\002\\003\\004\\005\\006\\007'");
 	assert_int_equal(run(&res, 1ull << 30, 30), 0);
 	assert_false(res.killed);
@@ -403,7 +404,7 @@ static void test_reply(void **state)
 	assert_int_equal(res.st.objects, 3);
 	assert_int_equal(res.st.refs_deleted, 7);
 	/* and a refusal with the binding refuted */
-	stand_in("cat > /dev/null; printf '\\000\\000\\000\\016\\224\\364\\242no\\303"
+	stand_in("printf '\\000\\000\\000\\016\\224\\364\\242no\\303"
 		 "\\227\\000\\000\\000\\000\\000\\000\\000'");
 	assert_int_equal(run(&res, 1ull << 30, 30), ME_EPERM);
 	assert_string_equal(res.msg, "no");
@@ -425,7 +426,7 @@ static void test_restore(void **state)
 	   "objects/pack/pack-old.idx && mkdir me-incoming-keep && touch me-incoming-keep/x", mpath);
 	/* the incoming directory above stands for one left by a crash before: cleaned too */
 	capture(before, sizeof(before), "ls '%s/objects/pack'", mpath);
-	stand_in("cat > /dev/null; cd '%s' && mkdir me-incoming-abc && touch me-incoming-abc/p "
+	stand_in("cd '%s' && mkdir me-incoming-abc && touch me-incoming-abc/p "
 		 "HEAD.lock objects/pack/pack-new.pack objects/pack/pack-new.idx && exec sleep 60",
 		 mpath);
 	assert_int_equal(run(&res, 1ull << 30, 2), ME_ETIMEDOUT);
@@ -435,6 +436,72 @@ static void test_restore(void **state)
 		mpath);
 	assert_string_equal(after, "0");
 	assert_int_equal(access(mpath, F_OK), 0);
+}
+
+
+/* Processes running `--verify-bundle` with path open. */
+static int verifiers_with(const char *path)
+{
+	DIR *d = opendir("/proc");
+	struct dirent *de;
+	int n = 0;
+
+	assert_non_null(d);
+	while ((de = readdir(d)) != NULL) {
+		char p[300], cmd[512] = "", link[PATH_MAX];
+		FILE *f;
+		size_t len;
+		if (de->d_name[0] < '0' || de->d_name[0] > '9')
+			continue;
+		snprintf(p, sizeof(p), "/proc/%s/cmdline", de->d_name);
+		if ((f = fopen(p, "rb")) == NULL)
+			continue;
+		len = fread(cmd, 1, sizeof(cmd) - 1, f);
+		fclose(f);
+		for (size_t i = 0; i < len; i++)
+			if (cmd[i] == '\0')
+				cmd[i] = ' ';
+		if (strstr(cmd, VERIFY_ARG) == NULL)
+			continue;
+		for (int fd = 0; fd < 16; fd++) {
+			ssize_t k;
+			snprintf(p, sizeof(p), "/proc/%s/fd/%d", de->d_name, fd);
+			if ((k = readlink(p, link, sizeof(link) - 1)) > 0) {
+				link[k] = '\0';
+				if (strcmp(link, path) == 0)
+					n++;
+			}
+		}
+	}
+	closedir(d);
+	return n;
+}
+
+/* A verifier whose daemon died while it was being loaded (before it could ask for the
+ * parent-death signal) does not wait for a bundle that will never come: the end of its
+ * request pipe tells it. The stand-in starts the real child detached (a subshell in between,
+ * gone at once) and exits. */
+static void test_orphan(void **state)
+{
+	struct real r;
+	struct bg b;
+	char self[PATH_MAX];
+	ssize_t k;
+	int n = 0;
+	(void)state;
+
+	real_setup(&r, "orphan");
+	write_part(r.file, r.data, r.len / 2, "wb");
+	assert_true((k = readlink("/proc/self/exe", self, sizeof(self) - 1)) > 0);
+	self[k] = '\0';
+	stand_in("exec 3<&0; ( '%s' " VERIFY_ARG " 0<&3 & ); sleep 1; exit 0", self);
+	real_req(&r, &b);
+	b.q.exe = script;
+	assert_int_equal(verify_bundle(&b.q, &b.res), ME_EINTERNAL); /* no reply: the stand-in */
+	for (int i = 0; i < 100 && (n = verifiers_with(r.file)) > 0; i++)
+		sleep_ms(100);
+	assert_int_equal(n, 0);
+	real_clear(&r);
 }
 
 int main(int argc, char **argv)
@@ -450,6 +517,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_follow),
 		cmocka_unit_test(test_follow_digest),
 		cmocka_unit_test(test_follow_abort),
+		cmocka_unit_test(test_orphan),
 	};
 	int rc;
 
