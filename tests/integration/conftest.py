@@ -251,6 +251,34 @@ class DaemonFactory:
         """mectl with exactly these arguments (no --root added)."""
         return run_mectl(list(args), env or self.env, cwd=cwd, json=json, check=check)
 
+    def stray_verifiers(self, wait=10.0):
+        """Verifier children (megaengined --verify-bundle, their stderr in our log directory)
+        still running once their daemons are stopped: each must end with its daemon. Killed
+        and reported."""
+        if self.logdir is None:
+            return []
+        deadline = time.monotonic() + wait
+        while True:
+            left = []
+            for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if b"--verify-bundle" not in f.read():
+                            continue
+                    if os.readlink(f"/proc/{pid}/fd/2").startswith(str(self.logdir)):
+                        left.append(pid)
+                except OSError:
+                    continue
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        return [f"verifier pid {pid} outlived its daemon" for pid in left]
+
     def cleanup(self):
         problems = []
         for d in self.daemons:
@@ -265,6 +293,7 @@ class DaemonFactory:
             m = sanitizer_report(d.stderr())
             if m:
                 problems.append(f"pid {d.pid}: {m}\n{d.stderr()}")
+        problems += self.stray_verifiers()
         for p in self.dirs:
             shutil.rmtree(p, ignore_errors=True)
         return problems
