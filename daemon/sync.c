@@ -538,8 +538,8 @@ static void fetch_end(struct fetch *f, int rc, const char *why)
 		f->fd = -1;
 	}
 	if (f->cur != NULL) { /* its verifier stops; the file goes, or stays for a resume */
-		f->cur->abort = 1;
-		f->cur->arriving = 0;
+		__atomic_store_n(&f->cur->abort, 1, __ATOMIC_SEQ_CST);
+		__atomic_store_n(&f->cur->arriving, 0, __ATOMIC_SEQ_CST);
 	}
 	if ((rc == ME_ECONN || rc == ME_ETIMEDOUT) && f->phase == F_DATA && f->pos > 0) {
 		r->has_part = 1;
@@ -743,8 +743,8 @@ static int fetch_done_frame(struct fetch *f, const struct xmsg *m)
 		fetch_end(f, ME_EIO, "cannot write the bundle");
 		return ME_EIO;
 	}
-	if (f->cur != NULL)
-		f->cur->arriving = 0;
+	if (f->cur != NULL) /* complete and checked: its verifier may apply it */
+		__atomic_store_n(&f->cur->arriving, 0, __ATOMIC_SEQ_CST);
 	f->cur = NULL;
 	f->npieces++;
 	f->phase = F_IDLE;
@@ -998,6 +998,10 @@ static void verify_done(uv_work_t *w, int status)
 		r->jobs--;
 	if (f != NULL)
 		f->verifying = NULL;
+	/* It may end before its Done frame is read: failed on what had arrived (a bad pack, a
+	 * full disk), or, for a small bundle, complete and applied already. */
+	if (f != NULL && f->cur == g)
+		f->cur = NULL;
 	if (g->vrc == ME_ECANCELED && g->abort) {
 		/* the transfer failed while it was verified: already reported by fetch_end */
 		log_debug("sync: verification of a bundle of %s from %s stopped: %s", g->repo_id,

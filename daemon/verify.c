@@ -48,10 +48,14 @@
 #define VERIFY_MWINDOW_LIMIT (256u << 20)
 #define CPU_KILL_AFTER_S 5 /* RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later */
 #define REQ_VERSION 2
+#define VERIFY_GO 'G'
 #define FOLLOW_WAIT_MS 100 /* inotify is the wake-up; this only bounds a missed one */
 #define NSTATS 7
 
 extern char **environ;
+
+/* The child: the daemon's go (child_check), when it came while the data was awaited. */
+static int go_received;
 
 __attribute__((format(printf, 3, 4)))
 static void set_msg(char *buf, size_t sz, const char *fmt, ...)
@@ -168,6 +172,7 @@ struct bind_arg {
 	const uint8_t *creator_pk;
 	const char *repo_id;
 	int refuted; /* set when no root commit matches: the claimed creator is not the creator */
+	int binding, follow; /* what child_check does */
 };
 
 static bool root_matches(const struct bind_arg *b, const git_oid *root)
@@ -221,6 +226,28 @@ static int check_binding(git_repository *view, const struct gmsg_refstate *rs,
 	set_msg(err, errsz, "no root commit of this history gives the repository id with the "
 		"creator's key");
 	return ME_EPERM;
+}
+
+/* The last step before the mirror changes. A bundle that arrived while it was verified waits
+ * here for the daemon's word that its transfer ended well (the Done frame checked): one byte
+ * on the request pipe; its end instead means the transfer failed or the daemon is gone. So a
+ * bundle is never applied before its transfer is complete, however fast the check was. */
+static int child_check(git_repository *view, const struct gmsg_refstate *rs,
+		       const git_oid *roots, size_t nroots, void *arg, char *err, size_t errsz)
+{
+	struct bind_arg *b = arg;
+
+	if (b->follow && !go_received) {
+		char go = 0;
+		ssize_t k;
+		while ((k = read(STDIN_FILENO, &go, 1)) < 0 && errno == EINTR)
+			;
+		if (k != 1 || go != VERIFY_GO) {
+			set_msg(err, errsz, "the transfer failed");
+			return ME_ECANCELED;
+		}
+	}
+	return b->binding ? check_binding(view, rs, roots, nroots, b, err, errsz) : 0;
 }
 
 struct child_req {
@@ -335,8 +362,14 @@ static int follow_wait(int ino)
 	struct pollfd p[2] = { { STDIN_FILENO, POLLIN, 0 }, { ino, POLLIN, 0 } };
 
 	if (poll(p, ino >= 0 ? 2 : 1, ino >= 0 ? FOLLOW_WAIT_MS : 5) > 0) {
-		if (p[0].revents != 0)
-			return ME_ECANCELED;
+		if (p[0].revents != 0) {
+			char c = 0;
+			ssize_t k = read(STDIN_FILENO, &c, 1);
+			if (k == 1 && c == VERIFY_GO && !go_received)
+				go_received = 1;
+			else if (!(k < 0 && errno == EINTR))
+				return ME_ECANCELED;
+		}
 		while (ino >= 0 && read(ino, ev, sizeof(ev)) > 0)
 			;
 	}
@@ -350,7 +383,7 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 		      struct bundle_stats *st)
 {
 	const struct gmsg_refstate *rs = &q->start.refstate;
-	struct bind_arg ba = { q->start.creator_pk, rs->repo_id.ptr, 0 };
+	struct bind_arg ba = { q->start.creator_pk, rs->repo_id.ptr, 0, 0, 0 };
 	struct bundle_rx_opts o = { .max_bytes = q->max_bytes };
 	git_repository *m = NULL;
 	struct bundle_rx *rx = NULL;
@@ -366,8 +399,10 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 	memcpy(repo_id, rs->repo_id.ptr, rs->repo_id.len);
 	repo_id[rs->repo_id.len] = '\0';
 	ba.repo_id = repo_id;
-	if (q->check_binding) {
-		o.check = check_binding;
+	ba.binding = q->check_binding;
+	ba.follow = q->follow;
+	if (q->check_binding || q->follow) {
+		o.check = child_check;
 		o.check_arg = &ba;
 	}
 	if ((rc = mirror_open(q->root, repo_id, true, &m, msg, msgsz)) < 0)
@@ -767,7 +802,7 @@ static void run_child(const char *exe, const struct verify_req *r, const msgpack
 	sigset_t none, all;
 	char *argv[] = { (char *)exe, (char *)VERIFY_ARG, NULL };
 	size_t woff = 0, rlen = 0;
-	int status = 0, overflow = 0, rc;
+	int status = 0, overflow = 0, go_sent = r->digest == NULL, rc;
 	enum kill_why why = K_NONE;
 	int64_t deadline = me_mono_ms() + (int64_t)wall * 1000;
 	pid_t pid;
@@ -849,9 +884,17 @@ static void run_child(const char *exe, const struct verify_req *r, const msgpack
 				break;
 			}
 		}
+		/* the bundle is complete and its transfer ended well: the child may apply it */
+		if (!go_sent && in[1] >= 0 && woff == req->size &&
+		    (r->abort == NULL || !__atomic_load_n(r->abort, __ATOMIC_SEQ_CST)) &&
+		    (r->arriving == NULL || !__atomic_load_n(r->arriving, __ATOMIC_SEQ_CST))) {
+			static const char go = VERIFY_GO;
+			go_sent = write(in[1], &go, 1) == 1;
+		}
 		if ((rc = (int)waitpid(pid, &status, WNOHANG)) == pid)
 			break;
-		if (r->arriving != NULL && *r->arriving) /* the clock starts with the last byte */
+		if (r->arriving != NULL && __atomic_load_n(r->arriving, __ATOMIC_SEQ_CST))
+			/* the clock starts with the last byte */
 			deadline = me_mono_ms() + (int64_t)wall * 1000;
 		if (rss_bytes(pid) > mem)
 			why = K_MEM;
@@ -859,7 +902,7 @@ static void run_child(const char *exe, const struct verify_req *r, const msgpack
 			why = K_TIME;
 		else if (r->cancel != NULL && *r->cancel)
 			why = K_CANCEL;
-		else if (r->abort != NULL && *r->abort)
+		else if (r->abort != NULL && __atomic_load_n(r->abort, __ATOMIC_SEQ_CST))
 			why = K_ABORT;
 		if (why != K_NONE) {
 			kill(pid, SIGKILL);

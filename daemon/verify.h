@@ -6,8 +6,10 @@
  * binary, /proc/self/exe VERIFY_ARG, with stdin and stdout on pipes, stderr inherited and no
  * other file descriptor, writes it the request and waits for its reply:
  *   request (stdin, kept open until the child ends: its end tells the child that the daemon
- *   is gone when the parent-death signal could not): one frame (common/frame.h, at most
- *   VERIFY_MAX_REQUEST)
+ *   is gone when the parent-death signal could not, or that the transfer failed): one frame
+ *   (common/frame.h, at most VERIFY_MAX_REQUEST); with follow, then one byte 'G' once the
+ *   bundle has arrived and its transfer ended well, which the child waits for before the
+ *   mirror changes
  *       [2, root str, bundle_path str, max_bytes uint, check_binding bool, mem_limit uint,
  *        cpu_limit_s uint, start bin, follow bool]
  *     start: the body of an xmsg Start (common/gossip_msg.h) carrying the creator's key and the

@@ -102,7 +102,7 @@ struct bg {
 	struct verify_req q;
 	struct verify_res res;
 	int rc;
-	volatile int flag;
+	volatile int flag, flag2;
 	int flag_to;
 	unsigned delay_ms;
 	volatile int done;
@@ -439,6 +439,49 @@ static void test_restore(void **state)
 }
 
 
+/* A bundle that is all there is still not applied before its transfer has ended well (the
+ * daemon checked the Done frame): however fast the check, the mirror waits. If the transfer
+ * fails instead, nothing is applied. */
+static void test_follow_go(void **state)
+{
+	struct real r;
+	struct bg b;
+	char m[PATH_MAX], refs[4096];
+	(void)state;
+
+	real_setup(&r, "go");
+	write_part(r.file, r.data, r.len, "wb");
+	assert_int_equal(mirror_path(r.root, r.id, m, sizeof(m)), 0);
+	real_req(&r, &b);
+	b.q.arriving = &b.flag;
+	bg_start(&b, 1, 0, 2500);
+	sleep_ms(1500);
+	assert_false(b.done);
+	capture(refs, sizeof(refs), "git -C '%s' for-each-ref 2>/dev/null | wc -l", m);
+	assert_string_equal(refs, "0");
+	if (bg_join(&b) != 0)
+		fail_msg("verify: %s", b.res.msg);
+	capture(refs, sizeof(refs), "git -C '%s' for-each-ref | wc -l", m);
+	assert_int_equal(atoi(refs), (int)r.gi.nrefs);
+	real_clear(&r);
+
+	real_setup(&r, "nogo");
+	write_part(r.file, r.data, r.len, "wb");
+	assert_int_equal(mirror_path(r.root, r.id, m, sizeof(m)), 0);
+	real_req(&r, &b);
+	b.q.arriving = &b.flag;
+	b.q.abort = &b.flag2;
+	b.flag = 1;
+	assert_int_equal(pthread_create(&b.verifier, NULL, bg_verify, &b), 0);
+	sleep_ms(1500);
+	b.flag2 = 1; /* the transfer failed: abort, then no longer arriving */
+	b.flag = 0;
+	pthread_join(b.verifier, NULL);
+	assert_int_equal(b.rc, ME_ECANCELED);
+	assert_int_equal(access(m, F_OK), -1);
+	real_clear(&r);
+}
+
 /* Processes running `--verify-bundle` with path open. */
 static int verifiers_with(const char *path)
 {
@@ -517,6 +560,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_follow),
 		cmocka_unit_test(test_follow_digest),
 		cmocka_unit_test(test_follow_abort),
+		cmocka_unit_test(test_follow_go),
 		cmocka_unit_test(test_orphan),
 	};
 	int rc;
