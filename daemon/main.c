@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/resource.h>
 
+#include <git2.h>
 #include <uv.h>
 
 #include "common/err.h"
@@ -190,6 +191,11 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	raise_nofile();
 	gitrepo_global_init();
+	/* libgit2's object cache keeps up to 256 MiB of parsed objects for the life of the
+	 * process, and our walks read each object once: building the complete bundle of a
+	 * 421k-object repository left 434 MiB resident (600 MiB at peak) with it, 79 MiB (246)
+	 * without, and took 4.1 s instead of 2.6 s. */
+	git_libgit2_opts(GIT_OPT_ENABLE_CACHING, 0);
 	/* libgit2's start-up (libssh2 initialising OpenSSL) touched ~3 MiB that is never used
 	 * again: give it back now, so that it does not count in the peak either. */
 	footprint_trim();
