@@ -19,6 +19,22 @@ static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *ftw
 	return remove(p);
 }
 
+/* A git CLI that reads no system or user configuration and commits with a fixed identity and
+ * date, whatever machine the tests run on. */
+__attribute__((unused))
+static void git_test_env(void)
+{
+	setenv("GIT_CONFIG_NOSYSTEM", "1", 1);
+	setenv("GIT_CONFIG_GLOBAL", "/dev/null", 1);
+	setenv("GIT_AUTHOR_NAME", "Test Author", 1);
+	setenv("GIT_AUTHOR_EMAIL", "author@example.org", 1);
+	setenv("GIT_COMMITTER_NAME", "Test Committer", 1);
+	setenv("GIT_COMMITTER_EMAIL", "committer@example.org", 1);
+	setenv("GIT_AUTHOR_DATE", "1700000000 +0000", 1);
+	setenv("GIT_COMMITTER_DATE", "1700000000 +0000", 1);
+	setenv("GIT_TERMINAL_PROMPT", "0", 1);
+}
+
 /* Runs a shell command; the test fails unless it exits 0. */
 __attribute__((format(printf, 1, 2)))
 static void sh(const char *fmt, ...)

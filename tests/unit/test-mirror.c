@@ -1055,6 +1055,21 @@ static void test_rx_stream(void **state)
 static void pack_bundle(const char *dir, const struct gmsg_refstate *rs, const char *prereq,
 			const char *objcmd, const char *out);
 
+/* The whole of data through one bundle_rx: finish's result. */
+static int rx_all(git_repository *m, const struct gmsg_refstate *rs,
+		  const struct bundle_rx_opts *o, const unsigned char *data, size_t len)
+{
+	struct bundle_rx *rx;
+	char err[256];
+	int rc;
+
+	assert_int_equal(bundle_rx_new(&rx, m, rs, o, err, sizeof(err)), 0);
+	assert_int_equal(bundle_rx_write(rx, data, len), 0);
+	rc = bundle_rx_finish(rx, NULL);
+	bundle_rx_free(rx);
+	return rc;
+}
+
 /* The pre-commit check sees the new objects and the reachable root commits, and can veto. */
 struct check_arg {
 	const char *want_root;
@@ -1127,10 +1142,7 @@ static void test_check_hook(void **state)
 	assert_int_equal(count_of("git -C '%s' for-each-ref | wc -l", mdir), 0);
 
 	a.want_root = t.gi.root_hex;
-	assert_int_equal(bundle_rx_new(&rx, m, &t.rs, &o, err, sizeof(err)), 0);
-	assert_int_equal(bundle_rx_write(rx, data, len), 0);
-	assert_int_equal(bundle_rx_finish(rx, NULL), 0);
-	bundle_rx_free(rx);
+	assert_int_equal(rx_all(m, &t.rs, &o, data, len), 0);
 	assert_int_equal(a.calls, 2);
 	assert_int_equal(a.nroots, 1);
 	assert_string_equal(a.roots[0], t.gi.root_hex);
@@ -1152,10 +1164,7 @@ static void test_check_hook(void **state)
 		pack_bundle(src, &t.rs, NULL, cmd, b);
 		a.calls = 0;
 		data = slurp(b, &len);
-		assert_int_equal(bundle_rx_new(&rx, m2, &t.rs, &o, err, sizeof(err)), 0);
-		assert_int_equal(bundle_rx_write(rx, data, len), 0);
-		assert_int_equal(bundle_rx_finish(rx, NULL), 0);
-		bundle_rx_free(rx);
+		assert_int_equal(rx_all(m2, &t.rs, &o, data, len), 0);
 		assert_int_equal(a.calls, 1);
 		assert_int_equal(a.nroots, 1);
 		assert_string_equal(a.roots[0], t.gi.root_hex);
@@ -1440,15 +1449,7 @@ static int group_setup(void **state)
 		unsetenv(unset[i]);
 	setenv("HOME", base, 1);
 	setenv("XDG_CONFIG_HOME", base, 1);
-	setenv("GIT_CONFIG_NOSYSTEM", "1", 1);
-	setenv("GIT_CONFIG_GLOBAL", "/dev/null", 1);
-	setenv("GIT_AUTHOR_NAME", "Test Author", 1);
-	setenv("GIT_AUTHOR_EMAIL", "author@example.org", 1);
-	setenv("GIT_COMMITTER_NAME", "Test Committer", 1);
-	setenv("GIT_COMMITTER_EMAIL", "committer@example.org", 1);
-	setenv("GIT_AUTHOR_DATE", "1700000000 +0000", 1);
-	setenv("GIT_COMMITTER_DATE", "1700000000 +0000", 1);
-	setenv("GIT_TERMINAL_PROMPT", "0", 1);
+	git_test_env();
 	setenv("LC_ALL", "C", 1);
 	if (me_did_repo_compute(root, pk, repo_id, sizeof(repo_id)) != 0)
 		return -1;

@@ -247,11 +247,7 @@ static int setup(void **state)
 	(void)state;
 	snprintf(base, sizeof(base), "/tmp/me-packidx-XXXXXX");
 	assert_non_null(mkdtemp(base));
-	setenv("GIT_CONFIG_NOSYSTEM", "1", 1);
-	setenv("GIT_AUTHOR_NAME", "t", 1);
-	setenv("GIT_AUTHOR_EMAIL", "t@t", 1);
-	setenv("GIT_COMMITTER_NAME", "t", 1);
-	setenv("GIT_COMMITTER_EMAIL", "t@t", 1);
+	git_test_env();
 	git_libgit2_init();
 	return 0;
 }

@@ -230,11 +230,7 @@ static int setup(void **state)
 	(void)state;
 	snprintf(base, sizeof(base), "/tmp/me-packreuse-XXXXXX");
 	assert_non_null(mkdtemp(base));
-	setenv("GIT_CONFIG_NOSYSTEM", "1", 1);
-	setenv("GIT_AUTHOR_NAME", "t", 1);
-	setenv("GIT_AUTHOR_EMAIL", "t@t", 1);
-	setenv("GIT_COMMITTER_NAME", "t", 1);
-	setenv("GIT_COMMITTER_EMAIL", "t@t", 1);
+	git_test_env();
 	gitrepo_global_init();
 	return 0;
 }

@@ -42,6 +42,7 @@ static int setup(void **state)
 	uint8_t oid[ME_OID_LEN];
 	(void)state;
 
+	git_test_env();
 	snprintf(base, sizeof(base), "/tmp/me-test-verify-XXXXXX");
 	assert_non_null(mkdtemp(base));
 	snprintf(root, sizeof(root), "%s/root", base);

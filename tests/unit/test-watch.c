@@ -516,15 +516,7 @@ static int group_setup(void **state)
 		unsetenv(unset[i]);
 	setenv("HOME", "/nonexistent", 1);
 	setenv("XDG_CONFIG_HOME", "/nonexistent", 1);
-	setenv("GIT_CONFIG_NOSYSTEM", "1", 1);
-	setenv("GIT_CONFIG_GLOBAL", "/dev/null", 1);
-	setenv("GIT_AUTHOR_NAME", "Test Author", 1);
-	setenv("GIT_AUTHOR_EMAIL", "author@example.org", 1);
-	setenv("GIT_COMMITTER_NAME", "Test Committer", 1);
-	setenv("GIT_COMMITTER_EMAIL", "committer@example.org", 1);
-	setenv("GIT_AUTHOR_DATE", "1700000000 +0000", 1);
-	setenv("GIT_COMMITTER_DATE", "1700000000 +0000", 1);
-	setenv("GIT_TERMINAL_PROMPT", "0", 1);
+	git_test_env();
 	setenv("LC_ALL", "C", 1);
 	gitrepo_global_init();
 	return 0;
