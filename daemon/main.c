@@ -185,6 +185,14 @@ int main(int argc, char **argv)
 		fprintf(stderr, "megaengined: %s\n", err);
 		return 2;
 	}
+	/* libuv's pool (4 threads by default) runs bundle builds and verifications, and a
+	 * verification holds its thread for the whole transfer it follows: room for
+	 * SYNC_MAX_FETCHES of those and as many other jobs. An administrator's setting stays. */
+	{
+		char n[16];
+		snprintf(n, sizeof(n), "%d", 2 * SYNC_MAX_FETCHES);
+		setenv("UV_THREADPOOL_SIZE", n, 0);
+	}
 	me_log_init("megaengined");
 	me_log_set_journal(sdglue_journal_sendv);
 	me_log_set_level(cfg.log_level);

@@ -1489,8 +1489,8 @@ static int edge_cmp(const void *a, const void *b)
 }
 
 /* The root commits of the new pack reachable from the tips, through its commits' parents and
- * its tags' targets (what the mirror already had is not walked: the check runs on a first
- * fetch, into an empty mirror). */
+ * its tags' targets (what the mirror already had is not walked: opts.check walks the view
+ * when it needs those). */
 static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gmsg_refstate *rs,
 			   git_oid **out, size_t *nout)
 {
@@ -1595,7 +1595,7 @@ static int rx_verify(struct bundle_rx *rx, const char *idxpath, const char *pack
 	t.idxpath = idxpath;
 	t.p = &p;
 	t.types = types;
-	t.graph = rx->opts.check != NULL;
+	t.graph = rx->opts.check != NULL && rx->opts.roots;
 	if (oidset_init(&t.ext) < 0)
 		vc_fail(&t, ME_EINTERNAL, "cannot initialise the check");
 	else if (view_open(&t) == 0)
@@ -1611,7 +1611,8 @@ static int rx_verify(struct bundle_rx *rx, const char *idxpath, const char *pack
 		goto out;
 	}
 	if (rx->opts.check != NULL) {
-		if ((rc = reachable_roots(&t, &p, rx->expected, &roots, &nroots)) < 0) {
+		if (t.graph &&
+		    (rc = reachable_roots(&t, &p, rx->expected, &roots, &nroots)) < 0) {
 			rc = rx_fail(rx, rc, "out of memory");
 			goto out;
 		}
@@ -1880,7 +1881,7 @@ void bundle_rx_free(struct bundle_rx *rx)
 int bundle_apply(git_repository *mirror, int fd, const struct gmsg_refstate *expected,
 		 uint64_t max_bytes, struct bundle_stats *st, char *err, size_t errsz)
 {
-	struct bundle_rx_opts opts = { max_bytes, NULL, NULL };
+	struct bundle_rx_opts opts = { .max_bytes = max_bytes };
 	struct bundle_rx *rx = NULL;
 	unsigned char *buf;
 	int rc;

@@ -142,7 +142,7 @@ void bundle_header_free(struct bundle_header *h);
  * it arrives, to libgit2's indexer (every object hashed, deltas resolved, trailer checked) in
  * a temporary directory inside the mirror, never into its objects. finish then checks every
  * object of the pack (types read from the pack's entries; commits, trees and tags parsed in
- * pack order, on up to 4 threads for large packs): everything an object references must be
+ * pack order): everything an object references must be
  * in the pack or in the mirror with the right type; and every tip must be in one of them.
  * Objects already in the mirror are trusted: the mirror only ever receives packs checked this
  * way, so it holds no object with a missing reference, and the tips are therefore connected.
@@ -171,6 +171,9 @@ struct bundle_rx_opts {
 	int (*check)(git_repository *view, const struct gmsg_refstate *expected,
 		     const git_oid *roots, size_t nroots, void *arg, char *err, size_t errsz);
 	void *check_arg;
+	/* Collect the roots for check (memory for every commit's parents); without, check
+	 * gets none. */
+	bool roots;
 };
 
 int bundle_rx_new(struct bundle_rx **out, git_repository *mirror,

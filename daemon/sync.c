@@ -999,7 +999,7 @@ static void verify_done(uv_work_t *w, int status)
 	if (f != NULL)
 		f->verifying = NULL;
 	/* It may end before its Done frame is read: failed on what had arrived (a bad pack, a
-	 * full disk), or, for a small bundle, complete and applied already. */
+	 * full disk). It is never applied before (the go, verify.h). */
 	if (f != NULL && f->cur == g)
 		f->cur = NULL;
 	if (g->vrc == ME_ECANCELED && g->abort) {
@@ -1021,6 +1021,10 @@ static void verify_done(uv_work_t *w, int status)
 			s->stats.rejected_bundles++;
 		if (g->refuted && r != NULL && !s->closing)
 			refute_creator(s, r, g->creator_pk);
+		/* a transfer that failed meanwhile kept its part to resume: not a refused one */
+		if (g->keep_file && r != NULL && r->has_part && strcmp(r->part_path, g->path) == 0)
+			r->has_part = 0;
+		g->keep_file = 0;
 		segrx_free(g, 1);
 		if (f != NULL && !s->closing)
 			fetch_end(f, local ? vrc : ME_EPROTO, why);

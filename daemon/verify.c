@@ -404,6 +404,7 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 	if (q->check_binding || q->follow) {
 		o.check = child_check;
 		o.check_arg = &ba;
+		o.roots = q->check_binding;
 	}
 	if ((rc = mirror_open(q->root, repo_id, true, &m, msg, msgsz)) < 0)
 		goto out;
@@ -884,10 +885,12 @@ static void run_child(const char *exe, const struct verify_req *r, const msgpack
 				break;
 			}
 		}
-		/* the bundle is complete and its transfer ended well: the child may apply it */
+		/* the bundle is complete and its transfer ended well: the child may apply it.
+		 * arriving is read before abort: the daemon raises abort before it drops arriving,
+		 * so arriving seen dropped by a failure means abort is seen raised. */
 		if (!go_sent && in[1] >= 0 && woff == req->size &&
-		    (r->abort == NULL || !__atomic_load_n(r->abort, __ATOMIC_SEQ_CST)) &&
-		    (r->arriving == NULL || !__atomic_load_n(r->arriving, __ATOMIC_SEQ_CST))) {
+		    (r->arriving == NULL || !__atomic_load_n(r->arriving, __ATOMIC_SEQ_CST)) &&
+		    (r->abort == NULL || !__atomic_load_n(r->abort, __ATOMIC_SEQ_CST))) {
 			static const char go = VERIFY_GO;
 			go_sent = write(in[1], &go, 1) == 1;
 		}

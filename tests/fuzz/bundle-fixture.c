@@ -212,7 +212,8 @@ static int stop(git_repository *view, const struct gmsg_refstate *expected, cons
 int bundle_fixture_rx(struct bundle_fixture *fx, const uint8_t *data, size_t len, size_t chunk)
 {
 	int checked = 0;
-	struct bundle_rx_opts opts = { .max_bytes = 16u << 20, .check = stop, .check_arg = &checked };
+	struct bundle_rx_opts opts = { .max_bytes = 16u << 20, .check = stop, .check_arg = &checked,
+				       .roots = true };
 	struct bundle_rx *rx;
 	char err[256];
 	int rc = 0;

@@ -989,7 +989,7 @@ static void test_rx_stream(void **state)
 	struct tstate t;
 	struct bundle_stats st;
 	struct bundle_rx *rx;
-	struct bundle_rx_opts o = { 1u << 30, NULL, NULL };
+	struct bundle_rx_opts o = { .max_bytes = 1u << 30 };
 	git_repository *m;
 	unsigned char *data;
 	size_t len;
@@ -1115,7 +1115,7 @@ static void test_check_hook(void **state)
 	char src[PATH_MAX], mdir[PATH_MAX], b[PATH_MAX], err[256];
 	struct tstate t;
 	struct check_arg a = { NULL, 0, 0, { "" } };
-	struct bundle_rx_opts o = { 1u << 30, check_root, &a };
+	struct bundle_rx_opts o = { 1u << 30, check_root, &a, true };
 	struct bundle_rx *rx;
 	git_repository *m;
 	unsigned char *data;

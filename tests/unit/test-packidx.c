@@ -234,11 +234,57 @@ static void test_damaged(void **state)
 	   "| dd of='%s' bs=1 seek=$((1032 + 24 * n)) conv=notrunc 2>/dev/null", idx, idx, idx,
 	   idx);
 	assert_int_equal(types_of(stem), ME_EINVAL);
-	sh("cp '%s.orig' '%s' && printf '\\000\\000\\000\\001' | dd of='%s' bs=1 seek=8 "
-	   "conv=notrunc 2>/dev/null", idx, idx, pack);
+	/* packs: the object count differs from the index's, an unknown version */
+	sh("cp '%s.orig' '%s' && cp '%s' '%s.orig' && printf '\\000\\000\\000\\001' | "
+	   "dd of='%s' bs=1 seek=8 conv=notrunc 2>/dev/null", idx, idx, pack, pack, pack);
 	assert_int_equal(types_of(stem), ME_EINVAL);
-	sh("cp '%s.orig' '%s' && printf 'PACK\\000\\000\\000\\002\\000\\000\\000\\001' | "
-	   "dd of='%s' bs=1 conv=notrunc 2>/dev/null", idx, idx, pack);
+	sh("cp '%s.orig' '%s' && printf '\\000\\000\\000\\004' | dd of='%s' bs=1 seek=4 "
+	   "conv=notrunc 2>/dev/null", pack, pack, pack);
+	assert_int_equal(types_of(stem), ME_EINVAL);
+	sh("cp '%s.orig' '%s'", pack, pack);
+	assert_int_equal(types_of(stem), 0);
+}
+
+/* Entry headers that run past their entry: a size that never ends, an OFS_DELTA offset
+ * pointing before the pack's first entry. Bounded by where the next entry starts. */
+static void test_bad_headers(void **state)
+{
+	char dir[128], stem[256], idx[280], pack[280];
+	struct pidx p;
+	struct pidx_entry e;
+	uint64_t next = 0;
+	long ofs_at = -1;
+	size_t ofs_len = 0;
+	unsigned char junk[64];
+	(void)state;
+
+	snprintf(dir, sizeof(dir), "%s/headers", base);
+	make_history(dir, 30);
+	sh("git -C '%s' gc -q", dir);
+	capture(stem, sizeof(stem), "ls %s/.git/objects/pack/*.pack | sed 's/.pack$//'", dir);
+	snprintf(idx, sizeof(idx), "%s.idx", stem);
+	snprintf(pack, sizeof(pack), "%s.pack", stem);
+	sh("chmod u+w '%s' && cp '%s' '%s.orig'", pack, pack, pack);
+	assert_int_equal(pidx_open(&p, idx, pack), 0);
+	next = p.rev[1].off;
+	for (uint32_t k = 0; k < p.n && ofs_at < 0; k++) {
+		assert_int_equal(pidx_entry(&p, k, &e), 0);
+		if (e.type == PACK_OFS_DELTA) {
+			ofs_at = (long)e.size_end;
+			ofs_len = (size_t)(e.data - e.size_end);
+		}
+	}
+	pidx_free(&p);
+	assert_true(next > 12 + 16 && ofs_at > 0 && ofs_len > 0 && ofs_len < sizeof(junk));
+
+	memset(junk, 0xff, sizeof(junk)); /* every byte says "more follows" */
+	poke(pack, 12, junk, 16);
+	assert_int_equal(types_of(stem), ME_EINVAL);
+
+	sh("cp '%s.orig' '%s'", pack, pack);
+	memset(junk, 0xff, ofs_len); /* the largest offset that fits: far before the start */
+	junk[ofs_len - 1] = 0x7f;
+	poke(pack, ofs_at, junk, ofs_len);
 	assert_int_equal(types_of(stem), ME_EINVAL);
 }
 
@@ -266,6 +312,7 @@ int main(void)
 		cmocka_unit_test(test_ofs),
 		cmocka_unit_test(test_ref),
 		cmocka_unit_test(test_damaged),
+		cmocka_unit_test(test_bad_headers),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -304,28 +304,43 @@ static void test_follow(void **state)
 	real_clear(&r);
 }
 
-/* Bytes that are not the announced ones: refused before anything changes. */
+/* Bytes that are not the announced ones: refused before anything changes, on a first fetch
+ * (no mirror left) and on a mirror that holds the repository (refs and packs as they were). A
+ * damaged pack whose digest is announced as such goes through to the pack check. */
 static void test_follow_digest(void **state)
 {
 	struct real r;
 	struct bg b;
-	char m[PATH_MAX];
+	char m[PATH_MAX], before[4096], after[4096];
 	(void)state;
 
 	real_setup(&r, "digest");
 	write_part(r.file, r.data, r.len, "wb");
 	real_req(&r, &b);
+	assert_int_equal(mirror_path(r.root, r.id, m, sizeof(m)), 0);
 	r.digest[0] ^= 1;
 	assert_int_equal(verify_bundle(&b.q, &b.res), ME_EPROTO);
 	assert_string_equal(b.res.msg, "bundle digest mismatch");
-	assert_int_equal(mirror_path(r.root, r.id, m, sizeof(m)), 0);
 	assert_int_equal(access(m, F_OK), -1);
-	/* a byte changed in the pack, the announced digest being the honest one */
+	r.digest[0] ^= 1;
+	if (verify_bundle(&b.q, &b.res) != 0) /* honest: the mirror now holds it */
+		fail_msg("verify: %s", b.res.msg);
+	capture(before, sizeof(before), "cd '%s' && git for-each-ref && ls objects/pack", m);
+
+	r.digest[0] ^= 1;
+	assert_int_equal(verify_bundle(&b.q, &b.res), ME_EPROTO);
+	assert_string_equal(b.res.msg, "bundle digest mismatch");
+	capture(after, sizeof(after), "cd '%s' && git for-each-ref && ls objects/pack", m);
+	assert_string_equal(after, before);
+
 	r.digest[0] ^= 1;
 	r.data[r.len - 30] ^= 0x40;
 	write_part(r.file, r.data, r.len, "wb");
+	assert_int_equal(me_sha3_256_2(r.data, r.len, NULL, 0, r.digest), 0);
 	assert_int_equal(verify_bundle(&b.q, &b.res), ME_EPROTO);
-	assert_int_equal(access(m, F_OK), -1);
+	assert_null(strstr(b.res.msg, "digest"));
+	capture(after, sizeof(after), "cd '%s' && git for-each-ref && ls objects/pack", m);
+	assert_string_equal(after, before);
 	real_clear(&r);
 }
 
