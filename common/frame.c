@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "common/err.h"
+#include "common/util.h"
 
 void me_frame_reader_init(struct me_frame_reader *r, size_t max_body)
 {
@@ -18,17 +19,12 @@ void me_frame_reader_free(struct me_frame_reader *r)
 	memset(r, 0, sizeof(*r));
 }
 
-static uint32_t be32(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
 /* Validates the header of the frame starting at off, if it is complete. */
 static int header_check(const struct me_frame_reader *r, size_t off)
 {
 	if (r->len - off < ME_FRAME_HDR)
 		return 0;
-	uint32_t n = be32(r->buf + off);
+	uint32_t n = me_be32(r->buf + off);
 	if (n == 0)
 		return ME_EPROTO;
 	if (n > r->max)
@@ -74,7 +70,7 @@ int me_frame_reader_feed(struct me_frame_reader *r, const void *data, size_t len
 			return rc;
 		if (r->len - off < ME_FRAME_HDR)
 			break;
-		size_t flen = ME_FRAME_HDR + (size_t)be32(r->buf + off);
+		size_t flen = ME_FRAME_HDR + (size_t)me_be32(r->buf + off);
 		if (r->len - off < flen)
 			break;
 		off += flen;
@@ -90,7 +86,7 @@ int me_frame_reader_next(struct me_frame_reader *r, const uint8_t **body, size_t
 		return rc;
 	if (r->len - off < ME_FRAME_HDR)
 		return 0;
-	uint32_t n = be32(r->buf + off);
+	uint32_t n = me_be32(r->buf + off);
 	if (r->len - off - ME_FRAME_HDR < n)
 		return 0;
 	*body = r->buf + off + ME_FRAME_HDR;

@@ -19,6 +19,7 @@
 
 #include "common/err.h"
 #include "common/ids.h"
+#include "common/util.h"
 #include "daemon/oidset.h"
 #include "daemon/packidx.h"
 #include "daemon/packreuse.h"
@@ -1185,10 +1186,8 @@ static int rx_pack(struct bundle_rx *rx, const unsigned char *p, size_t len)
 			return 0;
 		if (memcmp(rx->packhdr, "PACK", 4) != 0)
 			return rx_fail(rx, ME_EPROTO, "bad pack: no pack signature");
-		version = (uint32_t)rx->packhdr[4] << 24 | (uint32_t)rx->packhdr[5] << 16 |
-			  (uint32_t)rx->packhdr[6] << 8 | rx->packhdr[7];
-		count = (uint32_t)rx->packhdr[8] << 24 | (uint32_t)rx->packhdr[9] << 16 |
-			(uint32_t)rx->packhdr[10] << 8 | rx->packhdr[11];
+		version = me_be32(rx->packhdr + 4);
+		count = me_be32(rx->packhdr + 8);
 		if (version != 2 && version != 3)
 			return rx_fail(rx, ME_EPROTO, "bad pack: version %" PRIu32, version);
 		budget = rx->opts.max_bytes - rx->hdr.len;

@@ -9,20 +9,16 @@
 #include <unistd.h>
 
 #include "common/err.h"
+#include "common/util.h"
 #include "daemon/packwrite.h"
 
 #define IDX_HDR (8 + 256 * 4)
 #define IDX_TRAILER 40
 #define PACK_TRAILER 20
 
-static uint32_t be32(const uint8_t *p)
-{
-	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
 static uint64_t be64(const uint8_t *p)
 {
-	return (uint64_t)be32(p) << 32 | be32(p + 4);
+	return (uint64_t)me_be32(p) << 32 | me_be32(p + 4);
 }
 
 static int off_cmp(const void *a, const void *b)
@@ -79,13 +75,13 @@ int pidx_open(struct pidx *p, const char *idxpath, const char *packpath)
 	    map_file(packpath, &p->pack, &p->packlen) < 0)
 		goto bad;
 	if (p->idxlen < IDX_HDR + IDX_TRAILER || memcmp(p->idx, "\377tOc", 4) != 0 ||
-	    be32(p->idx + 4) != 2)
+	    me_be32(p->idx + 4) != 2)
 		goto bad;
 	p->fanout = p->idx + 8;
 	for (int i = 1; i < 256; i++)
-		if (be32(p->fanout + 4 * i) < be32(p->fanout + 4 * (i - 1)))
+		if (me_be32(p->fanout + 4 * i) < me_be32(p->fanout + 4 * (i - 1)))
 			goto bad;
-	p->n = be32(p->fanout + 4 * 255);
+	p->n = me_be32(p->fanout + 4 * 255);
 	if (p->n > (p->idxlen - IDX_HDR - IDX_TRAILER) / (GIT_OID_RAWSZ + 8))
 		goto bad;
 	need = IDX_HDR + (size_t)p->n * (GIT_OID_RAWSZ + 8) + IDX_TRAILER;
@@ -96,7 +92,7 @@ int pidx_open(struct pidx *p, const char *idxpath, const char *packpath)
 	p->offs32 = p->oids + (size_t)p->n * (GIT_OID_RAWSZ + 4);
 	p->offs64 = p->offs32 + (size_t)p->n * 4;
 	if (p->packlen < 12 + PACK_TRAILER || memcmp(p->pack, "PACK", 4) != 0 ||
-	    (be32(p->pack + 4) != 2 && be32(p->pack + 4) != 3) || be32(p->pack + 8) != p->n)
+	    (me_be32(p->pack + 4) != 2 && me_be32(p->pack + 4) != 3) || me_be32(p->pack + 8) != p->n)
 		goto bad;
 	if (p->n == 0)
 		return 0;
@@ -105,7 +101,7 @@ int pidx_open(struct pidx *p, const char *idxpath, const char *packpath)
 		return ME_ENOMEM;
 	}
 	for (uint32_t i = 0; i < p->n; i++) {
-		uint64_t off = be32(p->offs32 + 4 * (size_t)i);
+		uint64_t off = me_be32(p->offs32 + 4 * (size_t)i);
 		if (off & 0x80000000u) {
 			off &= 0x7fffffffu;
 			if (off >= p->n64)
@@ -130,7 +126,7 @@ bad:
 int64_t pidx_find(const struct pidx *p, const git_oid *oid)
 {
 	unsigned b = oid->id[0];
-	uint32_t lo = b > 0 ? be32(p->fanout + 4 * (b - 1)) : 0, hi = be32(p->fanout + 4 * b);
+	uint32_t lo = b > 0 ? me_be32(p->fanout + 4 * (b - 1)) : 0, hi = me_be32(p->fanout + 4 * b);
 
 	while (lo < hi) {
 		uint32_t mid = lo + (hi - lo) / 2;

@@ -275,8 +275,7 @@ static int child_decode(const uint8_t *buf, size_t len, struct child_req *q)
 	int rc;
 
 	memset(q, 0, sizeof(*q));
-	if (len < ME_FRAME_HDR || (size_t)((uint32_t)buf[0] << 24 | (uint32_t)buf[1] << 16 |
-					   (uint32_t)buf[2] << 8 | buf[3]) != len - ME_FRAME_HDR)
+	if (len < ME_FRAME_HDR || (size_t)me_be32(buf) != len - ME_FRAME_HDR)
 		return ME_EPROTO;
 	msgpack_zone_init(&zone, 1024);
 	rc = me_mp_unpack(buf + ME_FRAME_HDR, len - ME_FRAME_HDR, 64, &zone, &o);
@@ -544,8 +543,7 @@ int verify_main(int argc, char **argv)
 			return 2;
 		len += (size_t)k;
 		if (len == ME_FRAME_HDR) {
-			want += (size_t)((uint32_t)req[0] << 24 | (uint32_t)req[1] << 16 |
-					 (uint32_t)req[2] << 8 | req[3]);
+			want += (size_t)me_be32(req);
 			if (want > sizeof(req) - 1)
 				want = sizeof(req); /* too long: refused below */
 		}
@@ -717,8 +715,7 @@ static int decode_reply(const uint8_t *buf, size_t len, struct verify_res *res)
 	const msgpack_object *a, *s;
 	int rc;
 
-	if (len < ME_FRAME_HDR || (size_t)((uint32_t)buf[0] << 24 | (uint32_t)buf[1] << 16 |
-					   (uint32_t)buf[2] << 8 | buf[3]) != len - ME_FRAME_HDR)
+	if (len < ME_FRAME_HDR || (size_t)me_be32(buf) != len - ME_FRAME_HDR)
 		return ME_EPROTO;
 	msgpack_zone_init(&zone, 512);
 	rc = me_mp_unpack(buf + ME_FRAME_HDR, len - ME_FRAME_HDR, 64, &zone, &o);
