@@ -54,8 +54,23 @@
 
 extern char **environ;
 
-/* The child: the daemon's go (child_check), when it came while the data was awaited. */
+/* The child: the daemon's go (child_check), once read. */
 static int go_received;
+
+/* Reads the daemon's go from the request pipe: 0, or ME_ECANCELED when the pipe ended (the
+ * transfer failed, the daemon is gone) or said anything else. */
+static int take_go(void)
+{
+	char c = 0;
+	ssize_t k;
+
+	while ((k = read(STDIN_FILENO, &c, 1)) < 0 && errno == EINTR)
+		;
+	if (k != 1 || c != VERIFY_GO || go_received)
+		return ME_ECANCELED;
+	go_received = 1;
+	return 0;
+}
 
 __attribute__((format(printf, 3, 4)))
 static void set_msg(char *buf, size_t sz, const char *fmt, ...)
@@ -237,15 +252,9 @@ static int child_check(git_repository *view, const struct gmsg_refstate *rs,
 {
 	struct bind_arg *b = arg;
 
-	if (b->follow && !go_received) {
-		char go = 0;
-		ssize_t k;
-		while ((k = read(STDIN_FILENO, &go, 1)) < 0 && errno == EINTR)
-			;
-		if (k != 1 || go != VERIFY_GO) {
-			set_msg(err, errsz, "the transfer failed");
-			return ME_ECANCELED;
-		}
+	if (b->follow && !go_received && take_go() < 0) {
+		set_msg(err, errsz, "the transfer failed");
+		return ME_ECANCELED;
 	}
 	return b->binding ? check_binding(view, rs, roots, nroots, b, err, errsz) : 0;
 }
@@ -361,14 +370,8 @@ static int follow_wait(int ino)
 	struct pollfd p[2] = { { STDIN_FILENO, POLLIN, 0 }, { ino, POLLIN, 0 } };
 
 	if (poll(p, ino >= 0 ? 2 : 1, ino >= 0 ? FOLLOW_WAIT_MS : 5) > 0) {
-		if (p[0].revents != 0) {
-			char c = 0;
-			ssize_t k = read(STDIN_FILENO, &c, 1);
-			if (k == 1 && c == VERIFY_GO && !go_received)
-				go_received = 1;
-			else if (!(k < 0 && errno == EINTR))
-				return ME_ECANCELED;
-		}
+		if (p[0].revents != 0 && take_go() < 0)
+			return ME_ECANCELED;
 		while (ino >= 0 && read(ino, ev, sizeof(ev)) > 0)
 			;
 	}
