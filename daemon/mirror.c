@@ -1289,8 +1289,7 @@ struct vctx {
 	struct oidset ext;      /* objects of the mirror met: oid -> type */
 	struct vedge *edges;
 	size_t nedges, capedges;
-	uint32_t *roots;        /* root commits (index positions) */
-	size_t nroots, caproots;
+	uint8_t *isroot;        /* with graph: 1 for a root commit, by index position */
 	int rc;
 	char msg[512];
 };
@@ -1347,22 +1346,6 @@ static int vc_edge(struct vctx *t, uint32_t from, int64_t to)
 		t->capedges = ncap;
 	}
 	t->edges[t->nedges++] = (struct vedge){ from, (uint32_t)to };
-	return 0;
-}
-
-static int vc_root(struct vctx *t, uint32_t pos)
-{
-	if (!t->graph)
-		return 0;
-	if (t->nroots == t->caproots) {
-		size_t ncap = t->caproots ? 2 * t->caproots : 16;
-		uint32_t *r = reallocarray(t->roots, ncap, sizeof(*r));
-		if (r == NULL)
-			return vc_fail(t, ME_ENOMEM, "out of memory");
-		t->roots = r;
-		t->caproots = ncap;
-	}
-	t->roots[t->nroots++] = pos;
 	return 0;
 }
 
@@ -1425,8 +1408,8 @@ static int vobject(struct vctx *t, git_object *obj, uint32_t pos)
 			if ((rc = vref(t, git_commit_parent_id(c, i), GIT_OBJECT_COMMIT, id,
 				       &to)) == 0)
 				rc = vc_edge(t, pos, to);
-		if (rc == 0 && np == 0)
-			rc = vc_root(t, pos);
+		if (rc == 0 && np == 0 && t->graph)
+			t->isroot[pos] = 1;
 		break;
 	}
 	case GIT_OBJECT_TREE: {
@@ -1478,7 +1461,7 @@ static void vc_free(struct vctx *t)
 	git_odb_free(t->odb);
 	oidset_free(&t->ext);
 	free(t->edges);
-	free(t->roots);
+	free(t->isroot);
 }
 
 static int edge_cmp(const void *a, const void *b)
@@ -1494,7 +1477,7 @@ static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gm
 			   git_oid **out, size_t *nout)
 {
 	struct vedge *edges = t->edges;
-	uint8_t *seen = NULL, *isroot = NULL;
+	uint8_t *seen = NULL, *isroot = t->isroot; /* 2 once reached */
 	uint32_t *stack = NULL;
 	size_t ne = t->nedges, sp = 0, nr = 0;
 	int rc = ME_ENOMEM;
@@ -1503,11 +1486,9 @@ static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gm
 	*nout = 0;
 	if (p->n == 0)
 		return 0;
-	if ((seen = calloc(p->n, 1)) == NULL || (isroot = calloc(p->n, 1)) == NULL ||
+	if ((seen = calloc(p->n, 1)) == NULL ||
 	    (stack = malloc((ne + rs->nrefs + 1) * sizeof(*stack))) == NULL)
 		goto out;
-	for (size_t j = 0; j < t->nroots; j++)
-		isroot[t->roots[j]] = 1;
 	if (ne > 0)
 		qsort(edges, ne, sizeof(*edges), edge_cmp);
 	/* Each node is pushed at most once per edge into it, plus once per tip. */
@@ -1548,7 +1529,6 @@ static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gm
 	rc = 0;
 out:
 	free(seen);
-	free(isroot);
 	free(stack);
 	return rc;
 }
@@ -1595,6 +1575,10 @@ static int rx_verify(struct bundle_rx *rx, const char *idxpath, const char *pack
 	t.p = &p;
 	t.types = types;
 	t.graph = rx->opts.check != NULL && rx->opts.roots;
+	if (t.graph && p.n > 0 && (t.isroot = calloc(p.n, 1)) == NULL) {
+		rc = rx_fail(rx, ME_ENOMEM, "out of memory");
+		goto out;
+	}
 	if (oidset_init(&t.ext) < 0)
 		vc_fail(&t, ME_EINTERNAL, "cannot initialise the check");
 	else if (view_open(&t) == 0)
