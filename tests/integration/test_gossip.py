@@ -209,6 +209,9 @@ def test_chain_propagates_node_and_repo(daemon_factory, git_repo):
     assert shown["head"] == added["head"] == "refs/heads/main"
 
     # B, the relay, has it too; A does not list its own repository twice or as external.
+    # C may have dialed A already (it learns A's address from B), and then A's announcement
+    # can reach C directly before B has recorded it: wait for B rather than assume the order.
+    wait_for(repo_reached(b, rid, a), "the repository reaches B", [a, b])
     assert b.repos()[rid]["state"] in EXTERNAL_STATES
     mine = a.repos()[rid]
     assert mine["state"] == "up to date" and mine["mine"] is True

@@ -184,6 +184,12 @@ def tmp_files(d):
     return sorted(p.name for p in t.iterdir()) if t.exists() else []
 
 
+def wait_tmp_empty(d):
+    """The state is recorded a moment before the received file is removed (or kept in the
+    series): under ASan a test can look in between, so it waits for tmp to empty."""
+    wait_for(lambda: tmp_files(d) == [], lambda: f"{d.root}/tmp to empty: {tmp_files(d)}")
+
+
 def repo_entry(d, rid):
     """rid's entry in `mectl --json repo list`."""
     got = [r for r in d.mectl("repo", "list", json=True).json["repos"] if r["id"] == rid]
@@ -350,9 +356,7 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     _, seq1 = next_generation(p, 1)
     wait_mirror_seq(v, rid, seq1, "state 1")
     assert_mirror_is(v, rid, git_repo, repo)
-    # the state is recorded a moment before the received file is removed (or kept in the
-    # series): under ASan the test can look in between
-    wait_for(lambda: tmp_files(v) == [], lambda: f"V's tmp to empty: {tmp_files(v)}")
+    wait_tmp_empty(v)
     if mode in PARTIAL:
         req = p.lines("request")[-1]
         at = int(p.lines("cut")[0][3].split("=", 1)[1])
@@ -374,7 +378,7 @@ def test_hostile_serve(mode, daemon_factory, peers, git_repo):
     wait_mirror_seq(v, rid, seq3, "state 3")
     assert_mirror_is(v, rid, git_repo, repo)
     assert "refs/tags/v1" not in [r[1] for r in mirror_refs(v, rid, env)]
-    assert tmp_files(v) == []
+    wait_tmp_empty(v)
     assert db_row(v, rid)["sync_error"] == ""
     e = repo_entry(v, rid)
     assert e["state"] == "up to date" and e["error"] is None, e
@@ -409,7 +413,7 @@ def test_file_name_is_informational(daemon_factory, peers, git_repo):
     rid, seq0 = wait_for(lambda: announced(p, 0), lambda: f"me-peer to announce\n{p.info()}")
     wait_mirror_seq(v, rid, seq0, "file-traversal")
     assert_mirror_is(v, rid, git_repo, repo)
-    assert tmp_files(v) == []
+    wait_tmp_empty(v)
     outside.assert_unchanged()
     names = {str(x) for x in tree(v.root) if os.path.basename(x) in ("x", "x.git")}
     assert not names, names
@@ -791,7 +795,7 @@ def test_max_repo_size(daemon_factory, peers, git_repo):
     start = p.lines("start")[-1]
     assert int(start[4].split("=", 1)[1]) > 4096, p.info()
     assert not mirror_path(v, rid).exists()
-    assert tmp_files(v) == []
+    wait_tmp_empty(v)
     outside.assert_unchanged()
     assert_alive(v)
     p.stop()
@@ -812,7 +816,7 @@ def test_series_keeps_verified_bundles(daemon_factory, peers, git_repo):
     assert "failed: offered state is not newer than the mirror" in v.stderr()
     wait_mirror_seq(v, rid, seq0, "the first bundle applied")
     assert_mirror_is(v, rid, git_repo, repo)
-    assert tmp_files(v) == []
+    wait_tmp_empty(v)
     outside.assert_unchanged()
     w, _ = start_node(daemon_factory, "witness",
                       ["--bootstrap-node", f"{v_did}@127.0.0.1:{v.port}"])

@@ -31,7 +31,7 @@ import pytest
 from test_sync_hostile import (
     Outside, announced, assert_alive, assert_fsck, assert_mirror_is, change_repo, db_row,
     fetch_failures, make_repo, mirror_path, mirror_refs, next_generation, repo_entry, tmp_files, wait_for,
-    wait_mirror_seq, SYNC_COLS, MEPEER,
+    wait_mirror_seq, wait_tmp_empty, SYNC_COLS, MEPEER,
 )
 from test_peers_hostile import start_node
 
@@ -248,7 +248,7 @@ def test_crafted_bundle(attack, daemon_factory, peers, git_repo, tmp_path):
     _, seq3 = next_generation(p, 3)
     wait_mirror_seq(v, rid, seq3, "state 3")
     assert_mirror_is(v, rid, git_repo, repo)
-    assert tmp_files(v) == []
+    wait_tmp_empty(v)
     e = repo_entry(v, rid)
     assert e["state"] == "up to date" and e["error"] is None, e
 
