@@ -1091,7 +1091,7 @@ int gmsg_ctl_decode(const uint8_t *buf, size_t len, struct gmsg_ctl *out)
 
 /* ---- transfer messages ---- */
 
-#define XMSG_OBJECTS (8 + XMSG_MAX_HAVES + 3 * GMSG_MAX_REFS + 8)
+#define XMSG_OBJECTS (8 + XMSG_MAX_HAVES + 3 * GMSG_MAX_REFS + 3 * XMSG_MAX_PARTS + 9)
 
 static int get_int(const msgpack_object *o, int64_t min, int64_t max, int64_t *out)
 {
@@ -1112,6 +1112,35 @@ static int get_text(const struct src *src, const msgpack_object *o, size_t max,
 	if (rc < 0)
 		return rc;
 	return out->len > max || has_nul(*out) ? ME_EPROTO : 0;
+}
+
+bool xmsg_parts_valid(const struct xmsg_parts *parts, uint64_t total_size)
+{
+	if (parts == NULL || parts->n == 0 || parts->n > XMSG_MAX_PARTS)
+		return false;
+	for (uint32_t i = 0; i < parts->n; i++)
+		if (parts->v[i].offset >= total_size || parts->v[i].count == 0 ||
+		    parts->v[i].count > UINT32_MAX ||
+		    (i > 0 && parts->v[i].offset <= parts->v[i - 1].offset))
+			return false;
+	return true;
+}
+
+/* A start's parts: [[offset uint, count uint]...], see xmsg_parts_valid. */
+static int parts_parse(const msgpack_object *o, struct xmsg *m)
+{
+	if (o->type != MSGPACK_OBJECT_ARRAY)
+		return ME_EPROTO;
+	if (o->via.array.size > XMSG_MAX_PARTS)
+		return ME_ETOOBIG;
+	m->parts.n = o->via.array.size;
+	for (uint32_t i = 0; i < m->parts.n; i++) {
+		const msgpack_object *e = arr(&o->via.array.ptr[i], 2);
+		if (e == NULL || get_uint(&e[0], UINT64_MAX, &m->parts.v[i].offset) < 0 ||
+		    get_uint(&e[1], UINT32_MAX, &m->parts.v[i].count) < 0)
+			return ME_EPROTO;
+	}
+	return xmsg_parts_valid(&m->parts, m->total_size) ? 0 : ME_EPROTO;
 }
 
 static int xmsg_parse(const struct src *src, const msgpack_object *o, struct xmsg *m)
@@ -1154,8 +1183,8 @@ static int xmsg_parse(const struct src *src, const msgpack_object *o, struct xms
 	case XMSG_START: {
 		const msgpack_object *sf;
 		const uint8_t *pk;
-		if ((f = arr(o, 7)) == NULL || (sf = arr(&f[6], 5)) == NULL ||
-		    sf[3].type != MSGPACK_OBJECT_ARRAY)
+		if (((f = arr(o, 7)) == NULL && (f = arr(o, 8)) == NULL) ||
+		    (sf = arr(&f[6], 5)) == NULL || sf[3].type != MSGPACK_OBJECT_ARRAY)
 			return ME_EPROTO;
 		size_t nrefs = sf[3].via.array.size;
 		if (nrefs > GMSG_MAX_REFS)
@@ -1169,6 +1198,8 @@ static int xmsg_parse(const struct src *src, const msgpack_object *o, struct xms
 		    (rc = get_bin(src, &f[5], ME_PK_LEN, &pk)) < 0)
 			return ME_EPROTO;
 		memcpy(m->creator_pk, pk, ME_PK_LEN);
+		if (o->via.array.size == 8 && (rc = parts_parse(&f[7], m)) < 0)
+			return rc;
 		struct gmsg_ref *refs = calloc(nrefs ? nrefs : 1, sizeof(*refs));
 		if (refs == NULL)
 			return ME_ENOMEM;
@@ -1282,25 +1313,44 @@ int xmsg_encode_request(msgpack_sbuffer *out, const char *repo_id,
 	return xframe_end(&xf, wrc);
 }
 
-int xmsg_encode_start(msgpack_sbuffer *out, const char *file_name, uint64_t total_size,
-		      const uint8_t digest[XMSG_DIGEST_LEN], uint64_t offset,
-		      const uint8_t creator_pk[ME_PK_LEN], const struct gmsg_refstate *rs)
+int xmsg_encode_start_parts(msgpack_sbuffer *out, const char *file_name, uint64_t total_size,
+			    const uint8_t digest[XMSG_DIGEST_LEN], uint64_t offset,
+			    const uint8_t creator_pk[ME_PK_LEN], const struct gmsg_refstate *rs,
+			    const struct xmsg_parts *parts)
 {
 	struct xframe xf;
 	struct gmsg_str fn = gmsg_str(file_name);
+	bool with = parts != NULL && parts->n > 0;
 	int wrc;
 
 	if (out == NULL || file_name == NULL || fn.len > XMSG_MAX_FILENAME || digest == NULL ||
-	    creator_pk == NULL || rs == NULL || offset > total_size || refstate_check(rs) < 0)
+	    creator_pk == NULL || rs == NULL || offset > total_size || refstate_check(rs) < 0 ||
+	    (with && !xmsg_parts_valid(parts, total_size)))
 		return ME_EINVAL;
-	xframe_begin(&xf, out, XMSG_START, 7);
+	xframe_begin(&xf, out, XMSG_START, with ? 8 : 7);
 	wrc = pk_str(&xf.pk, fn);
 	wrc |= msgpack_pack_uint64(&xf.pk, total_size);
 	wrc |= pk_bin(&xf.pk, digest, XMSG_DIGEST_LEN);
 	wrc |= msgpack_pack_uint64(&xf.pk, offset);
 	wrc |= pk_bin(&xf.pk, creator_pk, ME_PK_LEN);
 	wrc |= pk_refstate(&xf.pk, rs);
+	if (with) {
+		wrc |= msgpack_pack_array(&xf.pk, parts->n);
+		for (uint32_t i = 0; i < parts->n; i++) {
+			wrc |= msgpack_pack_array(&xf.pk, 2);
+			wrc |= msgpack_pack_uint64(&xf.pk, parts->v[i].offset);
+			wrc |= msgpack_pack_uint64(&xf.pk, parts->v[i].count);
+		}
+	}
 	return xframe_end(&xf, wrc);
+}
+
+int xmsg_encode_start(msgpack_sbuffer *out, const char *file_name, uint64_t total_size,
+		      const uint8_t digest[XMSG_DIGEST_LEN], uint64_t offset,
+		      const uint8_t creator_pk[ME_PK_LEN], const struct gmsg_refstate *rs)
+{
+	return xmsg_encode_start_parts(out, file_name, total_size, digest, offset, creator_pk, rs,
+				       NULL);
 }
 
 int xmsg_encode_data(msgpack_sbuffer *out, const void *data, size_t len)

@@ -227,7 +227,7 @@ int gmsg_ctl_decode(const uint8_t *buf, size_t len, struct gmsg_ctl *out);
 /* ---- transfer messages (docs/peer-protocol.md §3), one per frame on a transfer stream ----
  * request: [1, repo_id str, [oid bin20...], nil | [digest bin32, offset uint]]
  * start:   [2, file_name str, total_size uint, digest bin32, offset uint, creator_pk bin32,
- *           refstate]
+ *           refstate(, parts)]   parts: [[offset uint, count uint]...], 1..XMSG_MAX_PARTS
  * data:    [3, bytes bin]        1..XMSG_MAX_DATA bytes
  * done:    [4, digest bin32]
  * error:   [5, code int, message str] */
@@ -239,6 +239,20 @@ enum { XMSG_REQUEST = 1, XMSG_START, XMSG_DATA, XMSG_DONE, XMSG_ERROR };
 #define XMSG_MAX_FILENAME 255
 #define XMSG_MAX_ERRMSG 256
 #define XMSG_MAX_BODY (GMSG_MAX_PAYLOAD + 4096) /* largest message body */
+#define XMSG_MAX_PARTS 64
+
+/* Where a bundle's pack can be cut into self-contained packs (a sender's hint, see
+ * docs/peer-protocol.md §3): part i starts at bundle offset v[i].offset with an entry and holds
+ * v[i].count entries, up to the next part or the pack's trailer; no delta refers to an entry
+ * of another part. The decoder checks the shape only: offsets strictly increasing and below
+ * total_size, counts >= 1; whether they fit the pack is the receiver's to find out. n == 0:
+ * none (the start has 7 elements). */
+struct xmsg_parts {
+	uint32_t n;
+	struct {
+		uint64_t offset, count;
+	} v[XMSG_MAX_PARTS];
+};
 
 struct xmsg {
 	unsigned type;
@@ -256,6 +270,7 @@ struct xmsg {
 	uint64_t offset; /* <= total_size */
 	uint8_t creator_pk[ME_PK_LEN];
 	struct gmsg_refstate refstate; /* structure checked, signature NOT verified; refs owned */
+	struct xmsg_parts parts;
 	/* data */
 	const uint8_t *data;
 	size_t len;
@@ -279,6 +294,13 @@ int xmsg_encode_request(msgpack_sbuffer *out, const char *repo_id,
 int xmsg_encode_start(msgpack_sbuffer *out, const char *file_name, uint64_t total_size,
 		      const uint8_t digest[XMSG_DIGEST_LEN], uint64_t offset,
 		      const uint8_t creator_pk[ME_PK_LEN], const struct gmsg_refstate *rs);
+/* The same with the pack's parts (parts NULL or n == 0: none, as above). */
+int xmsg_encode_start_parts(msgpack_sbuffer *out, const char *file_name, uint64_t total_size,
+			    const uint8_t digest[XMSG_DIGEST_LEN], uint64_t offset,
+			    const uint8_t creator_pk[ME_PK_LEN], const struct gmsg_refstate *rs,
+			    const struct xmsg_parts *parts);
+/* Whether parts has the shape the decoder accepts for a bundle of total_size bytes. */
+bool xmsg_parts_valid(const struct xmsg_parts *parts, uint64_t total_size);
 int xmsg_encode_data(msgpack_sbuffer *out, const void *data, size_t len);
 int xmsg_encode_done(msgpack_sbuffer *out, const uint8_t digest[XMSG_DIGEST_LEN]);
 int xmsg_encode_error(msgpack_sbuffer *out, int code, const char *message);

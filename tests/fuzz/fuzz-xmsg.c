@@ -40,8 +40,8 @@ static void encode(const struct xmsg *m, msgpack_sbuffer *out)
 		break;
 	case XMSG_START:
 		cstr(s, sizeof(s), m->file_name);
-		rc = xmsg_encode_start(out, s, m->total_size, m->digest, m->offset, m->creator_pk,
-				       &m->refstate);
+		rc = xmsg_encode_start_parts(out, s, m->total_size, m->digest, m->offset,
+					     m->creator_pk, &m->refstate, &m->parts);
 		break;
 	case XMSG_DATA:
 		rc = xmsg_encode_data(out, m->data, m->len);

@@ -319,6 +319,14 @@ static void seeds_xmsg(void)
 		 xmsg_encode_start(&sb, "project.bundle", 1u << 20, digest, 0, creator.pk, &rs));
 	put_body("start-resume", &sb,
 		 xmsg_encode_start(&sb, "project.bundle", 70000, digest, 65536, creator.pk, &rs));
+	struct xmsg_parts parts = { .n = 3 };
+	for (uint32_t i = 0; i < parts.n; i++) {
+		parts.v[i].offset = 200 + (uint64_t)i * 300000;
+		parts.v[i].count = 1000 + i;
+	}
+	put_body("start-parts", &sb,
+		 xmsg_encode_start_parts(&sb, "project.bundle", 1u << 20, digest, 0, creator.pk,
+					 &rs, &parts));
 	put_body("data", &sb, xmsg_encode_data(&sb, "# v2 git bundle\n", 16));
 	put_body("done", &sb, xmsg_encode_done(&sb, digest));
 	put_body("error", &sb, xmsg_encode_error(&sb, ME_ENOTFOUND, "no such repository"));

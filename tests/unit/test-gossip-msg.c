@@ -1842,6 +1842,150 @@ static void test_xmsg_start_roundtrip(void **state)
 	msgpack_sbuffer_destroy(&sb);
 }
 
+/* A start of total_size 1000 whose eighth element is the msgpack in tail[0..n). */
+static int start_with_tail(const uint8_t *tail, size_t n, struct xmsg *m)
+{
+	uint8_t digest[XMSG_DIGEST_LEN] = { 0 }, buf[4096];
+	struct gmsg_refstate rs;
+	msgpack_sbuffer sb;
+	size_t len;
+	const uint8_t *b;
+	int rc;
+
+	xrs_make(&rs);
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_start(&sb, "f", 1000, digest, 0, kp1.pk, &rs), 0);
+	b = xbody(&sb, &len);
+	assert_true(len + n <= sizeof(buf));
+	memcpy(buf, b, len);
+	assert_int_equal(buf[0], 0x97);
+	buf[0] = 0x98;
+	memcpy(buf + len, tail, n);
+	rc = xmsg_decode(buf, len + n, m);
+	msgpack_sbuffer_destroy(&sb);
+	return rc;
+}
+
+static void test_xmsg_start_parts(void **state)
+{
+	(void)state;
+	uint8_t digest[XMSG_DIGEST_LEN];
+	struct gmsg_refstate rs;
+	struct xmsg_parts parts, bad;
+	msgpack_sbuffer sb;
+	struct xmsg m;
+	size_t len;
+	const uint8_t *b;
+
+	xrs_make(&rs);
+	fill_bytes(digest, sizeof(digest), 0x5a);
+	/* one part, and the most there may be */
+	for (uint32_t n = 1; n <= XMSG_MAX_PARTS; n += XMSG_MAX_PARTS - 1) {
+		memset(&parts, 0, sizeof(parts));
+		parts.n = n;
+		for (uint32_t i = 0; i < n; i++) {
+			parts.v[i].offset = 100 + (uint64_t)i * 70000;
+			parts.v[i].count = i + 1 == n ? UINT32_MAX : 3 + i;
+		}
+		msgpack_sbuffer_init(&sb);
+		assert_int_equal(xmsg_encode_start_parts(&sb, "f", 100 + (uint64_t)n * 70000, digest,
+							 0, kp1.pk, &rs, &parts), 0);
+		xdecode_sb(&sb, &m, 0);
+		assert_int_equal(m.type, XMSG_START);
+		assert_int_equal(m.parts.n, n);
+		assert_memory_equal(m.parts.v, parts.v, n * sizeof(parts.v[0]));
+		assert_rs_equal(&m.refstate, &rs);
+		xmsg_free(&m);
+		msgpack_sbuffer_destroy(&sb);
+	}
+	/* canonical: no parts is the 7-element start; parts append [[offset, count]...] */
+	memset(&parts, 0, sizeof(parts));
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_start_parts(&sb, "f", 1000, digest, 0, kp1.pk, &rs, &parts),
+			 0);
+	b = xbody(&sb, &len);
+	assert_int_equal(b[0], 0x97);
+	xdecode_sb(&sb, &m, 0);
+	assert_int_equal(m.parts.n, 0);
+	xmsg_free(&m);
+	msgpack_sbuffer_destroy(&sb);
+	parts.n = 2;
+	parts.v[0].offset = 80;
+	parts.v[0].count = 1;
+	parts.v[1].offset = 300;
+	parts.v[1].count = 70000;
+	msgpack_sbuffer_init(&sb);
+	assert_int_equal(xmsg_encode_start_parts(&sb, "f", 1000, digest, 0, kp1.pk, &rs, &parts),
+			 0);
+	b = xbody(&sb, &len);
+	assert_int_equal(b[0], 0x98);
+	static const uint8_t tail[] = { 0x92, 0x92, 80, 1, 0x92, 0xcd, 0x01, 0x2c,
+					0xce, 0x00, 0x01, 0x11, 0x70 };
+	assert_true(len > sizeof(tail));
+	assert_memory_equal(b + len - sizeof(tail), tail, sizeof(tail));
+	assert_int_equal(start_with_tail(tail, sizeof(tail), &m), 0);
+	assert_int_equal(m.parts.n, 2);
+	assert_true(m.parts.v[1].offset == 300 && m.parts.v[1].count == 70000);
+	xmsg_free(&m);
+	msgpack_sbuffer_destroy(&sb);
+
+	/* the encoder refuses what the decoder would */
+	msgpack_sbuffer_init(&sb);
+	bad = parts;
+	bad.v[1].offset = 80; /* not increasing */
+	assert_int_equal(xmsg_encode_start_parts(&sb, "f", 1000, digest, 0, kp1.pk, &rs, &bad),
+			 ME_EINVAL);
+	bad = parts;
+	bad.v[1].offset = 1000; /* past the bundle */
+	assert_int_equal(xmsg_encode_start_parts(&sb, "f", 1000, digest, 0, kp1.pk, &rs, &bad),
+			 ME_EINVAL);
+	bad = parts;
+	bad.v[0].count = 0;
+	assert_int_equal(xmsg_encode_start_parts(&sb, "f", 1000, digest, 0, kp1.pk, &rs, &bad),
+			 ME_EINVAL);
+	bad = parts;
+	bad.n = XMSG_MAX_PARTS + 1;
+	assert_int_equal(xmsg_encode_start_parts(&sb, "f", 1000, digest, 0, kp1.pk, &rs, &bad),
+			 ME_EINVAL);
+	assert_int_equal(sb.size, 0);
+	msgpack_sbuffer_destroy(&sb);
+
+	/* and the decoder refuses them, and wrong shapes */
+	static const struct {
+		uint8_t b[16];
+		size_t n;
+		int rc;
+	} hostile[] = {
+		{ { 0x90 }, 1, ME_EPROTO },                          /* [] */
+		{ { 0xc0 }, 1, ME_EPROTO },                          /* nil */
+		{ { 0x91, 0x92, 80, 0 }, 4, ME_EPROTO },              /* count 0 */
+		{ { 0x92, 0x92, 80, 1, 0x92, 80, 1 }, 7, ME_EPROTO }, /* same offset */
+		{ { 0x92, 0x92, 90, 1, 0x92, 80, 1 }, 7, ME_EPROTO }, /* decreasing */
+		{ { 0x91, 0x92, 0xcd, 0x03, 0xe8, 1 }, 6, ME_EPROTO }, /* offset 1000 */
+		{ { 0x91, 0x92, 80, 0xcf, 0, 0, 0, 1, 0, 0, 0, 0 }, 12, ME_EPROTO }, /* count 2^32 */
+		{ { 0x91, 0x92, 0xff, 1 }, 4, ME_EPROTO },            /* negative offset */
+		{ { 0x91, 0x93, 80, 1, 1 }, 5, ME_EPROTO },           /* three elements */
+		{ { 0x91, 0x91, 80 }, 3, ME_EPROTO },                 /* one element */
+		{ { 0x91, 0xa1, 'x' }, 3, ME_EPROTO },                /* not an array */
+	};
+	for (size_t i = 0; i < sizeof(hostile) / sizeof(hostile[0]); i++) {
+		assert_int_equal(start_with_tail(hostile[i].b, hostile[i].n, &m), hostile[i].rc);
+		assert_null(m.refstate.refs);
+		assert_int_equal(m.parts.n, 0);
+	}
+	uint8_t many[3 + 3 * (XMSG_MAX_PARTS + 1)] = { 0xdc, 0x00, XMSG_MAX_PARTS + 1 };
+	for (size_t i = 0; i <= XMSG_MAX_PARTS; i++) {
+		many[3 + 3 * i] = 0x92;
+		many[4 + 3 * i] = (uint8_t)(10 + i);
+		many[5 + 3 * i] = 1;
+	}
+	assert_int_equal(start_with_tail(many, sizeof(many), &m), ME_ETOOBIG);
+	many[2] = XMSG_MAX_PARTS; /* the same, one fewer: fine */
+	assert_int_equal(start_with_tail(many, sizeof(many) - 3, &m), 0);
+	assert_int_equal(m.parts.n, XMSG_MAX_PARTS);
+	xmsg_free(&m);
+}
+
 static void test_xmsg_data_done_error_roundtrip(void **state)
 {
 	(void)state;
@@ -2897,9 +3041,8 @@ static void test_xmsg_mutations(void **state)
 				memcpy(fn, m.file_name.ptr, m.file_name.len);
 				fn[m.file_name.len] = '\0';
 				assert_true(m.offset <= m.total_size);
-				assert_int_equal(xmsg_encode_start(&re, fn, m.total_size, m.digest,
-								   m.offset, m.creator_pk, &m.refstate),
-						 0);
+				assert_int_equal(xmsg_encode_start_parts(&re, fn, m.total_size,
+					m.digest, m.offset, m.creator_pk, &m.refstate, &m.parts), 0);
 				break;
 			}
 			case XMSG_DATA:
@@ -3130,6 +3273,7 @@ int main(void)
 		cmocka_unit_test(test_random_garbage),
 		cmocka_unit_test(test_xmsg_request_roundtrip),
 		cmocka_unit_test(test_xmsg_start_roundtrip),
+		cmocka_unit_test(test_xmsg_start_parts),
 		cmocka_unit_test(test_xmsg_data_done_error_roundtrip),
 		cmocka_unit_test(test_xmsg_canonical),
 		cmocka_unit_test(test_xmsg_encoder_refusals),
