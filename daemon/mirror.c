@@ -10,10 +10,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <git2.h>
+#include <wolfssl/options.h>
+#include <wolfssl/wolfcrypt/sha.h>
 #include <git2/sys/odb_backend.h>
 #include <sodium.h>
 
@@ -23,6 +26,7 @@
 #include "daemon/oidset.h"
 #include "daemon/packidx.h"
 #include "daemon/packreuse.h"
+#include "daemon/packwrite.h"
 #include "daemon/gitutil.h"
 #include "daemon/thinpack.h"
 
@@ -32,8 +36,6 @@ _Static_assert(GIT_OID_RAWSZ == ME_OID_LEN, "oid size");
 #define BUNDLE_SIG_V3 "# v3 git bundle"
 #define DID_REPO_PREFIX "did:repo:"
 #define INCOMING_PREFIX "me-incoming-"
-#define PACK_HDR_LEN 12
-#define PACK_TRAILER_LEN 20
 /* Smallest possible pack entry: a one-byte header and an empty zlib stream (8 bytes). Bounds
  * the object count a pack header may announce (libgit2 allocates arrays from it). */
 #define PACK_MIN_ENTRY 9
@@ -960,8 +962,14 @@ header:
 		if ((rc = thinpack_write(tp, fd, &w.bytes, &nobj, err, errsz)) < 0)
 			goto out;
 	} else if (pr != NULL) {
-		if ((rc = packreuse_write(pr, fd, &w.bytes, &nobj, NULL, err, errsz)) < 0)
+		if ((rc = packreuse_write(pr, fd, &w.bytes, &nobj, NULL,
+					  st != NULL ? &st->parts : NULL, err, errsz)) < 0)
 			goto out;
+		/* one part is no parts; else offsets in the bundle */
+		if (st != NULL && st->parts.n == 1)
+			st->parts.n = 0;
+		for (uint32_t i = 0; st != NULL && i < st->parts.n; i++)
+			st->parts.v[i].offset += hdrlen;
 	} else if (git_packbuilder_foreach(pb, pack_cb, &w) < 0) {
 		if (w.err < 0) {
 			gerr_set(err, errsz, "cannot write the bundle: %s", strerror(-w.err));
@@ -998,6 +1006,27 @@ out:
 
 enum rx_state { RX_HEADER, RX_PACK, RX_DONE, RX_FAILED };
 
+/* With parts (opts.parts): each part goes to an indexer of its own as a pack of its own (a
+ * header with the part's count, the part's entries, a SHA-1 trailer), committed on a thread of
+ * its own once complete, at most RX_THREADS at a time, while the next part arrives. */
+#define RX_THREADS 2
+#define RX_STACK (2u << 20)
+
+struct rxpart {
+	git_indexer *idx;
+	wc_Sha sha;
+	bool sha_init;
+	uint64_t end;   /* bundle offset after its last entry */
+	uint32_t count; /* entries */
+	git_indexer_progress prog;
+	pthread_t th;
+	bool running;   /* th to join */
+	bool done;      /* committed: name is set */
+	int rc;
+	char msg[256];
+	char name[GIT_OID_HEXSZ + 1];
+};
+
 struct bundle_rx {
 	git_repository *mirror;
 	git_odb *odb; /* the mirror's */
@@ -1019,6 +1048,10 @@ struct bundle_rx {
 	char *tmpdir;
 	git_indexer *idx;
 	git_indexer_progress prog;
+	/* parts */
+	struct xmsg_parts partv; /* opts.parts points here */
+	struct rxpart *parts;
+	uint32_t nparts, cur; /* cur: the part arriving (nparts: the trailer) */
 };
 
 __attribute__((format(printf, 3, 4)))
@@ -1078,11 +1111,22 @@ int bundle_rx_new(struct bundle_rx **out, git_repository *mirror,
 		gerr_set(err, errsz, "malformed ref state");
 		return ME_EINVAL;
 	}
+	if (opts->parts != NULL && opts->parts->n > 0 &&
+	    (!xmsg_parts_valid(opts->parts, opts->size) || opts->size > opts->max_bytes)) {
+		gerr_set(err, errsz, "malformed parts");
+		return ME_EINVAL;
+	}
 	if ((rx = calloc(1, sizeof(*rx))) == NULL)
 		return gerr_nomem(err, errsz);
 	rx->mirror = mirror;
 	rx->expected = expected;
 	rx->opts = *opts;
+	if (opts->parts == NULL || opts->parts->n == 0) {
+		rx->opts.parts = NULL;
+	} else {
+		rx->partv = *opts->parts;
+		rx->opts.parts = &rx->partv;
+	}
 	rx->state = RX_HEADER;
 	if (git_repository_odb(&rx->odb, mirror) < 0) {
 		int rc = gerr_git(err, errsz, ME_EGIT, "cannot open the mirror's objects");
@@ -1147,12 +1191,204 @@ static int rx_header_done(struct bundle_rx *rx)
 	}
 	/* The indexer hashes every object and checks the trailer; connectivity is rx_verify's
 	 * (libgit2's verify option leaks, see there). The mirror's odb resolves the bases of a
-	 * thin pack. */
+	 * thin pack. With parts, each has its indexer (rx_part_open). */
 	git_indexer_options_init(&io, GIT_INDEXER_OPTIONS_VERSION);
-	if (git_indexer_new(&rx->idx, rx->tmpdir, 0, rx->odb, &io) < 0)
+	if (rx->opts.parts == NULL && git_indexer_new(&rx->idx, rx->tmpdir, 0, rx->odb, &io) < 0)
 		return rx_git_fail(rx, ME_EGIT, "cannot start the indexer");
 	rx->state = RX_PACK;
 	return 0;
+}
+
+/* ---- parts ---- */
+
+static void *part_commit(void *arg)
+{
+	struct rxpart *pt = arg;
+
+	/* libgit2's error and errno are this thread's: classified here (a full disk is ours) */
+	if (git_indexer_commit(pt->idx, &pt->prog) < 0) {
+		pt->rc = gerr_git(pt->msg, sizeof(pt->msg), ME_EPROTO, "cannot index it");
+	} else {
+		snprintf(pt->name, sizeof(pt->name), "%s", git_indexer_name(pt->idx));
+		pt->done = true;
+	}
+	git_indexer_free(pt->idx); /* its state for every object: gone before the next part */
+	pt->idx = NULL;
+	return NULL;
+}
+
+/* Part i's commit is over: its failure becomes rx's. */
+static int rx_part_result(struct bundle_rx *rx, uint32_t i)
+{
+	struct rxpart *pt = &rx->parts[i];
+
+	if (pt->rc < 0 && rx->state != RX_FAILED)
+		rx_fail(rx, pt->rc, "%spart %" PRIu32 " of %" PRIu32 ": %s",
+			pt->rc == ME_EPROTO ? "bad pack: " : "", i + 1, rx->nparts, pt->msg);
+	return rx->state == RX_FAILED ? rx->rc : 0;
+}
+
+/* Waits for part i's commit. */
+static int rx_part_join(struct bundle_rx *rx, uint32_t i)
+{
+	struct rxpart *pt = &rx->parts[i];
+
+	if (!pt->running)
+		return rx->state == RX_FAILED ? rx->rc : 0;
+	pthread_join(pt->th, NULL);
+	pt->running = false;
+	return rx_part_result(rx, i);
+}
+
+static int rx_part_append(struct bundle_rx *rx, uint32_t i, const unsigned char *p, size_t len)
+{
+	struct rxpart *pt = &rx->parts[i];
+
+	while (len > 0) {
+		size_t n = len < BUNDLE_CHUNK ? len : BUNDLE_CHUNK;
+
+		if (git_indexer_append(pt->idx, p, n, &pt->prog) < 0) {
+			char what[64];
+			snprintf(what, sizeof(what), "bad pack: part %" PRIu32 " of %" PRIu32, i + 1,
+				 rx->nparts);
+			return rx_git_fail(rx, ME_EPROTO, what);
+		}
+		if (wc_ShaUpdate(&pt->sha, p, (word32)n) != 0)
+			return rx_fail(rx, ME_EINTERNAL, "cannot hash a part of the pack");
+		p += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* Starts part i: its indexer, fed a pack header with its count. */
+static int rx_part_open(struct bundle_rx *rx, uint32_t i)
+{
+	struct rxpart *pt = &rx->parts[i];
+	git_indexer_options io;
+	unsigned char hdr[PACK_HDR_LEN] = { 'P', 'A', 'C', 'K', 0, 0, 0, 2 };
+
+	git_indexer_options_init(&io, GIT_INDEXER_OPTIONS_VERSION);
+	if (git_indexer_new(&pt->idx, rx->tmpdir, 0, rx->odb, &io) < 0)
+		return rx_git_fail(rx, ME_EGIT, "cannot start the indexer");
+	if (wc_InitSha(&pt->sha) != 0)
+		return rx_fail(rx, ME_EINTERNAL, "cannot hash a part of the pack");
+	pt->sha_init = true;
+	for (int k = 0; k < 4; k++)
+		hdr[8 + k] = (unsigned char)(pt->count >> (24 - 8 * k));
+	return rx_part_append(rx, i, hdr, sizeof(hdr));
+}
+
+/* Part i has all its entries: its trailer, then its commit on a thread (after the oldest
+ * one running, when RX_THREADS are). */
+static int rx_part_close(struct bundle_rx *rx, uint32_t i)
+{
+	struct rxpart *pt = &rx->parts[i];
+	unsigned char sum[WC_SHA_DIGEST_SIZE];
+	uint32_t running = 0, oldest = i;
+
+	if (wc_ShaFinal(&pt->sha, sum) != 0)
+		return rx_fail(rx, ME_EINTERNAL, "cannot hash a part of the pack");
+	if (rx_part_append(rx, i, sum, sizeof(sum)) < 0)
+		return rx->rc;
+	for (uint32_t k = 0; k < i; k++)
+		if (rx->parts[k].running) {
+			running++;
+			if (oldest == i)
+				oldest = k;
+		}
+	if (running >= RX_THREADS && rx_part_join(rx, oldest) < 0)
+		return rx->rc;
+	pthread_attr_t attr;
+	int prc = pthread_attr_init(&attr);
+	if (prc == 0) {
+		/* a small stack: the thread's address space counts against the verifier's limit */
+		pthread_attr_setstacksize(&attr, RX_STACK);
+		prc = pthread_create(&pt->th, &attr, part_commit, pt);
+		pthread_attr_destroy(&attr);
+	}
+	if (prc != 0) {
+		part_commit(pt); /* no thread: here */
+		return rx_part_result(rx, i);
+	}
+	pt->running = true;
+	return 0;
+}
+
+/* The pack header of a bundle with parts: the parts must fit it. */
+static int rx_parts_begin(struct bundle_rx *rx, uint32_t count)
+{
+	const struct xmsg_parts *v = rx->opts.parts;
+	uint64_t first = rx->hdr.len + PACK_HDR_LEN, sum = 0;
+
+	if (v->v[0].offset != first || rx->opts.size < first + PACK_TRAILER_LEN ||
+	    v->v[v->n - 1].offset >= rx->opts.size - PACK_TRAILER_LEN)
+		return rx_fail(rx, ME_EPROTO, "bad pack: the parts announced do not fit it");
+	for (uint32_t i = 0; i < v->n; i++)
+		sum += v->v[i].count;
+	if (sum != count)
+		return rx_fail(rx, ME_EPROTO, "bad pack: the parts announced hold %" PRIu64
+			       " objects, the pack %" PRIu32, sum, count);
+	if ((rx->parts = calloc(v->n, sizeof(*rx->parts))) == NULL)
+		return rx_fail(rx, ME_ENOMEM, "out of memory");
+	rx->nparts = v->n;
+	for (uint32_t i = 0; i < v->n; i++) {
+		rx->parts[i].count = (uint32_t)v->v[i].count;
+		rx->parts[i].end = i + 1 < v->n ? v->v[i + 1].offset
+						: rx->opts.size - PACK_TRAILER_LEN;
+	}
+	return rx_part_open(rx, 0);
+}
+
+/* len bytes of the pack at bundle offset at, after its header. */
+static int rx_parts_write(struct bundle_rx *rx, const unsigned char *p, size_t len, uint64_t at)
+{
+	while (len > 0) {
+		if (rx->cur == rx->nparts) { /* the whole pack's trailer: not used */
+			if (len > rx->opts.size - at)
+				return rx_fail(rx, ME_EPROTO, "bundle larger than announced");
+			return 0;
+		}
+		struct rxpart *pt = &rx->parts[rx->cur];
+		size_t n = pt->end - at < len ? (size_t)(pt->end - at) : len;
+
+		if (rx_part_append(rx, rx->cur, p, n) < 0)
+			return rx->rc;
+		p += n;
+		len -= n;
+		at += n;
+		if (at == pt->end) {
+			if (rx_part_close(rx, rx->cur) < 0)
+				return rx->rc;
+			if (++rx->cur < rx->nparts && rx_part_open(rx, rx->cur) < 0)
+				return rx->rc;
+		}
+	}
+	return 0;
+}
+
+/* Joins every part's thread; the first failure is rx's. */
+static int rx_parts_end(struct bundle_rx *rx)
+{
+	int rc = 0;
+
+	for (uint32_t i = 0; i < rx->nparts; i++)
+		if (rx_part_join(rx, i) < 0 && rc == 0)
+			rc = rx->rc;
+	return rc;
+}
+
+static void rx_parts_free(struct bundle_rx *rx)
+{
+	rx_parts_end(rx);
+	for (uint32_t i = 0; i < rx->nparts; i++) {
+		git_indexer_free(rx->parts[i].idx);
+		if (rx->parts[i].sha_init)
+			wc_ShaFree(&rx->parts[i].sha);
+	}
+	free(rx->parts);
+	rx->parts = NULL;
+	rx->nparts = 0;
 }
 
 static int rx_index(struct bundle_rx *rx, const unsigned char *p, size_t len)
@@ -1195,9 +1431,12 @@ static int rx_pack(struct bundle_rx *rx, const unsigned char *p, size_t len)
 		    count > (budget - PACK_HDR_LEN - PACK_TRAILER_LEN) / PACK_MIN_ENTRY)
 			return rx_fail(rx, ME_ETOOBIG, "pack of %" PRIu32 " objects exceeds %"
 				       PRIu64 " bytes", count, rx->opts.max_bytes);
-		if (rx_index(rx, rx->packhdr, PACK_HDR_LEN) < 0)
+		if (rx->opts.parts != NULL ? rx_parts_begin(rx, count) < 0
+					   : rx_index(rx, rx->packhdr, PACK_HDR_LEN) < 0)
 			return rx->rc;
 	}
+	if (rx->opts.parts != NULL)
+		return rx_parts_write(rx, p, len, rx->hdr.len + rx->pack_bytes - len);
 	return rx_index(rx, p, len);
 }
 
@@ -1276,23 +1515,34 @@ int bundle_rx_write(struct bundle_rx *rx, const void *buf, size_t len)
  * the roots reachable from the tips are known without walking the history again. */
 
 struct vedge {
-	uint32_t from, to; /* index positions in the new pack: commit -> parent, tag -> target */
+	uint32_t from, to; /* positions in the new packs: commit -> parent, tag -> target */
 };
 
+/* The new packs (one, or one per part): an object's position is its pack's base plus its
+ * index position there. */
 struct vctx {
-	const char *gitdir, *idxpath;
+	const char *gitdir;
 	const struct pidx *p;
-	const uint8_t *types;   /* by index position */
+	const char *const *idxpaths;
+	size_t np;
+	const uint32_t *base;   /* by pack */
+	uint32_t n;             /* objects in all */
+	uint32_t *merged;       /* np > 1: (pack << VC_PACK_SHIFT | index position) by oid */
+	uint32_t fan[257];      /* merged's fan-out: first entry of each first byte */
+	const uint8_t *types;   /* by position */
 	bool graph;             /* record edges and roots (for opts.check) */
-	git_odb *odb;
-	git_repository *view;
+	git_odb *odb;           /* the mirror's objects */
+	git_repository *view;   /* the mirror's objects plus the new packs (for opts.check) */
 	struct oidset ext;      /* objects of the mirror met: oid -> type */
 	struct vedge *edges;
 	size_t nedges, capedges;
-	uint8_t *isroot;        /* with graph: 1 for a root commit, by index position */
+	uint8_t *isroot;        /* with graph: 1 for a root commit, by position */
 	int rc;
 	char msg[512];
 };
+
+#define VC_PACK_SHIFT 26 /* XMSG_MAX_PARTS packs of up to 2^26 objects */
+_Static_assert(XMSG_MAX_PARTS <= 1u << (32 - VC_PACK_SHIFT), "pack numbers fit");
 
 __attribute__((format(printf, 3, 4)))
 static int vc_fail(struct vctx *t, int code, const char *fmt, ...)
@@ -1310,26 +1560,90 @@ static int vc_git_fail(struct vctx *t, int code, const char *what)
 	return t->rc = gerr_git(t->msg, sizeof(t->msg), code, what);
 }
 
-/* A view over the mirror's objects plus the new pack (when there is one). */
-static int view_open(struct vctx *t)
+static const uint8_t *vc_merged_oid(const struct vctx *t, uint32_t m)
 {
-	git_odb_backend *b = NULL;
+	return pidx_oid(&t->p[m >> VC_PACK_SHIFT], m & ((1u << VC_PACK_SHIFT) - 1));
+}
+
+/* Position of oid in the new packs, -1 when it is in none. */
+static int64_t vc_find(const struct vctx *t, const git_oid *oid)
+{
+	if (t->np == 1) {
+		int64_t k = pidx_find(&t->p[0], oid);
+		return k;
+	}
+	if (t->np == 0)
+		return -1;
+	uint32_t lo = t->fan[oid->id[0]], hi = t->fan[oid->id[0] + 1];
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+		int c = memcmp(vc_merged_oid(t, t->merged[mid]), oid->id, GIT_OID_RAWSZ);
+		if (c == 0) {
+			uint32_t m = t->merged[mid];
+			return t->base[m >> VC_PACK_SHIFT] + (m & ((1u << VC_PACK_SHIFT) - 1));
+		}
+		if (c < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return -1;
+}
+
+static int merged_cmp(const void *a, const void *b, void *arg)
+{
+	const struct vctx *t = arg;
+
+	return memcmp(vc_merged_oid(t, *(const uint32_t *)a), vc_merged_oid(t, *(const uint32_t *)b),
+		      GIT_OID_RAWSZ);
+}
+
+/* One index over the packs' indexes (several packs only). */
+static int vc_merge(struct vctx *t)
+{
+	uint32_t o = 0;
+
+	if (t->np < 2)
+		return 0;
+	if ((t->merged = malloc((size_t)t->n * sizeof(*t->merged))) == NULL)
+		return vc_fail(t, ME_ENOMEM, "out of memory");
+	for (size_t q = 0; q < t->np; q++)
+		for (uint32_t k = 0; k < t->p[q].n; k++)
+			t->merged[o++] = (uint32_t)q << VC_PACK_SHIFT | k;
+	qsort_r(t->merged, t->n, sizeof(*t->merged), merged_cmp, t);
+	o = 0;
+	for (uint32_t b = 0; b <= 256; b++) {
+		while (o < t->n && vc_merged_oid(t, t->merged[o])[0] < b)
+			o++;
+		t->fan[b] = o;
+	}
+	return 0;
+}
+
+/* An object database over the mirror's objects (mirror) and/or the new packs (packs). */
+static int odb_over(struct vctx *t, bool mirror, bool packs, size_t only, git_odb **out)
+{
 	char objdir[PATH_MAX];
 
+	*out = NULL;
 	if ((size_t)snprintf(objdir, sizeof(objdir), "%sobjects", t->gitdir) >= sizeof(objdir))
 		return vc_fail(t, ME_ETOOBIG, "mirror path too long");
-	if (git_odb_open(&t->odb, objdir) < 0)
+	if (mirror ? git_odb_open(out, objdir) < 0 : git_odb_new(out) < 0)
 		return vc_git_fail(t, ME_EGIT, "cannot open the mirror's objects");
-	if (t->p->n > 0) {
-		if (git_odb_backend_one_pack(&b, t->idxpath) < 0)
-			return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
-		if (git_odb_add_backend(t->odb, b, 100) < 0) {
-			b->free(b);
-			return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
+	for (size_t q = 0; packs && q < t->np; q++) {
+		git_odb_backend *b = NULL;
+		if (only != SIZE_MAX && q != only)
+			continue;
+		if (git_odb_backend_one_pack(&b, t->idxpaths[q]) < 0 ||
+		    git_odb_add_backend(*out, b, 100) < 0) {
+			vc_git_fail(t, ME_EGIT, "cannot open the new pack");
+			if (b != NULL)
+				b->free(b);
+			git_odb_free(*out);
+			*out = NULL;
+			return t->rc;
 		}
 	}
-	if (git_repository_wrap_odb(&t->view, t->odb) < 0)
-		return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
 	return 0;
 }
 
@@ -1350,12 +1664,12 @@ static int vc_edge(struct vctx *t, uint32_t from, int64_t to)
 }
 
 /* A reference from an object (from; NULL for a tip) to oid, which must have type want. *pos:
- * its index position in the new pack, -1 when it is the mirror's. */
+ * its position in the new packs, -1 when it is the mirror's. */
 static int vref(struct vctx *t, const git_oid *oid, git_object_t want, const git_oid *from,
 		int64_t *pos)
 {
 	char hex[GIT_OID_HEXSZ + 1], fhex[GIT_OID_HEXSZ + 1] = "a tip";
-	int64_t k = t->p->n > 0 ? pidx_find(t->p, oid) : -1;
+	int64_t k = vc_find(t, oid);
 	git_object_t type;
 	size_t size;
 	int grc;
@@ -1434,23 +1748,39 @@ static int vobject(struct vctx *t, git_object *obj, uint32_t pos)
 	return rc;
 }
 
-/* Parses every commit, tree and tag of the pack, in pack order. */
+/* Parses every commit, tree and tag of the new packs, pack by pack in pack order, each
+ * through a view of its own pack only (an object is read where it is, without trying the
+ * others). */
 static int vc_run(struct vctx *t)
 {
-	const struct pidx *p = t->p;
+	for (size_t q = 0; t->rc == 0 && q < t->np; q++) {
+		const struct pidx *p = &t->p[q];
+		git_repository *view = NULL;
+		git_odb *odb = NULL;
 
-	for (uint32_t k = 0; t->rc == 0 && k < p->n; k++) {
-		uint32_t pos = p->rev[k].pos;
-		git_object *obj = NULL;
-		git_oid id;
+		if (odb_over(t, false, true, q, &odb) < 0)
+			break;
+		if (git_repository_wrap_odb(&view, odb) < 0) {
+			git_odb_free(odb);
+			return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
+		}
+		for (uint32_t k = 0; t->rc == 0 && k < p->n; k++) {
+			uint32_t pos = p->rev[k].pos, g = t->base[q] + pos;
+			git_object *obj = NULL;
+			git_oid id;
 
-		if (t->types[pos] == GIT_OBJECT_BLOB)
-			continue;
-		git_oid_fromraw(&id, pidx_oid(p, pos));
-		if (git_object_lookup(&obj, t->view, &id, (git_object_t)t->types[pos]) < 0)
-			return vc_git_fail(t, ME_EPROTO, "cannot parse a new object");
-		vobject(t, obj, pos);
-		git_object_free(obj);
+			if (t->types[g] == GIT_OBJECT_BLOB)
+				continue;
+			git_oid_fromraw(&id, pidx_oid(p, pos));
+			if (git_object_lookup(&obj, view, &id, (git_object_t)t->types[g]) < 0) {
+				vc_git_fail(t, ME_EPROTO, "cannot parse a new object");
+				break;
+			}
+			vobject(t, obj, g);
+			git_object_free(obj);
+		}
+		git_repository_free(view);
+		git_odb_free(odb);
 	}
 	return t->rc;
 }
@@ -1462,6 +1792,7 @@ static void vc_free(struct vctx *t)
 	oidset_free(&t->ext);
 	free(t->edges);
 	free(t->isroot);
+	free(t->merged);
 }
 
 static int edge_cmp(const void *a, const void *b)
@@ -1470,11 +1801,11 @@ static int edge_cmp(const void *a, const void *b)
 	return x->from < y->from ? -1 : x->from > y->from;
 }
 
-/* The root commits of the new pack reachable from the tips, through its commits' parents and
- * its tags' targets (what the mirror already had is not walked: opts.check walks the view
- * when it needs those). */
-static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gmsg_refstate *rs,
-			   git_oid **out, size_t *nout)
+/* The root commits of the new packs reachable from the tips, through their commits' parents
+ * and their tags' targets (what the mirror already had is not walked: opts.check walks the
+ * view when it needs those). */
+static int reachable_roots(struct vctx *t, const struct gmsg_refstate *rs, git_oid **out,
+			   size_t *nout)
 {
 	struct vedge *edges = t->edges;
 	uint8_t *seen = NULL, *isroot = t->isroot; /* 2 once reached */
@@ -1484,9 +1815,9 @@ static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gm
 
 	*out = NULL;
 	*nout = 0;
-	if (p->n == 0)
+	if (t->n == 0)
 		return 0;
-	if ((seen = calloc(p->n, 1)) == NULL ||
+	if ((seen = calloc(t->n, 1)) == NULL ||
 	    (stack = malloc((ne + rs->nrefs + 1) * sizeof(*stack))) == NULL)
 		goto out;
 	if (ne > 0)
@@ -1496,7 +1827,7 @@ static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gm
 		git_oid id;
 		int64_t k;
 		git_oid_fromraw(&id, rs->refs[i].oid);
-		if ((k = pidx_find(p, &id)) >= 0 && !seen[k]) {
+		if ((k = vc_find(t, &id)) >= 0 && !seen[k]) {
 			seen[k] = 1;
 			stack[sp++] = (uint32_t)k;
 		}
@@ -1523,9 +1854,10 @@ static int reachable_roots(struct vctx *t, const struct pidx *p, const struct gm
 	}
 	if (nr > 0 && (*out = malloc(nr * sizeof(**out))) == NULL)
 		goto out;
-	for (uint32_t k = 0; k < p->n; k++)
-		if (isroot[k] == 2)
-			git_oid_fromraw(&(*out)[(*nout)++], pidx_oid(p, k));
+	for (size_t q = 0; q < t->np; q++)
+		for (uint32_t k = 0; k < t->p[q].n; k++)
+			if (isroot[t->base[q] + k] == 2)
+				git_oid_fromraw(&(*out)[(*nout)++], pidx_oid(&t->p[q], k));
 	rc = 0;
 out:
 	free(seen);
@@ -1542,46 +1874,79 @@ static int vc_to_rx(struct bundle_rx *rx, const struct vctx *t)
 	return rx_failed(rx, t->rc);
 }
 
-/* Checks the new pack (above), then the tips, then calls opts.check. */
-static int rx_verify(struct bundle_rx *rx, const char *idxpath, const char *packpath)
+/* Checks the new packs (above; names[0..np), in the temporary directory), then the tips, then
+ * calls opts.check. */
+static int rx_verify(struct bundle_rx *rx, char (*names)[GIT_OID_HEXSZ + 1], size_t np)
 {
 	struct vctx t;
-	struct pidx p;
+	struct pidx *p = NULL;
+	char **idxpaths = NULL;
+	uint32_t *base = NULL;
 	uint8_t *types = NULL;
 	git_oid *roots = NULL;
 	size_t nroots = 0;
+	uint64_t n = 0;
 	int rc = 0;
 
 	memset(&t, 0, sizeof(t));
-	memset(&p, 0, sizeof(p));
-	if (rx->prog.total_objects > 0) {
-		if ((rc = pidx_open(&p, idxpath, packpath)) < 0)
-			return rx_fail(rx, rc == ME_ENOMEM ? rc : ME_EINTERNAL,
-				       "cannot read the new pack's index");
-		if ((types = malloc(p.n)) == NULL) {
+	if (np > 0 && ((p = calloc(np, sizeof(*p))) == NULL ||
+		       (idxpaths = calloc(np, sizeof(*idxpaths))) == NULL ||
+		       (base = calloc(np, sizeof(*base))) == NULL)) {
+		rc = rx_fail(rx, ME_ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t q = 0; q < np; q++) {
+		char packpath[PATH_MAX];
+		if (asprintf(&idxpaths[q], "%s/pack-%s.idx", rx->tmpdir, names[q]) < 0) {
+			idxpaths[q] = NULL;
 			rc = rx_fail(rx, ME_ENOMEM, "out of memory");
 			goto out;
 		}
-		if ((rc = pidx_types(&p, types)) < 0) {
+		if ((size_t)snprintf(packpath, sizeof(packpath), "%s/pack-%s.pack", rx->tmpdir,
+				     names[q]) >= sizeof(packpath)) {
+			rc = rx_fail(rx, ME_ETOOBIG, "mirror path too long");
+			goto out;
+		}
+		if ((rc = pidx_open(&p[q], idxpaths[q], packpath)) < 0) {
+			rc = rx_fail(rx, rc == ME_ENOMEM ? rc : ME_EINTERNAL,
+				     "cannot read the new pack's index");
+			goto out;
+		}
+		if ((np > 1 && p[q].n > 1u << VC_PACK_SHIFT) || n + p[q].n > UINT32_MAX) {
+			rc = rx_fail(rx, ME_ETOOBIG, "too many objects");
+			goto out;
+		}
+		base[q] = (uint32_t)n;
+		n += p[q].n;
+	}
+	if (n > 0 && (types = malloc(n)) == NULL) {
+		rc = rx_fail(rx, ME_ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t q = 0; q < np; q++) {
+		if ((rc = pidx_types(&p[q], types + base[q])) < 0) {
 			rc = rx_fail(rx, rc == ME_ENOMEM ? rc : ME_EPROTO,
 				     "bad pack: cannot resolve the object types");
 			goto out;
 		}
 		/* Types and offsets are known: libgit2 maps the pack from here on. */
-		pidx_unmap_pack(&p);
+		pidx_unmap_pack(&p[q]);
 	}
 	t.gitdir = git_repository_path(rx->mirror);
-	t.idxpath = idxpath;
-	t.p = &p;
+	t.p = p;
+	t.idxpaths = (const char *const *)idxpaths;
+	t.np = np;
+	t.base = base;
+	t.n = (uint32_t)n;
 	t.types = types;
 	t.graph = rx->opts.check != NULL && rx->opts.roots;
-	if (t.graph && p.n > 0 && (t.isroot = calloc(p.n, 1)) == NULL) {
+	if (t.graph && n > 0 && (t.isroot = calloc(n, 1)) == NULL) {
 		rc = rx_fail(rx, ME_ENOMEM, "out of memory");
 		goto out;
 	}
 	if (oidset_init(&t.ext) < 0)
 		vc_fail(&t, ME_EINTERNAL, "cannot initialise the check");
-	else if (view_open(&t) == 0)
+	else if (vc_merge(&t) == 0 && odb_over(&t, true, false, SIZE_MAX, &t.odb) == 0)
 		vc_run(&t);
 	for (size_t i = 0; t.rc == 0 && i < rx->expected->nrefs; i++) {
 		git_oid oid;
@@ -1594,11 +1959,19 @@ static int rx_verify(struct bundle_rx *rx, const char *idxpath, const char *pack
 		goto out;
 	}
 	if (rx->opts.check != NULL) {
-		if (t.graph &&
-		    (rc = reachable_roots(&t, &p, rx->expected, &roots, &nroots)) < 0) {
+		git_odb *vodb = NULL;
+		if (t.graph && (rc = reachable_roots(&t, rx->expected, &roots, &nroots)) < 0) {
 			rc = rx_fail(rx, rc, "out of memory");
 			goto out;
 		}
+		if (odb_over(&t, true, true, SIZE_MAX, &vodb) < 0 ||
+		    (git_repository_wrap_odb(&t.view, vodb) < 0 &&
+		     vc_git_fail(&t, ME_EGIT, "cannot open the new pack") < 0)) {
+			git_odb_free(vodb);
+			rc = vc_to_rx(rx, &t);
+			goto out;
+		}
+		git_odb_free(vodb); /* the view holds it */
 		rx->msg[0] = '\0';
 		rc = rx->opts.check(t.view, rx->expected, roots, nroots, rx->opts.check_arg,
 				    rx->msg, sizeof(rx->msg));
@@ -1612,7 +1985,13 @@ out:
 	vc_free(&t);
 	free(roots);
 	free(types);
-	pidx_free(&p);
+	for (size_t q = 0; q < np && p != NULL; q++)
+		pidx_free(&p[q]);
+	for (size_t q = 0; q < np && idxpaths != NULL; q++)
+		free(idxpaths[q]);
+	free(p);
+	free(idxpaths);
+	free(base);
 	return rc;
 }
 
@@ -1788,9 +2167,11 @@ static void rx_uninstall(struct bundle_rx *rx, const char *name)
 int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
 {
 	struct bundle_stats dummy;
-	char name[GIT_OID_HEXSZ + 1], idxpath[PATH_MAX], packpath[PATH_MAX];
-	bool moved = false, started = false;
-	int rc, n;
+	char (*names)[GIT_OID_HEXSZ + 1] = NULL;
+	bool *moved = NULL, started = false;
+	size_t np = 0;
+	uint64_t objects = 0;
+	int rc;
 
 	if (st == NULL)
 		st = &dummy;
@@ -1805,23 +2186,42 @@ int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
 		return rx_fail(rx, ME_EPROTO, "truncated bundle header");
 	if (rx->packhdr_len < PACK_HDR_LEN)
 		return rx_fail(rx, ME_EPROTO, "bad pack: truncated");
-	if (git_indexer_commit(rx->idx, &rx->prog) < 0)
-		return rx_git_fail(rx, ME_EPROTO, "bad pack");
-	snprintf(name, sizeof(name), "%s", git_indexer_name(rx->idx));
-	n = snprintf(idxpath, sizeof(idxpath), "%s/pack-%s.idx", rx->tmpdir, name);
-	if (n < 0 || (size_t)n >= sizeof(idxpath))
-		return rx_fail(rx, ME_ETOOBIG, "mirror path too long");
-	git_indexer_free(rx->idx);
-	rx->idx = NULL;
-
-	n = snprintf(packpath, sizeof(packpath), "%s/pack-%s.pack", rx->tmpdir, name);
-	if (n < 0 || (size_t)n >= sizeof(packpath))
-		return rx_fail(rx, ME_ETOOBIG, "mirror path too long");
-	if ((rc = rx_verify(rx, idxpath, packpath)) < 0)
+	if (rx->opts.parts != NULL) {
+		if (rx->cur < rx->nparts || rx->total != rx->opts.size)
+			return rx_fail(rx, ME_EPROTO, "bad pack: truncated");
+		if (rx_parts_end(rx) < 0)
+			return rx->rc;
+		for (uint32_t q = 0; q < rx->nparts; q++)
+			if (!rx->parts[q].done)
+				return rx_fail(rx, ME_EINTERNAL, "part %" PRIu32 " not indexed", q + 1);
+		np = rx->nparts;
+	} else {
+		if (git_indexer_commit(rx->idx, &rx->prog) < 0)
+			return rx_git_fail(rx, ME_EPROTO, "bad pack");
+		np = rx->prog.total_objects > 0;
+	}
+	if ((names = calloc(np ? np : 1, sizeof(*names))) == NULL ||
+	    (moved = calloc(np ? np : 1, sizeof(*moved))) == NULL) {
+		free(names);
+		return rx_fail(rx, ME_ENOMEM, "out of memory");
+	}
+	if (rx->opts.parts != NULL) {
+		for (size_t q = 0; q < np; q++) {
+			memcpy(names[q], rx->parts[q].name, sizeof(names[q]));
+			objects += rx->parts[q].prog.total_objects;
+		}
+	} else {
+		if (np > 0)
+			snprintf(names[0], sizeof(names[0]), "%s", git_indexer_name(rx->idx));
+		objects = rx->prog.total_objects;
+		git_indexer_free(rx->idx);
+		rx->idx = NULL;
+	}
+	if ((rc = rx_verify(rx, names, np)) < 0)
 		goto out;
-
-	if (rx->prog.total_objects > 0 && (rc = rx_install(rx, name, &moved)) < 0)
-		goto out;
+	for (size_t q = 0; q < np; q++)
+		if ((rc = rx_install(rx, names[q], &moved[q])) < 0)
+			goto out;
 	if (git_odb_refresh(rx->odb) < 0) {
 		rc = rx_git_fail(rx, ME_EGIT, "cannot refresh the mirror's objects");
 		goto out;
@@ -1830,19 +2230,24 @@ int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
 		goto out;
 	st->header_bytes = rx->hdr.len;
 	st->pack_bytes = rx->pack_bytes;
-	st->objects = rx->prog.total_objects;
+	st->objects = objects;
 	st->prereqs = rx->hdr.nprereqs;
 	st->refs = rx->hdr.nrefs;
+	if (rx->opts.parts != NULL)
+		st->parts = *rx->opts.parts;
 	rx->state = RX_DONE;
 	rc = 0;
 out:
-	if (rc < 0 && moved && !started)
-		rx_uninstall(rx, name);
+	for (size_t q = 0; rc < 0 && !started && q < np; q++)
+		if (moved[q])
+			rx_uninstall(rx, names[q]);
 	if (rx->tmpdir != NULL) {
 		rm_tree(rx->tmpdir);
 		free(rx->tmpdir);
 		rx->tmpdir = NULL;
 	}
+	free(names);
+	free(moved);
 	return rc;
 }
 
@@ -1850,6 +2255,7 @@ void bundle_rx_free(struct bundle_rx *rx)
 {
 	if (rx == NULL)
 		return;
+	rx_parts_free(rx); /* joins their threads */
 	git_indexer_free(rx->idx); /* removes its temporary pack */
 	if (rx->tmpdir != NULL) {
 		rm_tree(rx->tmpdir);

@@ -89,6 +89,9 @@ struct bundle_stats {
 	size_t refs; /* in the header */
 	size_t refs_updated; /* apply: refs created or moved */
 	size_t refs_deleted; /* apply: refs removed */
+	/* write: where a complete pack built from the source's packs can be cut, in bundle
+	 * offsets (none for other packs, or when it cannot be cut); apply: the parts used */
+	struct xmsg_parts parts;
 };
 
 /* Writes to fd (blocking; partial writes and EINTR are handled) a bundle whose refs are tips
@@ -140,7 +143,8 @@ void bundle_header_free(struct bundle_header *h);
  * mirror ("missing prerequisite <oid>", ME_ENOTFOUND) and the refs must be exactly expected's,
  * same names and oids ("refs differ from the signed ref state", ME_EPERM). The pack goes, as
  * it arrives, to libgit2's indexer (every object hashed, deltas resolved, trailer checked) in
- * a temporary directory inside the mirror, never into its objects. finish then checks every
+ * a temporary directory inside the mirror, never into its objects (with opts.parts: one
+ * indexer and one pack per part, below; what follows says "the pack" for all of them). finish then checks every
  * object of the pack (types read from the pack's entries; commits, trees and tags parsed in
  * pack order): everything an object references must be
  * in the pack or in the mirror with the right type; and every tip must be in one of them.
@@ -174,6 +178,18 @@ struct bundle_rx_opts {
 	/* Collect the roots for check (memory for every commit's parents); without, check
 	 * gets none. */
 	bool roots;
+	/* Optional: where the pack may be cut (a sender's hint, gossip_msg.h), with size, the
+	 * whole bundle's size (copied by bundle_rx_new). Each part is indexed as a pack of its
+	 * own (its own header and SHA-1 trailer; the whole pack's trailer is not read), committed
+	 * on a thread of its own as soon as it has arrived while the next one arrives, and
+	 * becomes a pack of its own in the mirror; the check above covers them together, as
+	 * one. Parts that do not fit the pack (an offset not at an entry, counts that do not add
+	 * up, a delta whose base is in another part and not in the mirror) reject the bundle
+	 * ("bad pack: ..."), and so does data past size ("bundle larger than announced").
+	 * bundle_rx_new refuses (ME_EINVAL) parts not xmsg_parts_valid for size, or size over
+	 * max_bytes. */
+	const struct xmsg_parts *parts;
+	uint64_t size;
 };
 
 int bundle_rx_new(struct bundle_rx **out, git_repository *mirror,

@@ -14,7 +14,6 @@
 
 #define IDX_HDR (8 + 256 * 4)
 #define IDX_TRAILER 40
-#define PACK_TRAILER 20
 
 static uint64_t be64(const uint8_t *p)
 {
@@ -91,7 +90,7 @@ int pidx_open(struct pidx *p, const char *idxpath, const char *packpath)
 	p->oids = p->idx + IDX_HDR;
 	p->offs32 = p->oids + (size_t)p->n * (GIT_OID_RAWSZ + 4);
 	p->offs64 = p->offs32 + (size_t)p->n * 4;
-	if (p->packlen < 12 + PACK_TRAILER || memcmp(p->pack, "PACK", 4) != 0 ||
+	if (p->packlen < PACK_HDR_LEN + PACK_TRAILER_LEN || memcmp(p->pack, "PACK", 4) != 0 ||
 	    (me_be32(p->pack + 4) != 2 && me_be32(p->pack + 4) != 3) || me_be32(p->pack + 8) != p->n)
 		goto bad;
 	if (p->n == 0)
@@ -108,7 +107,7 @@ int pidx_open(struct pidx *p, const char *idxpath, const char *packpath)
 				goto bad;
 			off = be64(p->offs64 + 8 * off);
 		}
-		if (off < 12 || off >= p->packlen - PACK_TRAILER)
+		if (off < PACK_HDR_LEN || off >= p->packlen - PACK_TRAILER_LEN)
 			goto bad;
 		p->rev[i].off = off;
 		p->rev[i].pos = i;
@@ -159,7 +158,7 @@ int64_t pidx_at(const struct pidx *p, uint64_t off)
 
 uint64_t pidx_end(const struct pidx *p, uint32_t k)
 {
-	return k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER;
+	return k + 1 < p->n ? p->rev[k + 1].off : p->packlen - PACK_TRAILER_LEN;
 }
 
 int pidx_entry(const struct pidx *p, uint32_t k, struct pidx_entry *e)
@@ -196,7 +195,7 @@ int pidx_entry(const struct pidx *p, uint32_t k, struct pidx_entry *e)
 			c = b[i++];
 			rel = ((rel + 1) << 7) | (c & 127);
 		}
-		if (rel == 0 || rel > e->off - 12)
+		if (rel == 0 || rel > e->off - PACK_HDR_LEN)
 			return -1;
 		e->base_off = e->off - rel;
 		break;

@@ -18,6 +18,8 @@
 #include "daemon/packwrite.h"
 
 #define MAX_PACKS 4096
+
+uint64_t packreuse_part_min = PACKREUSE_PART_MIN;
 #define MAX_TREE_DEPTH 256
 /* What becomes of a pack entry: not sent, sent (undecided), copied as stored, copied with its
  * OFS_DELTA offset rewritten, written whole. Entries are decided and written in the same
@@ -38,6 +40,10 @@ struct packreuse {
 	struct oidset want;
 	struct oidvec loose; /* wanted, in no pack */
 	size_t ncopy;
+	/* while writing, for the parts: each entry's offset in the new pack and its delta
+	 * base's (UINT64_MAX: none), in the order written */
+	uint64_t *eoff, *ebase;
+	size_t ne;
 };
 
 static int want_tree(struct packreuse *r, const git_oid *id, int depth, char *err, size_t errsz)
@@ -219,6 +225,20 @@ void packreuse_free(struct packreuse *r)
 	free(r);
 }
 
+/* Where the object with this raw id went in the new pack (it was written before). */
+static uint64_t newoff_of(const struct packreuse *r, const uint8_t *raw)
+{
+	git_oid id;
+
+	git_oid_fromraw(&id, raw);
+	for (size_t q = 0; q < r->np; q++) {
+		int64_t pos = pidx_find(&r->p[q].x, &id);
+		if (pos >= 0 && r->p[q].st[pos] >= ST_COPY)
+			return r->p[q].newoff[pos];
+	}
+	return 0; /* not reached: decide() copies a REF_DELTA only when its base is decided */
+}
+
 /* Is the object with this raw id already decided (so written before)? */
 static bool decided(const struct packreuse *r, const uint8_t *raw)
 {
@@ -361,16 +381,23 @@ static int write_pack(struct packreuse *r, struct rpack *p, struct packw *w, siz
 		if (p->st[pos] < ST_COPY)
 			continue;
 		p->newoff[pos] = packw_offset(w);
+		r->eoff[r->ne] = p->newoff[pos];
+		r->ebase[r->ne] = UINT64_MAX;
 		(*n)++;
 		switch (p->st[pos]) {
 		case ST_COPY:
+			if (pidx_entry(&p->x, k, &e) < 0)
+				return ME_EINTERNAL; /* decided on the same bytes */
+			if (e.type == PACK_REF_DELTA)
+				r->ebase[r->ne] = newoff_of(r, e.base_oid);
 			rc = packw_put(w, p->x.pack + p->x.rev[k].off,
 				       pidx_end(&p->x, k) - p->x.rev[k].off);
 			break;
 		case ST_OFS:
 			if (pidx_entry(&p->x, k, &e) < 0)
 				return ME_EINTERNAL; /* decided on the same bytes */
-			rel = p->newoff[pos] - p->newoff[p->x.rev[pidx_at(&p->x, e.base_off)].pos];
+			r->ebase[r->ne] = p->newoff[p->x.rev[pidx_at(&p->x, e.base_off)].pos];
+			rel = p->newoff[pos] - r->ebase[r->ne];
 			ofs[--i] = rel & 127;
 			while (rel >>= 7)
 				ofs[--i] = 128 | (--rel & 127);
@@ -383,39 +410,93 @@ static int write_pack(struct packreuse *r, struct rpack *p, struct packw *w, siz
 			rc = write_whole(r, w, &id, err, errsz);
 			break;
 		}
+		r->ne++;
 	}
 	return rc;
 }
 
+/* Cuts the pack written into parts of about part_bytes or more, each starting at an entry
+ * after which no entry has its delta base before it. */
+static void find_parts(const struct packreuse *r, uint64_t pack_bytes, uint64_t part_bytes,
+		       struct xmsg_parts *parts)
+{
+	uint64_t *minbase = r->ebase; /* becomes, in place, the least base at or after each */
+	uint64_t start = 0, count = 0;
+
+	memset(parts, 0, sizeof(*parts));
+	if (r->ne == 0)
+		return;
+	for (size_t j = r->ne - 1; j-- > 0;)
+		if (minbase[j + 1] < minbase[j])
+			minbase[j] = minbase[j + 1];
+	for (size_t j = 0; j < r->ne; j++) {
+		bool cut = j == 0 || (r->eoff[j] - start >= part_bytes &&
+				      pack_bytes - PACK_TRAILER_LEN - r->eoff[j] >= part_bytes / 2 &&
+				      minbase[j] >= r->eoff[j] && parts->n < XMSG_MAX_PARTS);
+		if (cut) {
+			if (parts->n > 0)
+				parts->v[parts->n - 1].count = count;
+			parts->v[parts->n].offset = start = r->eoff[j];
+			parts->n++;
+			count = 0;
+		}
+		count++;
+	}
+	parts->v[parts->n - 1].count = count;
+}
+
 int packreuse_write(struct packreuse *r, int fd, uint64_t *bytes, size_t *objects,
-		    size_t *reused, char *err, size_t errsz)
+		    size_t *reused, struct xmsg_parts *parts, char *err, size_t errsz)
 {
 	struct packw *w = NULL;
+	uint64_t total;
 	size_t n = 0;
 	int rc;
 
+	if (parts != NULL)
+		memset(parts, 0, sizeof(*parts));
+	free(r->eoff);
+	free(r->ebase);
+	r->ne = 0;
+	if ((r->eoff = malloc((r->want.n + 1) * sizeof(*r->eoff))) == NULL ||
+	    (r->ebase = malloc((r->want.n + 1) * sizeof(*r->ebase))) == NULL) {
+		rc = gerr_nomem(err, errsz);
+		goto out;
+	}
 	if ((rc = packw_new(&w, fd, (uint32_t)r->want.n)) < 0)
 		goto out;
 	for (size_t q = 0; q < r->np; q++)
 		if ((rc = write_pack(r, &r->p[q], w, &n, err, errsz)) < 0)
 			goto out;
-	for (size_t i = 0; i < r->loose.n; i++, n++)
+	for (size_t i = 0; i < r->loose.n; i++, n++) {
+		r->eoff[r->ne] = packw_offset(w);
+		r->ebase[r->ne++] = UINT64_MAX;
 		if ((rc = write_whole(r, w, &r->loose.v[i], err, errsz)) < 0)
 			goto out;
+	}
 	if (n != r->want.n) {
 		gerr_set(err, errsz, "wrote %zu objects of %zu", n, r->want.n);
 		rc = ME_EINTERNAL;
 		goto out;
 	}
-	if ((rc = packw_finish(w, bytes)) < 0)
+	if ((rc = packw_finish(w, &total)) < 0)
 		goto out;
+	if (bytes != NULL)
+		*bytes = total;
 	if (objects != NULL)
 		*objects = n;
 	if (reused != NULL)
 		*reused = r->ncopy;
+	if (parts != NULL) {
+		uint64_t each = total / PACKREUSE_PARTS;
+		find_parts(r, total, each > packreuse_part_min ? each : packreuse_part_min, parts);
+	}
 out:
 	if (rc == ME_EIO)
 		gerr_set(err, errsz, "cannot write the pack: %s", strerror(errno));
 	packw_free(w);
+	free(r->eoff);
+	free(r->ebase);
+	r->eoff = r->ebase = NULL;
 	return rc;
 }

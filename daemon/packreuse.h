@@ -26,10 +26,19 @@ struct packreuse;
  * uses libgit2's pack builder); ME_ENOTFOUND for a tip not in src. */
 int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		   struct packreuse **out, char *err, size_t errsz);
+/* Parts (xmsg_parts, offsets from the start of the pack): a pack is cut into at most
+ * PACKREUSE_PARTS parts of at least packreuse_part_min bytes (the last one at least half
+ * that), only where no delta crosses, so that a receiver indexes them on several cores while
+ * the rest arrives. */
+#define PACKREUSE_PARTS 16
+#define PACKREUSE_PART_MIN (2u << 20)
+extern uint64_t packreuse_part_min; /* PACKREUSE_PART_MIN; tests lower it */
+
 /* Writes the planned pack to fd (blocking). *bytes and *objects may be NULL; *reused (may be
- * NULL) = entries copied as stored. */
+ * NULL) = entries copied as stored; *parts (may be NULL) = where the pack can be cut (above;
+ * one part when it cannot). */
 int packreuse_write(struct packreuse *r, int fd, uint64_t *bytes, size_t *objects,
-		    size_t *reused, char *err, size_t errsz);
+		    size_t *reused, struct xmsg_parts *parts, char *err, size_t errsz);
 void packreuse_free(struct packreuse *r);
 
 #endif

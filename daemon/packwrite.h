@@ -8,6 +8,9 @@
 
 #include <git2.h>
 
+#define PACK_HDR_LEN 12     /* "PACK", version, object count */
+#define PACK_TRAILER_LEN 20 /* SHA-1 of everything before */
+
 /* Pack entry types. */
 enum { PACK_COMMIT = 1, PACK_TREE = 2, PACK_BLOB = 3, PACK_TAG = 4, PACK_OFS_DELTA = 6,
        PACK_REF_DELTA = 7 };

@@ -71,6 +71,7 @@ struct seg {
 	uint8_t digest[XMSG_DIGEST_LEN];
 	uint8_t creator_pk[ME_PK_LEN];
 	struct rs_copy rs;
+	struct xmsg_parts parts; /* where its pack can be cut, as announced */
 	char path[PATH_MAX];
 	uint8_t (*tips)[ME_OID_LEN]; /* distinct ref targets, sorted: matched against haves */
 	size_t ntips;
@@ -131,6 +132,7 @@ struct fetch {
 	uint8_t digest[XMSG_DIGEST_LEN];
 	struct rs_copy rs;
 	uint8_t creator_pk[ME_PK_LEN];
+	struct xmsg_parts parts;
 	int64_t last_seq;    /* state of the last bundle announced (the mirror's at first) */
 	int64_t applied_seq; /* the mirror's state after the last bundle applied */
 	int base_unknown;    /* the mirror's refs are not those of applied_seq (see fetch_begin) */
@@ -163,6 +165,7 @@ struct centry {
 	enum cstate state;
 	uint64_t size;
 	uint8_t digest[XMSG_DIGEST_LEN];
+	struct xmsg_parts parts;
 	int users;
 	int stale; /* removed from the list: delete when the last user goes */
 	int64_t last_used_ms;
@@ -462,6 +465,7 @@ struct segrx {
 	uint8_t creator_pk[ME_PK_LEN];
 	uint8_t digest[XMSG_DIGEST_LEN];
 	uint64_t size;
+	struct xmsg_parts parts;
 	int64_t base_seq; /* the mirror's state it applies on (0: empty) */
 	uint64_t max_bytes;
 	char root[PATH_MAX];
@@ -617,6 +621,7 @@ static int fetch_queue(struct fetch *f)
 	memset(&f->rs, 0, sizeof(f->rs));
 	memcpy(g->creator_pk, f->creator_pk, ME_PK_LEN);
 	memcpy(g->digest, f->digest, XMSG_DIGEST_LEN);
+	g->parts = f->parts;
 	g->size = f->total;
 	g->max_bytes = f->max_bytes;
 	fmt(g->root, sizeof(g->root), "%s", f->root);
@@ -720,6 +725,7 @@ static int fetch_start_frame(struct fetch *f, const struct xmsg *m)
 	f->bytes_total += m->total_size;
 	f->bytes_done += m->offset;
 	memcpy(f->digest, m->digest, XMSG_DIGEST_LEN);
+	f->parts = m->parts; /* a hint: parts that do not fit the pack reject the bundle */
 	waiters_progress(r, f->bytes_done, f->bytes_total);
 	return fetch_queue(f);
 }
@@ -745,6 +751,9 @@ static int fetch_done_frame(struct fetch *f, const struct xmsg *m)
 	}
 	if (f->cur != NULL) /* complete and checked: its verifier may apply it */
 		__atomic_store_n(&f->cur->arriving, 0, __ATOMIC_SEQ_CST);
+	log_debug("sync: bundle of %s from %s received: %" PRIu64 " bytes in %" PRId64 " ms%s",
+		  f->r->id, f->peer_did, f->total, me_mono_ms() - f->window_ms,
+		  f->cur != NULL ? "" : " (already verified)");
 	f->cur = NULL;
 	f->npieces++;
 	f->phase = F_IDLE;
@@ -892,6 +901,7 @@ static void verify_work(uv_work_t *w)
 		.cancel = &g->s->closing, /* set by sync_free on the loop's thread */
 		.digest = g->digest,
 		.size = g->size,
+		.parts = &g->parts,
 		.arriving = &g->arriving,
 		.abort = &g->abort,
 	};
@@ -1169,6 +1179,7 @@ static struct seg *seg_load(const char *dir, const char *start_name)
 			g->size = m.total_size;
 			memcpy(g->digest, m.digest, XMSG_DIGEST_LEN);
 			memcpy(g->creator_pk, m.creator_pk, ME_PK_LEN);
+			g->parts = m.parts;
 			fmt(g->path, sizeof(g->path), "%s", bpath);
 		}
 	}
@@ -1234,7 +1245,7 @@ static void series_load(struct sync *s, struct srepo *r)
  * bundle (full) replaces the series. */
 static int series_add(struct sync *s, struct srepo *r, const char *file, uint64_t size,
 		      const uint8_t digest[XMSG_DIGEST_LEN], const uint8_t creator_pk[ME_PK_LEN],
-		      const struct gmsg_refstate *rs, int full)
+		      const struct gmsg_refstate *rs, const struct xmsg_parts *parts, int full)
 {
 	char dir[PATH_MAX], meta[PATH_MAX], tmp[PATH_MAX];
 	msgpack_sbuffer sb;
@@ -1256,11 +1267,12 @@ static int series_add(struct sync *s, struct srepo *r, const char *file, uint64_
 	g->size = size;
 	memcpy(g->digest, digest, XMSG_DIGEST_LEN);
 	memcpy(g->creator_pk, creator_pk, ME_PK_LEN);
+	g->parts = *parts;
 	fmt(g->path, sizeof(g->path), "%s/%" PRId64 ".bundle", dir, g->seq);
 	fmt(meta, sizeof(meta), "%s/%" PRId64 ".start", dir, g->seq);
 	fmt(tmp, sizeof(tmp), "%s/%" PRId64 ".start.tmp", dir, g->seq);
 	msgpack_sbuffer_init(&sb);
-	rc = xmsg_encode_start(&sb, "", size, digest, 0, creator_pk, rs);
+	rc = xmsg_encode_start_parts(&sb, "", size, digest, 0, creator_pk, rs, parts);
 	if (rc == 0) {
 		rc = ME_EIO;
 		fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -1293,7 +1305,8 @@ static void series_keep(struct sync *s, struct srepo *r, struct segrx *g)
 
 	series_load(s, r);
 	if (!r->se.building && (full || (r->se.tail != NULL && r->se.tail->seq == g->base_seq)) &&
-	    series_add(s, r, g->path, g->size, g->digest, g->creator_pk, &g->rs.rs, full) == 0) {
+	    series_add(s, r, g->path, g->size, g->digest, g->creator_pk, &g->rs.rs, &g->parts,
+		       full) == 0) {
 		segrx_free(g, 0);
 		return;
 	}
@@ -1314,6 +1327,7 @@ struct sbuild {
 	size_t nhaves;
 	uint64_t size;
 	uint8_t digest[XMSG_DIGEST_LEN];
+	struct xmsg_parts parts;
 	int rc;
 	char err[ERRSZ];
 };
@@ -1321,8 +1335,10 @@ struct sbuild {
 /* Writes a bundle of tips minus haves from source into path, and its size and digest. */
 static int build_file(const char *source, const struct gmsg_refstate *rs, const git_oid *haves,
 		      size_t nhaves, const char *path, uint64_t *size,
-		      uint8_t digest[XMSG_DIGEST_LEN], char *err, size_t errsz)
+		      uint8_t digest[XMSG_DIGEST_LEN], struct xmsg_parts *parts, char *err,
+		      size_t errsz)
 {
+	struct bundle_stats st;
 	git_repository *src = NULL;
 	struct me_sha3 *h = NULL;
 	uint8_t *buf = NULL;
@@ -1337,8 +1353,9 @@ static int build_file(const char *source, const struct gmsg_refstate *rs, const 
 		fmt(err, errsz, "cannot create a bundle: %s", strerror(errno));
 		goto out;
 	}
-	if ((rc = bundle_write(src, rs->refs, rs->nrefs, haves, nhaves, fd, NULL, err, errsz)) < 0)
+	if ((rc = bundle_write(src, rs->refs, rs->nrefs, haves, nhaves, fd, &st, err, errsz)) < 0)
 		goto out;
+	*parts = st.parts;
 	if ((h = me_sha3_new()) == NULL || (buf = malloc(BUNDLE_CHUNK)) == NULL) {
 		rc = ME_ENOMEM;
 		goto out;
@@ -1376,7 +1393,7 @@ static void sbuild_work(uv_work_t *w)
 	struct sbuild *b = (struct sbuild *)((char *)w - offsetof(struct sbuild, work));
 
 	b->rc = build_file(b->source, &b->rs.rs, b->haves, b->nhaves, b->tmp, &b->size, b->digest,
-			   b->err, sizeof(b->err));
+			   &b->parts, b->err, sizeof(b->err));
 	if (b->rc < 0 && b->haves != NULL) {
 		/* the source lacks what the series' last state had (history rewritten and
 		 * collected): start the series over with a complete bundle */
@@ -1384,7 +1401,7 @@ static void sbuild_work(uv_work_t *w)
 		b->haves = NULL;
 		b->nhaves = 0;
 		b->rc = build_file(b->source, &b->rs.rs, NULL, 0, b->tmp, &b->size, b->digest,
-				   b->err, sizeof(b->err));
+				   &b->parts, b->err, sizeof(b->err));
 	}
 }
 
@@ -1405,7 +1422,7 @@ static void sbuild_done(uv_work_t *w, int status)
 		if (b->rc == 0 && !s->closing &&
 		    (r->se.tail == NULL || r->se.tail->seq < (int64_t)b->rs.rs.seq)) {
 			if (series_add(s, r, b->tmp, b->size, b->digest, b->creator_pk, &b->rs.rs,
-				       b->haves == NULL) < 0)
+				       &b->parts, b->haves == NULL) < 0)
 				b->rc = ME_EIO;
 			else
 				log_info("sync: %s: bundle for state %" PRIu64 " built (%" PRIu64
@@ -2063,7 +2080,8 @@ static void serve_begin(struct serve *sv)
 		off = sv->resume_offset;
 	fmt(name, sizeof(name), "%.16s-%" PRId64 ".bundle", b58_part(sv->repo_id) + 1, seq);
 	msgpack_sbuffer_init(&sb);
-	int rc = xmsg_encode_start(&sb, name, size, piece_digest(sv), off, pk, rs);
+	int rc = xmsg_encode_start_parts(&sb, name, size, piece_digest(sv), off, pk, rs,
+					 sv->seg != NULL ? &sv->seg->parts : &sv->ce->parts);
 	if (rc == 0)
 		rc = send_frame(sv->x, &sb);
 	msgpack_sbuffer_destroy(&sb);
@@ -2086,7 +2104,7 @@ static void build_work(uv_work_t *w)
 
 	fmt(tmp, sizeof(tmp), "%s.tmp", ce->path);
 	ce->rc = build_file(ce->source, &ce->rs.rs, ce->haves, ce->nhaves, tmp, &ce->size,
-			    ce->digest, ce->err, sizeof(ce->err));
+			    ce->digest, &ce->parts, ce->err, sizeof(ce->err));
 	if (ce->rc == 0 && rename(tmp, ce->path) < 0) {
 		ce->rc = ME_EIO;
 		fmt(ce->err, sizeof(ce->err), "rename: %s", strerror(errno));

@@ -403,6 +403,10 @@ static int child_work(struct child_req *q, char *msg, size_t msgsz, int *refuted
 	ba.repo_id = repo_id;
 	ba.binding = q->check_binding;
 	ba.follow = q->follow;
+	if (q->follow && q->start.parts.n > 0) {
+		o.parts = &q->start.parts;
+		o.size = q->start.total_size;
+	}
 	if (q->check_binding || q->follow) {
 		o.check = child_check;
 		o.check_arg = &ba;
@@ -683,8 +687,9 @@ static int encode_request(const struct verify_req *r, uint64_t mem, unsigned cpu
 	int rc;
 
 	msgpack_sbuffer_init(&st);
-	if ((rc = xmsg_encode_start(&st, "verify", r->digest ? r->size : 0,
-				    r->digest ? r->digest : zero, 0, r->creator_pk, r->rs)) < 0) {
+	if ((rc = xmsg_encode_start_parts(&st, "verify", r->digest ? r->size : 0,
+					  r->digest ? r->digest : zero, 0, r->creator_pk, r->rs,
+					  r->digest ? r->parts : NULL)) < 0) {
 		msgpack_sbuffer_destroy(&st);
 		return rc;
 	}

@@ -72,6 +72,8 @@ struct verify_req {
 	const uint8_t *digest;
 	uint64_t size;
 	const volatile int *arriving, *abort;
+	/* Optional, with digest: where the pack may be cut (bundle_rx_opts.parts) */
+	const struct xmsg_parts *parts;
 	/* 0: computed from the bundle's size (above) */
 	uint64_t mem_limit;
 	unsigned cpu_limit_s, wall_limit_s;

@@ -15,7 +15,7 @@ import pytest
 from conftest import git
 from test_gossip import Node, wait_for
 from test_protocol import sanitized
-from test_sync import assert_mirror_sound, mirror_matches
+from test_sync import assert_mirror_sound, mirror_matches, mirror_of
 
 GENREPO = Path(__file__).resolve().parents[2] / "bench" / "genrepo.py"
 # Receiver peak: the daemon's VmHWM plus its largest verifier child's (shared library pages
@@ -54,6 +54,12 @@ def test_full_replication_bytes_and_peak_memory(daemon_factory, git_repo, genera
     wait_for(mirror_matches(b, rid, generated, env), "B mirrors the generated repository",
              [a, b], timeout=300)
     assert_mirror_sound(b, rid, generated, env)
+    # A announced where its pack can be cut: B indexed the parts as packs of their own, and
+    # keeps the announcement with the bundle to serve it the same way (an 8-element start).
+    packs = list((Path(mirror_of(b, rid)) / "objects" / "pack").glob("pack-*.pack"))
+    assert len(packs) >= 2, packs
+    starts = list((b.d.root / "series").glob("*/*.start"))
+    assert len(starts) == 1 and starts[0].read_bytes()[4] == 0x98, starts
     sync = b.j("node", "status")["sync"]
     got, ref = sync["bytes_fetched"], git_pack_bytes(generated, env)
     with open(f"/proc/{b.d.proc.pid}/status") as f:

@@ -21,6 +21,9 @@
 #include "common/ids.h"
 #include "daemon/gitrepo.h"
 #include "daemon/mirror.h"
+#include "daemon/packidx.h"
+#include "daemon/packreuse.h"
+#include "daemon/packwrite.h"
 #include "tests/unit/gitfixture.h"
 
 static char base[64];
@@ -1115,7 +1118,8 @@ static void test_check_hook(void **state)
 	char src[PATH_MAX], mdir[PATH_MAX], b[PATH_MAX], err[256];
 	struct tstate t;
 	struct check_arg a = { NULL, 0, 0, { "" } };
-	struct bundle_rx_opts o = { 1u << 30, check_root, &a, true };
+	struct bundle_rx_opts o = { .max_bytes = 1u << 30, .check = check_root, .check_arg = &a,
+				    .roots = true };
 	struct bundle_rx *rx;
 	git_repository *m;
 	unsigned char *data;
@@ -1432,6 +1436,181 @@ static void test_git_made(void **state)
 	state_clear(&t);
 }
 
+/* ---- parts: a complete pack cut where no delta crosses, indexed part by part ---- */
+
+/* Feeds data to a new bundle_rx with parts in chunks of step bytes (up to len), then finishes
+ * when finish is set. Returns the first error (or finish's result); *msg the message. */
+static int rx_parts(git_repository *m, const struct gmsg_refstate *rs,
+		    const struct xmsg_parts *parts, uint64_t size, const unsigned char *data,
+		    size_t len, size_t step, bool finish, struct bundle_stats *st, char *msg,
+		    size_t msgsz)
+{
+	struct bundle_rx_opts o = { .max_bytes = 1u << 30, .parts = parts, .size = size };
+	struct bundle_rx *rx;
+	char err[256];
+	int rc = 0;
+
+	assert_int_equal(bundle_rx_new(&rx, m, rs, &o, err, sizeof(err)), 0);
+	for (size_t off = 0; rc == 0 && off < len; off += step)
+		rc = bundle_rx_write(rx, data + off, len - off < step ? len - off : step);
+	if (rc == 0 && finish)
+		rc = bundle_rx_finish(rx, st);
+	snprintf(msg, msgsz, "%s", bundle_rx_errmsg(rx));
+	bundle_rx_free(rx);
+	return rc;
+}
+
+static void expect_parts_reject(git_repository *m, const char *mdir,
+				const struct gmsg_refstate *rs, const struct xmsg_parts *parts,
+				uint64_t size, const unsigned char *data, size_t len, const char *want)
+{
+	char msg[512];
+	int rc = rx_parts(m, rs, parts, size, data, len, 65536, true, NULL, msg, sizeof(msg));
+
+	if (rc >= 0 || strstr(msg, want) == NULL)
+		fail_msg("parts accepted or other failure: %s: \"%s\" (want \"%s\")",
+			 me_errname(rc), msg, want);
+	assert_int_equal(npacks(mdir), 0);
+	assert_int_equal(nincoming(mdir), 0);
+	assert_int_equal(count_of("git -C '%s' for-each-ref | wc -l", mdir), 0);
+}
+
+static void test_parts(void **state)
+{
+	char src[PATH_MAX], mdir[PATH_MAX], b[PATH_MAX], pk[PATH_MAX], ix[PATH_MAX], msg[512];
+	struct tstate t;
+	struct bundle_stats st, got;
+	struct xmsg_parts bad;
+	struct pidx x;
+	git_repository *m;
+	unsigned char *data;
+	size_t len, hdrlen;
+	(void)state;
+
+	path_in(src, sizeof(src), "parts-src");
+	path_in(b, sizeof(b), "parts.bundle");
+	sh("mkdir -p '%s' && cd '%s' && git init -q -b main && seq 1 3000 > f && "
+	   "git add f && git commit -q -m c0 && for i in $(seq 1 60); do "
+	   "sed -i \"$((i * 7))s/.*/changed $i/\" f; echo $i > n$((i %% 7)); git add -A; "
+	   "git commit -q -m c$i; done && git tag -a v1 -m one HEAD~9 && git gc -q", src, src);
+	state_of(src, &t);
+	packreuse_part_min = 1;
+	write_bundle(src, &t.rs, NULL, 0, b, &st);
+	packreuse_part_min = PACKREUSE_PART_MIN;
+	data = slurp(b, &len);
+	hdrlen = st.header_bytes;
+	assert_true(st.parts.n >= 3 && st.parts.n <= PACKREUSE_PARTS);
+	assert_true(st.parts.v[0].offset == hdrlen + PACK_HDR_LEN);
+	assert_true(xmsg_parts_valid(&st.parts, len));
+
+	/* Applied part by part, fed in odd sizes: a pack per part, the same refs and objects. */
+	m = new_mirror("node-parts", mdir, sizeof(mdir));
+	assert_int_equal(rx_parts(m, &t.rs, &st.parts, len, data, len, 4093, true, &got, msg,
+				  sizeof(msg)), 0);
+	assert_string_equal(msg, "");
+	assert_int_equal(got.parts.n, st.parts.n);
+	assert_int_equal(got.objects, st.objects);
+	assert_int_equal(npacks(mdir), st.parts.n);
+	assert_int_equal(nincoming(mdir), 0);
+	fsck(mdir);
+	expect_same_refs(src, mdir);
+	sh("test \"$(git -C '%s' rev-list --objects --all | sort)\" = "
+	   "\"$(git -C '%s' rev-list --objects --all | sort)\"", src, mdir);
+	git_repository_free(m);
+
+	/* Parts that do not fit the pack: refused, nothing left behind. The pack's entries, to
+	 * cut where a delta crosses: */
+	path_in(pk, sizeof(pk), "parts.pack");
+	path_in(ix, sizeof(ix), "parts.idx");
+	spit(pk, data + hdrlen, len - hdrlen);
+	sh("git index-pack -o '%s' '%s' >/dev/null", ix, pk);
+	assert_int_equal(pidx_open(&x, ix, pk), 0);
+	m = new_mirror("node-parts-bad", mdir, sizeof(mdir));
+
+	bad = st.parts; /* counts moved between parts, total unchanged */
+	bad.v[0].count++;
+	bad.v[1].count--;
+	expect_parts_reject(m, mdir, &t.rs, &bad, len, data, len, "bad pack: part 1 of");
+	bad = st.parts;
+	bad.v[0].count--;
+	bad.v[1].count++;
+	expect_parts_reject(m, mdir, &t.rs, &bad, len, data, len, "bad pack: part 1 of");
+	bad = st.parts; /* a count that does not add up */
+	bad.v[bad.n - 1].count++;
+	expect_parts_reject(m, mdir, &t.rs, &bad, len, data, len, "the parts announced hold");
+	bad = st.parts; /* a part that does not start at an entry */
+	bad.v[1].offset++;
+	expect_parts_reject(m, mdir, &t.rs, &bad, len, data, len, "bad pack: part");
+	bad = st.parts; /* the first part after the pack's header, not anywhere else */
+	bad.v[0].offset--;
+	expect_parts_reject(m, mdir, &t.rs, &bad, len, data, len, "do not fit");
+	bad = st.parts; /* the last part must end before the trailer */
+	bad.v[bad.n - 1].offset = len - PACK_TRAILER_LEN;
+	expect_parts_reject(m, mdir, &t.rs, &bad, len, data, len, "do not fit");
+
+	/* a cut at a delta whose base is in the part before */
+	bool cut = false;
+	for (uint32_t k = 1; k < x.n && !cut; k++) {
+		struct pidx_entry e;
+		uint64_t at = hdrlen + x.rev[k].off;
+		uint32_t i = 0;
+		assert_int_equal(pidx_entry(&x, k, &e), 0);
+		if (e.type != PACK_OFS_DELTA)
+			continue;
+		while (i + 1 < st.parts.n && st.parts.v[i + 1].offset <= at)
+			i++;
+		if (st.parts.v[i].offset >= hdrlen + e.base_off || st.parts.n == XMSG_MAX_PARTS)
+			continue;
+		/* part i is [start, at) and [at, ...): ranks from the part's first entry */
+		int64_t first = pidx_at(&x, st.parts.v[i].offset - hdrlen);
+		assert_true(first >= 0 && (uint32_t)first < k);
+		bad = st.parts;
+		memmove(&bad.v[i + 2], &bad.v[i + 1], (bad.n - i - 1) * sizeof(bad.v[0]));
+		bad.n++;
+		bad.v[i].count = k - (uint32_t)first;
+		bad.v[i + 1].offset = at;
+		bad.v[i + 1].count = st.parts.v[i].count - bad.v[i].count;
+		assert_true(xmsg_parts_valid(&bad, len));
+		expect_parts_reject(m, mdir, &t.rs, &bad, len, data, len, "bad pack: part");
+		cut = true;
+	}
+	assert_true(cut);
+	pidx_free(&x);
+
+	/* more data than announced; less */
+	expect_parts_reject(m, mdir, &t.rs, &st.parts, len - 1, data, len, "bad pack");
+	data[len] = 0; /* slurp leaves a byte */
+	expect_parts_reject(m, mdir, &t.rs, &st.parts, len, data, len + 1,
+			    "larger than announced");
+	expect_parts_reject(m, mdir, &t.rs, &st.parts, len, data, len - 1, "truncated");
+	/* abandoned while parts are being indexed: nothing left */
+	assert_int_equal(rx_parts(m, &t.rs, &st.parts, len, data, len * 2 / 3, 8192, false, NULL,
+				  msg, sizeof(msg)), 0);
+	assert_int_equal(npacks(mdir), 0);
+	assert_int_equal(nincoming(mdir), 0);
+	/* refused up front: parts out of order, or a size over the limit */
+	{
+		struct bundle_rx_opts o = { .max_bytes = 1u << 30, .parts = &bad, .size = len };
+		struct bundle_rx *rx = NULL;
+		char err[256];
+		bad = st.parts;
+		bad.v[1].offset = bad.v[0].offset;
+		assert_int_equal(bundle_rx_new(&rx, m, &t.rs, &o, err, sizeof(err)), ME_EINVAL);
+		assert_null(rx);
+		o.parts = &st.parts;
+		o.max_bytes = len - 1;
+		assert_int_equal(bundle_rx_new(&rx, m, &t.rs, &o, err, sizeof(err)), ME_EINVAL);
+	}
+	/* and the honest parts still apply on that mirror */
+	assert_int_equal(rx_parts(m, &t.rs, &st.parts, len, data, len, 65536, true, &got, msg,
+				  sizeof(msg)), 0);
+	fsck(mdir);
+	expect_same_refs(src, mdir);
+	git_repository_free(m);
+	free(data);
+	state_clear(&t);
+}
+
 static int group_setup(void **state)
 {
 	static const char *const unset[] = {
@@ -1485,6 +1664,7 @@ int main(void)
 		cmocka_unit_test(test_lock_held),
 		cmocka_unit_test(test_not_connected),
 		cmocka_unit_test(test_git_made),
+		cmocka_unit_test(test_parts),
 	};
 
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -16,9 +16,13 @@
 
 #include <git2.h>
 
+#include <wolfssl/options.h>
+#include <wolfssl/wolfcrypt/sha.h>
+
 #include "common/err.h"
 #include "daemon/gitrepo.h"
 #include "daemon/packreuse.h"
+#include "daemon/packwrite.h"
 #include "tests/unit/gitfixture.h"
 
 static char base[64];
@@ -53,8 +57,10 @@ static void tips_of(git_repository *r, struct tips *t)
 	git_reference_iterator_free(it);
 }
 
-/* Writes the reused pack of dir's branches and tags to out; returns the entries reused. */
-static size_t reuse(const char *dir, const char *out, size_t *objects)
+/* Writes the reused pack of dir's branches and tags to out; returns the entries reused.
+ * parts may be NULL. */
+static size_t reuse_parts(const char *dir, const char *out, size_t *objects,
+			  struct xmsg_parts *parts)
 {
 	git_repository *r;
 	struct packreuse *pr = NULL;
@@ -70,7 +76,7 @@ static size_t reuse(const char *dir, const char *out, size_t *objects)
 	if (rc != 0)
 		fail_msg("packreuse_plan: %d %s", rc, err);
 	assert_true((fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600)) >= 0);
-	rc = packreuse_write(pr, fd, &bytes, objects, &reused, err, sizeof(err));
+	rc = packreuse_write(pr, fd, &bytes, objects, &reused, parts, err, sizeof(err));
 	if (rc != 0)
 		fail_msg("packreuse_write: %d %s", rc, err);
 	assert_int_equal(close(fd), 0);
@@ -78,6 +84,11 @@ static size_t reuse(const char *dir, const char *out, size_t *objects)
 	packreuse_free(pr);
 	git_repository_free(r);
 	return reused;
+}
+
+static size_t reuse(const char *dir, const char *out, size_t *objects)
+{
+	return reuse_parts(dir, out, objects, NULL);
 }
 
 /* The pack indexes on its own and holds exactly rev-list's objects. */
@@ -167,6 +178,90 @@ static void test_v1_index(void **state)
 	assert_true(reused < objects);
 }
 
+/* Each part, made a pack of its own (its count in a header, a SHA-1 trailer), is accepted by
+ * `git index-pack` alone: no delta reaches outside it (not --strict: a commit's tree may be in
+ * another part). Together they hold the pack's
+ * objects, exactly rev-list's. */
+static void check_parts(const char *dir, const char *pack, size_t objects,
+			const struct xmsg_parts *parts)
+{
+	char part[192], idx[192], want[160], got[160];
+	unsigned char *buf;
+	uint64_t sum = 0;
+	FILE *f;
+	long len;
+
+	assert_non_null(f = fopen(pack, "rb"));
+	assert_int_equal(fseek(f, 0, SEEK_END), 0);
+	assert_true((len = ftell(f)) > PACK_HDR_LEN + PACK_TRAILER_LEN);
+	rewind(f);
+	assert_non_null(buf = malloc((size_t)len));
+	assert_int_equal(fread(buf, 1, (size_t)len, f), (size_t)len);
+	fclose(f);
+	assert_true(parts->n >= 1);
+	assert_true(parts->v[0].offset == PACK_HDR_LEN);
+	snprintf(got, sizeof(got), "%s/got", base);
+	sh(": > '%s'", got);
+	for (uint32_t i = 0; i < parts->n; i++) {
+		uint64_t a = parts->v[i].offset;
+		uint64_t b = i + 1 < parts->n ? parts->v[i + 1].offset : (uint64_t)len - PACK_TRAILER_LEN;
+		unsigned char hdr[PACK_HDR_LEN] = { 'P', 'A', 'C', 'K', 0, 0, 0, 2 };
+		unsigned char sha[WC_SHA_DIGEST_SIZE];
+		wc_Sha h;
+
+		assert_true(a < b);
+		for (int k = 0; k < 4; k++)
+			hdr[8 + k] = (unsigned char)(parts->v[i].count >> (24 - 8 * k));
+		assert_int_equal(wc_InitSha(&h), 0);
+		wc_ShaUpdate(&h, hdr, sizeof(hdr));
+		wc_ShaUpdate(&h, buf + a, (word32)(b - a));
+		assert_int_equal(wc_ShaFinal(&h, sha), 0);
+		snprintf(part, sizeof(part), "%s/part%u.pack", base, i);
+		snprintf(idx, sizeof(idx), "%s/part%u.idx", base, i);
+		assert_non_null(f = fopen(part, "wb"));
+		assert_int_equal(fwrite(hdr, 1, sizeof(hdr), f), sizeof(hdr));
+		assert_int_equal(fwrite(buf + a, 1, b - a, f), b - a);
+		assert_int_equal(fwrite(sha, 1, sizeof(sha), f), sizeof(sha));
+		assert_int_equal(fclose(f), 0);
+		sh("git index-pack -o '%s' '%s' >/dev/null", idx, part);
+		sh("git show-index < '%s' | cut -d' ' -f2 >> '%s'", idx, got);
+		sum += parts->v[i].count;
+	}
+	assert_true(sum == objects);
+	snprintf(want, sizeof(want), "%s/want", base);
+	sh("git -C '%s' rev-list --objects --branches --tags | cut -c1-40 | sort > '%s'", dir, want);
+	sh("sort -o '%s' '%s' && cmp -s '%s' '%s'", got, got, want, got);
+	free(buf);
+}
+
+static void test_parts(void **state)
+{
+	char dir[128], pack[160];
+	struct xmsg_parts parts;
+	size_t objects = 0;
+
+	(void)state;
+	snprintf(dir, sizeof(dir), "%s/parts", base);
+	snprintf(pack, sizeof(pack), "%s/parts.pack", base);
+	make_history(dir, 60);
+	sh("git -C '%s' gc -q", dir);
+	/* as many as the size allows: a pack this small is one part by default */
+	reuse_parts(dir, pack, &objects, &parts);
+	assert_int_equal(parts.n, 1);
+	assert_true(parts.v[0].count == objects);
+	packreuse_part_min = 1;
+	reuse_parts(dir, pack, &objects, &parts);
+	assert_true(parts.n >= 3 && parts.n <= PACKREUSE_PARTS);
+	check_parts(dir, pack, objects, &parts);
+
+	/* loose objects and two packs, some entries written whole: still self-contained */
+	sh("cd '%s' && seq 1 3100 > f && git commit -q -am newest && git repack -q && "
+	   "echo loose > l && git add l && git commit -q -m loose", dir);
+	reuse_parts(dir, pack, &objects, &parts);
+	packreuse_part_min = PACKREUSE_PART_MIN;
+	check_parts(dir, pack, objects, &parts);
+}
+
 /* Nothing packed: nothing to reuse, the caller's pack builder is asked to do it. */
 static void test_no_packs(void **state)
 {
@@ -247,6 +342,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_packed),
 		cmocka_unit_test(test_mixed),
+		cmocka_unit_test(test_parts),
 		cmocka_unit_test(test_v1_index),
 		cmocka_unit_test(test_no_packs),
 		cmocka_unit_test(test_damaged_index),
