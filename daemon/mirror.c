@@ -1006,9 +1006,45 @@ out:
 
 enum rx_state { RX_HEADER, RX_PACK, RX_DONE, RX_FAILED };
 
+struct vedge {
+	uint32_t from, to; /* positions: commit -> parent, tag -> target */
+};
+
+/* A commit's parent or a tag's target outside the object's own pack. */
+struct vxedge {
+	uint32_t from; /* index position in the pack */
+	git_oid to;
+};
+
+#define VWANT_MIXED 0xff /* an object referenced as two different types */
+
+/* One new pack, checked on its own (with parts, on its part's thread as soon as it is
+ * indexed): the types of its objects, its commits, trees and tags parsed in pack order, every
+ * reference to an object of the pack checked there, the others collected (ext) for the check
+ * of all the packs together. */
+struct vpack {
+	struct pidx p;
+	const char *idxpath;
+	uint8_t *types;         /* by index position */
+	bool graph;             /* record edges and roots (for opts.check) */
+	uint8_t *isroot;        /* with graph: 1 for a root commit, by index position */
+	struct vedge *edges;    /* with graph: inside the pack, index positions */
+	size_t nedges, capedges;
+	struct vxedge *xedges;  /* with graph: out of the pack */
+	size_t nx, capx;
+	struct oidset ext;      /* referenced, not in the pack: oid -> the type wanted */
+	bool ext_init;
+	int rc;
+	char msg[512];
+};
+
+static int vp_check(struct vpack *v, const char *idxpath, const char *packpath, bool graph);
+static void vp_free(struct vpack *v);
+
 /* With parts (opts.parts): each part goes to an indexer of its own as a pack of its own (a
  * header with the part's count, the part's entries, a SHA-1 trailer), committed on a thread of
- * its own once complete, at most RX_THREADS at a time, while the next part arrives. */
+ * its own once complete, at most RX_THREADS at a time, while the next part arrives;
+ * then, on the same thread, checked on its own (vp_check). */
 #define RX_THREADS 2
 #define RX_STACK (2u << 20)
 
@@ -1025,6 +1061,11 @@ struct rxpart {
 	int rc;
 	char msg[256];
 	char name[GIT_OID_HEXSZ + 1];
+	/* then checked on its own, on the same thread */
+	const char *tmpdir;
+	bool graph;
+	char idxpath[PATH_MAX], packpath[PATH_MAX];
+	struct vpack *vp;
 };
 
 struct bundle_rx {
@@ -1051,6 +1092,7 @@ struct bundle_rx {
 	/* parts */
 	struct xmsg_parts partv; /* opts.parts points here */
 	struct rxpart *parts;
+	struct vpack *vps;       /* by part */
 	uint32_t nparts, cur; /* cur: the part arriving (nparts: the trailer) */
 };
 
@@ -1214,6 +1256,12 @@ static void *part_commit(void *arg)
 	}
 	git_indexer_free(pt->idx); /* its state for every object: gone before the next part */
 	pt->idx = NULL;
+	if (pt->done) {
+		snprintf(pt->idxpath, sizeof(pt->idxpath), "%s/pack-%s.idx", pt->tmpdir, pt->name);
+		snprintf(pt->packpath, sizeof(pt->packpath), "%s/pack-%s.pack", pt->tmpdir,
+			 pt->name);
+		vp_check(pt->vp, pt->idxpath, pt->packpath, pt->graph);
+	}
 	return NULL;
 }
 
@@ -1329,10 +1377,14 @@ static int rx_parts_begin(struct bundle_rx *rx, uint32_t count)
 	if (sum != count)
 		return rx_fail(rx, ME_EPROTO, "bad pack: the parts announced hold %" PRIu64
 			       " objects, the pack %" PRIu32, sum, count);
-	if ((rx->parts = calloc(v->n, sizeof(*rx->parts))) == NULL)
+	if ((rx->parts = calloc(v->n, sizeof(*rx->parts))) == NULL ||
+	    (rx->vps = calloc(v->n, sizeof(*rx->vps))) == NULL)
 		return rx_fail(rx, ME_ENOMEM, "out of memory");
 	rx->nparts = v->n;
 	for (uint32_t i = 0; i < v->n; i++) {
+		rx->parts[i].tmpdir = rx->tmpdir;
+		rx->parts[i].graph = rx->opts.check != NULL && rx->opts.roots;
+		rx->parts[i].vp = &rx->vps[i];
 		rx->parts[i].count = (uint32_t)v->v[i].count;
 		rx->parts[i].end = i + 1 < v->n ? v->v[i + 1].offset
 						: rx->opts.size - PACK_TRAILER_LEN;
@@ -1385,9 +1437,12 @@ static void rx_parts_free(struct bundle_rx *rx)
 		git_indexer_free(rx->parts[i].idx);
 		if (rx->parts[i].sha_init)
 			wc_ShaFree(&rx->parts[i].sha);
+		vp_free(&rx->vps[i]);
 	}
 	free(rx->parts);
+	free(rx->vps);
 	rx->parts = NULL;
+	rx->vps = NULL;
 	rx->nparts = 0;
 }
 
@@ -1508,35 +1563,31 @@ int bundle_rx_write(struct bundle_rx *rx, const void *buf, size_t len)
  * pack and their references; each external object is looked up once.
  *
  * The objects are parsed in pack order: bases come before their deltas, so libgit2's
- * delta-base cache serves the chains. (Parsing on several threads or processes was measured:
- * libgit2 serialises the threads on its pack windows and cache, and the processes each rebuild
- * the delta bases of their part; neither saved more than a tenth.) While it parses, the check
- * records the pack's commit -> parent and tag -> target edges and its root commits, so that
- * the roots reachable from the tips are known without walking the history again. */
+ * delta-base cache serves the chains. (Splitting one pack's parse over several threads or
+ * processes was measured: libgit2 serialises the threads on its pack windows and cache, and
+ * the processes each rebuild the delta bases of their part; neither saved more than a tenth.)
+ * With parts, each pack is parsed on its part's thread as soon as it is indexed (vpack), while
+ * the next parts are still arriving or being indexed; what a pack references outside itself is
+ * collected, once per object, and looked up in the other packs and the mirror when all are in
+ * (vc_resolve). While it parses, the check records the commit -> parent and tag -> target
+ * edges and the root commits, so that the roots reachable from the tips are known without
+ * walking the history again. */
 
-struct vedge {
-	uint32_t from, to; /* positions in the new packs: commit -> parent, tag -> target */
-};
-
-/* The new packs (one, or one per part): an object's position is its pack's base plus its
- * index position there. */
+/* Every pack together, and the mirror. */
 struct vctx {
 	const char *gitdir;
-	const struct pidx *p;
-	const char *const *idxpaths;
+	struct vpack *vp;
 	size_t np;
-	const uint32_t *base;   /* by pack */
+	uint32_t *base;         /* by pack: the position of its first object */
 	uint32_t n;             /* objects in all */
 	uint32_t *merged;       /* np > 1: (pack << VC_PACK_SHIFT | index position) by oid */
 	uint32_t fan[257];      /* merged's fan-out: first entry of each first byte */
-	const uint8_t *types;   /* by position */
-	bool graph;             /* record edges and roots (for opts.check) */
 	git_odb *odb;           /* the mirror's objects */
 	git_repository *view;   /* the mirror's objects plus the new packs (for opts.check) */
 	struct oidset ext;      /* objects of the mirror met: oid -> type */
-	struct vedge *edges;
-	size_t nedges, capedges;
-	uint8_t *isroot;        /* with graph: 1 for a root commit, by position */
+	struct vedge *edges;    /* with graph: by position */
+	size_t nedges;
+	uint8_t *isroot;        /* with graph: by position */
 	int rc;
 	char msg[512];
 };
@@ -1545,42 +1596,266 @@ struct vctx {
 _Static_assert(XMSG_MAX_PARTS <= 1u << (32 - VC_PACK_SHIFT), "pack numbers fit");
 
 __attribute__((format(printf, 3, 4)))
-static int vc_fail(struct vctx *t, int code, const char *fmt, ...)
+static int msg_fail(char *msg, size_t msgsz, const char *fmt, ...)
 {
 	va_list ap;
 
 	va_start(ap, fmt);
-	vsnprintf(t->msg, sizeof(t->msg), fmt, ap);
+	vsnprintf(msg, msgsz, fmt, ap);
 	va_end(ap);
-	return t->rc = code;
+	return 0;
 }
+
+#define VP_FAIL(v, code, ...) (msg_fail((v)->msg, sizeof((v)->msg), __VA_ARGS__), (v)->rc = (code))
 
 static int vc_git_fail(struct vctx *t, int code, const char *what)
 {
 	return t->rc = gerr_git(t->msg, sizeof(t->msg), code, what);
 }
 
-static const uint8_t *vc_merged_oid(const struct vctx *t, uint32_t m)
+/* An object database over the mirror's objects (mirror) and/or new packs: idxpaths[0..n). */
+static int odb_over(const char *gitdir, bool mirror, const char **idxpaths, size_t n,
+		    git_odb **out, char *msg, size_t msgsz)
 {
-	return pidx_oid(&t->p[m >> VC_PACK_SHIFT], m & ((1u << VC_PACK_SHIFT) - 1));
+	char objdir[PATH_MAX];
+
+	*out = NULL;
+	if ((size_t)snprintf(objdir, sizeof(objdir), "%sobjects", gitdir) >= sizeof(objdir)) {
+		msg_fail(msg, msgsz, "mirror path too long");
+		return ME_ETOOBIG;
+	}
+	if (mirror ? git_odb_open(out, objdir) < 0 : git_odb_new(out) < 0)
+		return gerr_git(msg, msgsz, ME_EGIT, "cannot open the mirror's objects");
+	for (size_t q = 0; q < n; q++) {
+		git_odb_backend *b = NULL;
+		if (git_odb_backend_one_pack(&b, idxpaths[q]) < 0 ||
+		    git_odb_add_backend(*out, b, 100) < 0) {
+			int rc = gerr_git(msg, msgsz, ME_EGIT, "cannot open the new pack");
+			if (b != NULL)
+				b->free(b);
+			git_odb_free(*out);
+			*out = NULL;
+			return rc;
+		}
+	}
+	return 0;
 }
 
-/* Position of oid in the new packs, -1 when it is in none. */
-static int64_t vc_find(const struct vctx *t, const git_oid *oid)
+/* What an object references: fn(arg, oid, wanted type, edge (a parent or a tag's target),
+ * the object's index position, its id); a non-zero return stops. *root: a commit without
+ * parents. */
+typedef int (*vref_fn)(void *arg, const git_oid *oid, git_object_t want, bool edge,
+		       uint32_t pos, const git_oid *from);
+
+static int obj_refs(git_object *obj, uint32_t pos, vref_fn fn, void *arg, bool *root)
 {
-	if (t->np == 1) {
-		int64_t k = pidx_find(&t->p[0], oid);
-		return k;
+	const git_oid *id = git_object_id(obj);
+	int rc = 0;
+
+	*root = false;
+	switch (git_object_type(obj)) {
+	case GIT_OBJECT_COMMIT: {
+		const git_commit *c = (const git_commit *)obj;
+		unsigned np = git_commit_parentcount(c);
+		rc = fn(arg, git_commit_tree_id(c), GIT_OBJECT_TREE, false, pos, id);
+		for (unsigned i = 0; rc == 0 && i < np; i++)
+			rc = fn(arg, git_commit_parent_id(c, i), GIT_OBJECT_COMMIT, true, pos, id);
+		*root = np == 0;
+		break;
 	}
+	case GIT_OBJECT_TREE: {
+		const git_tree *tr = (const git_tree *)obj;
+		for (size_t i = 0; rc == 0 && i < git_tree_entrycount(tr); i++) {
+			const git_tree_entry *e = git_tree_entry_byindex(tr, i);
+			git_object_t type = git_tree_entry_type(e);
+			if (type != GIT_OBJECT_COMMIT) /* a submodule is another repository */
+				rc = fn(arg, git_tree_entry_id(e), type, false, pos, id);
+		}
+		break;
+	}
+	case GIT_OBJECT_TAG: {
+		const git_tag *tg = (const git_tag *)obj;
+		rc = fn(arg, git_tag_target_id(tg), git_tag_target_type(tg), true, pos, id);
+		break;
+	}
+	default:
+		break;
+	}
+	return rc;
+}
+
+static int not_a(char *msg, size_t msgsz, const git_oid *oid, const git_oid *from,
+		 git_object_t want)
+{
+	char hex[GIT_OID_HEXSZ + 1], fhex[GIT_OID_HEXSZ + 1] = "a tip";
+
+	if (from != NULL)
+		git_oid_tostr(fhex, sizeof(fhex), from);
+	msg_fail(msg, msgsz, "bundle is not connected: object %s (referenced by %s) is not a %s",
+		 git_oid_tostr(hex, sizeof(hex), oid), fhex, git_object_type2string(want));
+	return ME_EPROTO;
+}
+
+static int missing(char *msg, size_t msgsz, const git_oid *oid, const git_oid *from)
+{
+	char hex[GIT_OID_HEXSZ + 1], fhex[GIT_OID_HEXSZ + 1] = "a tip";
+
+	if (from != NULL)
+		git_oid_tostr(fhex, sizeof(fhex), from);
+	msg_fail(msg, msgsz, "bundle is not connected: object %s (referenced by %s) is missing",
+		 git_oid_tostr(hex, sizeof(hex), oid), fhex);
+	return ME_EPROTO;
+}
+
+static int grow(void **v, size_t *cap, size_t n, size_t elsize)
+{
+	if (n < *cap)
+		return 0;
+	size_t ncap = *cap ? 2 * *cap : 1024;
+	void *p = reallocarray(*v, ncap, elsize);
+	if (p == NULL)
+		return ME_ENOMEM;
+	*v = p;
+	*cap = ncap;
+	return 0;
+}
+
+/* A reference met in the pack: checked there, or kept for later. */
+static int vp_ref(void *arg, const git_oid *oid, git_object_t want, bool edge, uint32_t pos,
+		  const git_oid *from)
+{
+	struct vpack *v = arg;
+	int64_t k = pidx_find(&v->p, oid);
+
+	if (k >= 0) {
+		if (want != GIT_OBJECT_ANY && v->types[k] != want)
+			return v->rc = not_a(v->msg, sizeof(v->msg), oid, from, want);
+		if (edge && v->graph) {
+			if (grow((void **)&v->edges, &v->capedges, v->nedges, sizeof(*v->edges)) < 0)
+				return VP_FAIL(v, ME_ENOMEM, "out of memory");
+			v->edges[v->nedges++] = (struct vedge){ pos, (uint32_t)k };
+		}
+		return 0;
+	}
+	struct oidset_slot *s = oidset_find(&v->ext, oid);
+	if (s == NULL) {
+		if (oidset_put(&v->ext, oid, (uint8_t)want) < 0)
+			return VP_FAIL(v, ME_ENOMEM, "out of memory");
+	} else if (s->val != (uint8_t)want) {
+		s->val = VWANT_MIXED;
+	}
+	if (edge && v->graph) {
+		if (grow((void **)&v->xedges, &v->capx, v->nx, sizeof(*v->xedges)) < 0)
+			return VP_FAIL(v, ME_ENOMEM, "out of memory");
+		v->xedges[v->nx++] = (struct vxedge){ pos, *oid };
+	}
+	return 0;
+}
+
+/* Parses the pack's commits, trees and tags in pack order (bases come before their deltas:
+ * libgit2's delta-base cache serves the chains), through a view of this pack only. */
+static int vp_walk(struct vpack *v, vref_fn fn, void *arg, char *msg, size_t msgsz)
+{
+	git_repository *view = NULL;
+	git_odb *odb = NULL;
+	int rc;
+
+	if ((rc = odb_over("", false, &v->idxpath, 1, &odb, msg, msgsz)) < 0)
+		return rc;
+	if (git_repository_wrap_odb(&view, odb) < 0) {
+		git_odb_free(odb);
+		return gerr_git(msg, msgsz, ME_EGIT, "cannot open the new pack");
+	}
+	git_odb_free(odb); /* the view holds it */
+	rc = 0;
+	for (uint32_t k = 0; rc == 0 && k < v->p.n; k++) {
+		uint32_t pos = v->p.rev[k].pos;
+		git_object *obj = NULL;
+		git_oid id;
+		bool root;
+
+		if (v->types[pos] == GIT_OBJECT_BLOB)
+			continue;
+		git_oid_fromraw(&id, pidx_oid(&v->p, pos));
+		if (git_object_lookup(&obj, view, &id, (git_object_t)v->types[pos]) < 0) {
+			rc = gerr_git(msg, msgsz, ME_EPROTO, "cannot parse a new object");
+			break;
+		}
+		rc = obj_refs(obj, pos, fn, arg, &root);
+		if (rc == 0 && root && v->isroot != NULL)
+			v->isroot[pos] = 1;
+		git_object_free(obj);
+	}
+	git_repository_free(view);
+	return rc;
+}
+
+static void vp_free(struct vpack *v)
+{
+	pidx_free(&v->p);
+	free(v->types);
+	free(v->isroot);
+	free(v->edges);
+	free(v->xedges);
+	if (v->ext_init)
+		oidset_free(&v->ext);
+	memset(v, 0, sizeof(*v));
+}
+
+/* Checks the pack idxpath/packpath on its own (above). 0 or v->rc, the message in v->msg. */
+static int vp_check(struct vpack *v, const char *idxpath, const char *packpath, bool graph)
+{
+	int rc;
+
+	memset(v, 0, sizeof(*v));
+	v->idxpath = idxpath;
+	v->graph = graph;
+	if ((rc = pidx_open(&v->p, idxpath, packpath)) < 0)
+		return VP_FAIL(v, rc == ME_ENOMEM ? rc : ME_EINTERNAL,
+			       "cannot read the new pack's index");
+	if ((v->types = malloc(v->p.n ? v->p.n : 1)) == NULL ||
+	    (graph && (v->isroot = calloc(v->p.n ? v->p.n : 1, 1)) == NULL))
+		return VP_FAIL(v, ME_ENOMEM, "out of memory");
+	if ((rc = pidx_types(&v->p, v->types)) < 0)
+		return VP_FAIL(v, rc == ME_ENOMEM ? rc : ME_EPROTO,
+			       "bad pack: cannot resolve the object types");
+	/* Types and offsets are known: libgit2 maps the pack from here on. */
+	pidx_unmap_pack(&v->p);
+	if (oidset_init(&v->ext) < 0)
+		return VP_FAIL(v, ME_EINTERNAL, "cannot initialise the check");
+	v->ext_init = true;
+	if ((rc = vp_walk(v, vp_ref, v, v->msg, sizeof(v->msg))) < 0 && v->rc == 0)
+		v->rc = rc;
+	return v->rc;
+}
+
+static const uint8_t *vc_merged_oid(const struct vctx *t, uint32_t m)
+{
+	return pidx_oid(&t->vp[m >> VC_PACK_SHIFT].p, m & ((1u << VC_PACK_SHIFT) - 1));
+}
+
+/* Position of oid in the new packs (*type its type), -1 when it is in none. */
+static int64_t vc_find(const struct vctx *t, const git_oid *oid, git_object_t *type)
+{
+	uint32_t q, pos;
+
 	if (t->np == 0)
 		return -1;
+	if (t->np == 1) {
+		int64_t k = pidx_find(&t->vp[0].p, oid);
+		if (k >= 0)
+			*type = (git_object_t)t->vp[0].types[k];
+		return k;
+	}
 	uint32_t lo = t->fan[oid->id[0]], hi = t->fan[oid->id[0] + 1];
 	while (lo < hi) {
 		uint32_t mid = lo + (hi - lo) / 2;
 		int c = memcmp(vc_merged_oid(t, t->merged[mid]), oid->id, GIT_OID_RAWSZ);
 		if (c == 0) {
-			uint32_t m = t->merged[mid];
-			return t->base[m >> VC_PACK_SHIFT] + (m & ((1u << VC_PACK_SHIFT) - 1));
+			q = t->merged[mid] >> VC_PACK_SHIFT;
+			pos = t->merged[mid] & ((1u << VC_PACK_SHIFT) - 1);
+			*type = (git_object_t)t->vp[q].types[pos];
+			return (int64_t)t->base[q] + pos;
 		}
 		if (c < 0)
 			lo = mid + 1;
@@ -1605,10 +1880,12 @@ static int vc_merge(struct vctx *t)
 
 	if (t->np < 2)
 		return 0;
-	if ((t->merged = malloc((size_t)t->n * sizeof(*t->merged))) == NULL)
-		return vc_fail(t, ME_ENOMEM, "out of memory");
+	if ((t->merged = malloc((size_t)t->n * sizeof(*t->merged))) == NULL) {
+		msg_fail(t->msg, sizeof(t->msg), "out of memory");
+		return t->rc = ME_ENOMEM;
+	}
 	for (size_t q = 0; q < t->np; q++)
-		for (uint32_t k = 0; k < t->p[q].n; k++)
+		for (uint32_t k = 0; k < t->vp[q].p.n; k++)
 			t->merged[o++] = (uint32_t)q << VC_PACK_SHIFT | k;
 	qsort_r(t->merged, t->n, sizeof(*t->merged), merged_cmp, t);
 	o = 0;
@@ -1620,169 +1897,113 @@ static int vc_merge(struct vctx *t)
 	return 0;
 }
 
-/* An object database over the mirror's objects (mirror) and/or the new packs (packs). */
-static int odb_over(struct vctx *t, bool mirror, bool packs, size_t only, git_odb **out)
+/* The type of oid: in the new packs, or the mirror's (looked up once). 0, ME_ENOTFOUND, or
+ * t->rc. *pos: its position, -1 for the mirror's. */
+static int vc_type(struct vctx *t, const git_oid *oid, git_object_t *type, int64_t *pos)
 {
-	char objdir[PATH_MAX];
-
-	*out = NULL;
-	if ((size_t)snprintf(objdir, sizeof(objdir), "%sobjects", t->gitdir) >= sizeof(objdir))
-		return vc_fail(t, ME_ETOOBIG, "mirror path too long");
-	if (mirror ? git_odb_open(out, objdir) < 0 : git_odb_new(out) < 0)
-		return vc_git_fail(t, ME_EGIT, "cannot open the mirror's objects");
-	for (size_t q = 0; packs && q < t->np; q++) {
-		git_odb_backend *b = NULL;
-		if (only != SIZE_MAX && q != only)
-			continue;
-		if (git_odb_backend_one_pack(&b, t->idxpaths[q]) < 0 ||
-		    git_odb_add_backend(*out, b, 100) < 0) {
-			vc_git_fail(t, ME_EGIT, "cannot open the new pack");
-			if (b != NULL)
-				b->free(b);
-			git_odb_free(*out);
-			*out = NULL;
-			return t->rc;
-		}
-	}
-	return 0;
-}
-
-static int vc_edge(struct vctx *t, uint32_t from, int64_t to)
-{
-	if (!t->graph || to < 0)
-		return 0;
-	if (t->nedges == t->capedges) {
-		size_t ncap = t->capedges ? 2 * t->capedges : 1024;
-		struct vedge *e = reallocarray(t->edges, ncap, sizeof(*e));
-		if (e == NULL)
-			return vc_fail(t, ME_ENOMEM, "out of memory");
-		t->edges = e;
-		t->capedges = ncap;
-	}
-	t->edges[t->nedges++] = (struct vedge){ from, (uint32_t)to };
-	return 0;
-}
-
-/* A reference from an object (from; NULL for a tip) to oid, which must have type want. *pos:
- * its position in the new packs, -1 when it is the mirror's. */
-static int vref(struct vctx *t, const git_oid *oid, git_object_t want, const git_oid *from,
-		int64_t *pos)
-{
-	char hex[GIT_OID_HEXSZ + 1], fhex[GIT_OID_HEXSZ + 1] = "a tip";
-	int64_t k = vc_find(t, oid);
-	git_object_t type;
+	struct oidset_slot *s;
 	size_t size;
 	int grc;
 
-	if (k >= 0) {
-		type = (git_object_t)t->types[k];
-	} else {
-		struct oidset_slot *s = oidset_find(&t->ext, oid);
-		if (s != NULL) {
-			type = (git_object_t)s->val;
-		} else {
-			grc = git_odb_read_header(&size, &type, t->odb, oid);
-			if (grc == GIT_ENOTFOUND) {
-				if (from != NULL)
-					git_oid_tostr(fhex, sizeof(fhex), from);
-				return vc_fail(t, ME_EPROTO, "bundle is not connected: object %s "
-					       "(referenced by %s) is missing",
-					       git_oid_tostr(hex, sizeof(hex), oid), fhex);
-			}
-			if (grc < 0)
-				return vc_git_fail(t, ME_EGIT, "cannot read an object");
-			if (oidset_put(&t->ext, oid, (uint8_t)type) < 0)
-				return vc_fail(t, ME_ENOMEM, "out of memory");
-		}
+	if ((*pos = vc_find(t, oid, type)) >= 0)
+		return 0;
+	if ((s = oidset_find(&t->ext, oid)) != NULL) {
+		*type = (git_object_t)s->val;
+		return 0;
 	}
-	if (want != GIT_OBJECT_ANY && type != want) {
-		if (from != NULL)
-			git_oid_tostr(fhex, sizeof(fhex), from);
-		return vc_fail(t, ME_EPROTO, "bundle is not connected: object %s (referenced "
-			       "by %s) is not a %s", git_oid_tostr(hex, sizeof(hex), oid), fhex,
-			       git_object_type2string(want));
+	grc = git_odb_read_header(&size, type, t->odb, oid);
+	if (grc == GIT_ENOTFOUND)
+		return ME_ENOTFOUND;
+	if (grc < 0)
+		return vc_git_fail(t, ME_EGIT, "cannot read an object");
+	if (oidset_put(&t->ext, oid, (uint8_t)*type) < 0) {
+		msg_fail(t->msg, sizeof(t->msg), "out of memory");
+		return t->rc = ME_ENOMEM;
 	}
-	if (pos != NULL)
-		*pos = k;
 	return 0;
 }
 
-static int vobject(struct vctx *t, git_object *obj, uint32_t pos)
-{
-	const git_oid *id = git_object_id(obj);
-	int64_t to;
-	int rc = 0;
+/* Finding who referenced an object the check refused (only then: for the message). */
+struct vwho {
+	const git_oid *oid;
+	git_object_t have; /* GIT_OBJECT_INVALID: missing */
+	git_oid from;
+	git_object_t want;
+};
 
-	switch (git_object_type(obj)) {
-	case GIT_OBJECT_COMMIT: {
-		const git_commit *c = (const git_commit *)obj;
-		unsigned np = git_commit_parentcount(c);
-		rc = vref(t, git_commit_tree_id(c), GIT_OBJECT_TREE, id, NULL);
-		for (unsigned i = 0; rc == 0 && i < np; i++)
-			if ((rc = vref(t, git_commit_parent_id(c, i), GIT_OBJECT_COMMIT, id,
-				       &to)) == 0)
-				rc = vc_edge(t, pos, to);
-		if (rc == 0 && np == 0 && t->graph)
-			t->isroot[pos] = 1;
-		break;
-	}
-	case GIT_OBJECT_TREE: {
-		const git_tree *tr = (const git_tree *)obj;
-		for (size_t i = 0; rc == 0 && i < git_tree_entrycount(tr); i++) {
-			const git_tree_entry *e = git_tree_entry_byindex(tr, i);
-			git_object_t type = git_tree_entry_type(e);
-			if (type != GIT_OBJECT_COMMIT) /* a submodule is another repository */
-				rc = vref(t, git_tree_entry_id(e), type, id, NULL);
-		}
-		break;
-	}
-	case GIT_OBJECT_TAG: {
-		const git_tag *tg = (const git_tag *)obj;
-		if ((rc = vref(t, git_tag_target_id(tg), git_tag_target_type(tg), id, &to)) == 0)
-			rc = vc_edge(t, pos, to);
-		break;
-	}
-	default:
-		break;
-	}
-	return rc;
+static int vwho_ref(void *arg, const git_oid *oid, git_object_t want, bool edge, uint32_t pos,
+		    const git_oid *from)
+{
+	struct vwho *w = arg;
+	(void)edge, (void)pos;
+
+	if (!git_oid_equal(oid, w->oid) ||
+	    (w->have != GIT_OBJECT_INVALID && (want == GIT_OBJECT_ANY || want == w->have)))
+		return 0;
+	git_oid_cpy(&w->from, from);
+	w->want = want;
+	return 1;
 }
 
-/* Parses every commit, tree and tag of the new packs, pack by pack in pack order, each
- * through a view of its own pack only (an object is read where it is, without trying the
- * others). */
-static int vc_run(struct vctx *t)
+/* The references out of pack q: each in another pack or in the mirror, of the right type. */
+static int vc_resolve(struct vctx *t, size_t q)
 {
-	for (size_t q = 0; t->rc == 0 && q < t->np; q++) {
-		const struct pidx *p = &t->p[q];
-		git_repository *view = NULL;
-		git_odb *odb = NULL;
+	struct vpack *v = &t->vp[q];
 
-		if (odb_over(t, false, true, q, &odb) < 0)
-			break;
-		if (git_repository_wrap_odb(&view, odb) < 0) {
-			git_odb_free(odb);
-			return vc_git_fail(t, ME_EGIT, "cannot open the new pack");
-		}
-		for (uint32_t k = 0; t->rc == 0 && k < p->n; k++) {
-			uint32_t pos = p->rev[k].pos, g = t->base[q] + pos;
-			git_object *obj = NULL;
-			git_oid id;
+	for (size_t i = 0; i < v->ext.cap; i++) {
+		const struct oidset_slot *s = &v->ext.slots[i];
+		git_object_t type = GIT_OBJECT_INVALID;
+		int64_t pos;
+		int rc;
 
-			if (t->types[g] == GIT_OBJECT_BLOB)
-				continue;
-			git_oid_fromraw(&id, pidx_oid(p, pos));
-			if (git_object_lookup(&obj, view, &id, (git_object_t)t->types[g]) < 0) {
-				vc_git_fail(t, ME_EPROTO, "cannot parse a new object");
-				break;
-			}
-			vobject(t, obj, g);
-			git_object_free(obj);
-		}
-		git_repository_free(view);
-		git_odb_free(odb);
+		if (!s->used)
+			continue;
+		if ((rc = vc_type(t, &s->oid, &type, &pos)) < 0 && rc != ME_ENOTFOUND)
+			return rc;
+		if (rc == 0 && s->val != VWANT_MIXED && (git_object_t)s->val == type)
+			continue;
+		/* refused: find the referrer again, for the message */
+		struct vwho w = { &s->oid, rc == ME_ENOTFOUND ? GIT_OBJECT_INVALID : type,
+				  { { 0 } }, GIT_OBJECT_ANY };
+		char scratch[8];
+		if (vp_walk(v, vwho_ref, &w, scratch, sizeof(scratch)) != 1)
+			git_oid_cpy(&w.from, &s->oid); /* not reached: it was met before */
+		return t->rc = rc == ME_ENOTFOUND ? missing(t->msg, sizeof(t->msg), &s->oid, &w.from)
+						  : not_a(t->msg, sizeof(t->msg), &s->oid, &w.from,
+							  w.want);
 	}
-	return t->rc;
+	return 0;
+}
+
+/* The edges and roots by position over all the packs (with graph). */
+static int vc_graph(struct vctx *t)
+{
+	size_t ne = 0;
+
+	for (size_t q = 0; q < t->np; q++)
+		ne += t->vp[q].nedges + t->vp[q].nx;
+	if ((t->isroot = calloc(t->n ? t->n : 1, 1)) == NULL ||
+	    (ne > 0 && (t->edges = malloc(ne * sizeof(*t->edges))) == NULL)) {
+		msg_fail(t->msg, sizeof(t->msg), "out of memory");
+		return t->rc = ME_ENOMEM;
+	}
+	for (size_t q = 0; q < t->np; q++) {
+		const struct vpack *v = &t->vp[q];
+		uint32_t b = t->base[q];
+		if (v->isroot != NULL)
+			memcpy(t->isroot + b, v->isroot, v->p.n);
+		for (size_t i = 0; i < v->nedges; i++)
+			t->edges[t->nedges++] = (struct vedge){ b + v->edges[i].from,
+								b + v->edges[i].to };
+		for (size_t i = 0; i < v->nx; i++) {
+			git_object_t type;
+			int64_t k = vc_find(t, &v->xedges[i].to, &type);
+			if (k >= 0) /* else the mirror's: not walked */
+				t->edges[t->nedges++] = (struct vedge){ b + v->xedges[i].from,
+									(uint32_t)k };
+		}
+	}
+	return 0;
 }
 
 static void vc_free(struct vctx *t)
@@ -1793,6 +2014,7 @@ static void vc_free(struct vctx *t)
 	free(t->edges);
 	free(t->isroot);
 	free(t->merged);
+	free(t->base);
 }
 
 static int edge_cmp(const void *a, const void *b)
@@ -1824,10 +2046,11 @@ static int reachable_roots(struct vctx *t, const struct gmsg_refstate *rs, git_o
 		qsort(edges, ne, sizeof(*edges), edge_cmp);
 	/* Each node is pushed at most once per edge into it, plus once per tip. */
 	for (size_t i = 0; i < rs->nrefs; i++) {
+		git_object_t type;
 		git_oid id;
 		int64_t k;
 		git_oid_fromraw(&id, rs->refs[i].oid);
-		if ((k = vc_find(t, &id)) >= 0 && !seen[k]) {
+		if ((k = vc_find(t, &id, &type)) >= 0 && !seen[k]) {
 			seen[k] = 1;
 			stack[sp++] = (uint32_t)k;
 		}
@@ -1855,9 +2078,9 @@ static int reachable_roots(struct vctx *t, const struct gmsg_refstate *rs, git_o
 	if (nr > 0 && (*out = malloc(nr * sizeof(**out))) == NULL)
 		goto out;
 	for (size_t q = 0; q < t->np; q++)
-		for (uint32_t k = 0; k < t->p[q].n; k++)
+		for (uint32_t k = 0; k < t->vp[q].p.n; k++)
 			if (isroot[t->base[q] + k] == 2)
-				git_oid_fromraw(&(*out)[(*nout)++], pidx_oid(&t->p[q], k));
+				git_oid_fromraw(&(*out)[(*nout)++], pidx_oid(&t->vp[q].p, k));
 	rc = 0;
 out:
 	free(seen);
@@ -1865,110 +2088,81 @@ out:
 	return rc;
 }
 
-/* The check's error becomes the receiver's. */
-static int vc_to_rx(struct bundle_rx *rx, const struct vctx *t)
-{
-	_Static_assert(sizeof(rx->msg) == sizeof(t->msg), "message sizes");
-	memcpy(rx->msg, t->msg, sizeof(rx->msg));
-	rx->msg[sizeof(rx->msg) - 1] = '\0';
-	return rx_failed(rx, t->rc);
-}
-
-/* Checks the new packs (above; names[0..np), in the temporary directory), then the tips, then
- * calls opts.check. */
-static int rx_verify(struct bundle_rx *rx, char (*names)[GIT_OID_HEXSZ + 1], size_t np)
+/* Checks the new packs together, each already checked on its own (vp[0..np), vp_check):
+ * the references out of each, then the tips, then calls opts.check. */
+static int rx_verify(struct bundle_rx *rx, struct vpack *vp, size_t np)
 {
 	struct vctx t;
-	struct pidx *p = NULL;
-	char **idxpaths = NULL;
-	uint32_t *base = NULL;
-	uint8_t *types = NULL;
+	const char **idxpaths = NULL;
 	git_oid *roots = NULL;
 	size_t nroots = 0;
 	uint64_t n = 0;
 	int rc = 0;
 
 	memset(&t, 0, sizeof(t));
-	if (np > 0 && ((p = calloc(np, sizeof(*p))) == NULL ||
-		       (idxpaths = calloc(np, sizeof(*idxpaths))) == NULL ||
-		       (base = calloc(np, sizeof(*base))) == NULL)) {
+	t.gitdir = git_repository_path(rx->mirror);
+	t.vp = vp;
+	t.np = np;
+	for (size_t q = 0; q < np; q++)
+		if (vp[q].rc < 0) {
+			snprintf(rx->msg, sizeof(rx->msg), "%s", vp[q].msg);
+			return rx_failed(rx, vp[q].rc);
+		}
+	if ((t.base = calloc(np ? np : 1, sizeof(*t.base))) == NULL ||
+	    (idxpaths = calloc(np ? np : 1, sizeof(*idxpaths))) == NULL) {
 		rc = rx_fail(rx, ME_ENOMEM, "out of memory");
 		goto out;
 	}
 	for (size_t q = 0; q < np; q++) {
-		char packpath[PATH_MAX];
-		if (asprintf(&idxpaths[q], "%s/pack-%s.idx", rx->tmpdir, names[q]) < 0) {
-			idxpaths[q] = NULL;
-			rc = rx_fail(rx, ME_ENOMEM, "out of memory");
-			goto out;
-		}
-		if ((size_t)snprintf(packpath, sizeof(packpath), "%s/pack-%s.pack", rx->tmpdir,
-				     names[q]) >= sizeof(packpath)) {
-			rc = rx_fail(rx, ME_ETOOBIG, "mirror path too long");
-			goto out;
-		}
-		if ((rc = pidx_open(&p[q], idxpaths[q], packpath)) < 0) {
-			rc = rx_fail(rx, rc == ME_ENOMEM ? rc : ME_EINTERNAL,
-				     "cannot read the new pack's index");
-			goto out;
-		}
-		if ((np > 1 && p[q].n > 1u << VC_PACK_SHIFT) || n + p[q].n > UINT32_MAX) {
+		if ((np > 1 && vp[q].p.n > 1u << VC_PACK_SHIFT) || n + vp[q].p.n > UINT32_MAX) {
 			rc = rx_fail(rx, ME_ETOOBIG, "too many objects");
 			goto out;
 		}
-		base[q] = (uint32_t)n;
-		n += p[q].n;
+		t.base[q] = (uint32_t)n;
+		n += vp[q].p.n;
+		idxpaths[q] = vp[q].idxpath;
 	}
-	if (n > 0 && (types = malloc(n)) == NULL) {
-		rc = rx_fail(rx, ME_ENOMEM, "out of memory");
-		goto out;
-	}
-	for (size_t q = 0; q < np; q++) {
-		if ((rc = pidx_types(&p[q], types + base[q])) < 0) {
-			rc = rx_fail(rx, rc == ME_ENOMEM ? rc : ME_EPROTO,
-				     "bad pack: cannot resolve the object types");
-			goto out;
-		}
-		/* Types and offsets are known: libgit2 maps the pack from here on. */
-		pidx_unmap_pack(&p[q]);
-	}
-	t.gitdir = git_repository_path(rx->mirror);
-	t.p = p;
-	t.idxpaths = (const char *const *)idxpaths;
-	t.np = np;
-	t.base = base;
 	t.n = (uint32_t)n;
-	t.types = types;
-	t.graph = rx->opts.check != NULL && rx->opts.roots;
-	if (t.graph && n > 0 && (t.isroot = calloc(n, 1)) == NULL) {
-		rc = rx_fail(rx, ME_ENOMEM, "out of memory");
+	if (oidset_init(&t.ext) < 0) {
+		rc = rx_fail(rx, ME_EINTERNAL, "cannot initialise the check");
 		goto out;
 	}
-	if (oidset_init(&t.ext) < 0)
-		vc_fail(&t, ME_EINTERNAL, "cannot initialise the check");
-	else if (vc_merge(&t) == 0 && odb_over(&t, true, false, SIZE_MAX, &t.odb) == 0)
-		vc_run(&t);
+	if (vc_merge(&t) == 0 &&
+	    (t.rc = odb_over(t.gitdir, true, NULL, 0, &t.odb, t.msg, sizeof(t.msg))) == 0)
+		for (size_t q = 0; t.rc == 0 && q < np; q++)
+			vc_resolve(&t, q);
 	for (size_t i = 0; t.rc == 0 && i < rx->expected->nrefs; i++) {
+		git_object_t type;
+		int64_t pos;
 		git_oid oid;
 
 		git_oid_fromraw(&oid, rx->expected->refs[i].oid);
-		vref(&t, &oid, GIT_OBJECT_ANY, NULL, NULL);
+		if ((rc = vc_type(&t, &oid, &type, &pos)) == ME_ENOTFOUND)
+			t.rc = missing(t.msg, sizeof(t.msg), &oid, NULL);
 	}
 	if (t.rc < 0) {
-		rc = vc_to_rx(rx, &t);
+		_Static_assert(sizeof(rx->msg) == sizeof(t.msg), "message sizes");
+		memcpy(rx->msg, t.msg, sizeof(rx->msg));
+		rx->msg[sizeof(rx->msg) - 1] = '\0';
+		rc = rx_failed(rx, t.rc);
 		goto out;
 	}
+	rc = 0;
 	if (rx->opts.check != NULL) {
 		git_odb *vodb = NULL;
-		if (t.graph && (rc = reachable_roots(&t, rx->expected, &roots, &nroots)) < 0) {
-			rc = rx_fail(rx, rc, "out of memory");
+		if (rx->opts.roots && (vc_graph(&t) < 0 ||
+				       reachable_roots(&t, rx->expected, &roots, &nroots) < 0)) {
+			rc = rx_fail(rx, ME_ENOMEM, "out of memory");
 			goto out;
 		}
-		if (odb_over(&t, true, true, SIZE_MAX, &vodb) < 0 ||
-		    (git_repository_wrap_odb(&t.view, vodb) < 0 &&
-		     vc_git_fail(&t, ME_EGIT, "cannot open the new pack") < 0)) {
+		if ((rc = odb_over(t.gitdir, true, idxpaths, np, &vodb, rx->msg,
+				   sizeof(rx->msg))) < 0) {
+			rx_failed(rx, rc);
+			goto out;
+		}
+		if (git_repository_wrap_odb(&t.view, vodb) < 0) {
 			git_odb_free(vodb);
-			rc = vc_to_rx(rx, &t);
+			rc = rx_git_fail(rx, ME_EGIT, "cannot open the new pack");
 			goto out;
 		}
 		git_odb_free(vodb); /* the view holds it */
@@ -1984,14 +2178,7 @@ static int rx_verify(struct bundle_rx *rx, char (*names)[GIT_OID_HEXSZ + 1], siz
 out:
 	vc_free(&t);
 	free(roots);
-	free(types);
-	for (size_t q = 0; q < np && p != NULL; q++)
-		pidx_free(&p[q]);
-	for (size_t q = 0; q < np && idxpaths != NULL; q++)
-		free(idxpaths[q]);
-	free(p);
 	free(idxpaths);
-	free(base);
 	return rc;
 }
 
@@ -2217,7 +2404,25 @@ int bundle_rx_finish(struct bundle_rx *rx, struct bundle_stats *st)
 		git_indexer_free(rx->idx);
 		rx->idx = NULL;
 	}
-	if ((rc = rx_verify(rx, names, np)) < 0)
+	if (rx->opts.parts != NULL) {
+		rc = rx_verify(rx, rx->vps, np);
+	} else if (np == 0) {
+		rc = rx_verify(rx, NULL, 0);
+	} else {
+		char ip[PATH_MAX], pp[PATH_MAX];
+		struct vpack one;
+		if ((size_t)snprintf(ip, sizeof(ip), "%s/pack-%s.idx", rx->tmpdir, names[0]) >=
+			    sizeof(ip) ||
+		    (size_t)snprintf(pp, sizeof(pp), "%s/pack-%s.pack", rx->tmpdir, names[0]) >=
+			    sizeof(pp)) {
+			rc = rx_fail(rx, ME_ETOOBIG, "mirror path too long");
+			goto out;
+		}
+		vp_check(&one, ip, pp, rx->opts.check != NULL && rx->opts.roots);
+		rc = rx_verify(rx, &one, 1);
+		vp_free(&one);
+	}
+	if (rc < 0)
 		goto out;
 	for (size_t q = 0; q < np; q++)
 		if ((rc = rx_install(rx, names[q], &moved[q])) < 0)

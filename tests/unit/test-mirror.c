@@ -1611,6 +1611,159 @@ static void test_parts(void **state)
 	state_clear(&t);
 }
 
+/* A pack git made without deltas (every entry boundary a valid cut), cut at the given ranks
+ * (in pack order; 0 first). */
+static void parts_at(const unsigned char *data, size_t len, size_t hdrlen, const uint32_t *ranks,
+		     uint32_t nranks, const char *name, struct pidx *x, struct xmsg_parts *parts)
+{
+	char pk[PATH_MAX], ix[PATH_MAX], nm[64];
+
+	snprintf(nm, sizeof(nm), "%s.pack", name);
+	path_in(pk, sizeof(pk), nm);
+	snprintf(nm, sizeof(nm), "%s.idx", name);
+	path_in(ix, sizeof(ix), nm);
+	spit(pk, data + hdrlen, len - hdrlen);
+	sh("git index-pack -o '%s' '%s' >/dev/null", ix, pk);
+	assert_int_equal(pidx_open(x, ix, pk), 0);
+	memset(parts, 0, sizeof(*parts));
+	for (uint32_t i = 0; i < nranks; i++) {
+		uint32_t end = i + 1 < nranks ? ranks[i + 1] : x->n;
+		assert_true(ranks[i] < end);
+		parts->v[i].offset = hdrlen + x->rev[ranks[i]].off;
+		parts->v[i].count = end - ranks[i];
+	}
+	parts->n = nranks;
+	assert_true(xmsg_parts_valid(parts, len));
+}
+
+static size_t header_len(const char *path)
+{
+	struct bundle_header h;
+	char err[256];
+	int fd = open(path, O_RDONLY);
+	size_t n;
+
+	assert_true(fd >= 0);
+	assert_int_equal(bundle_read_header(fd, &h, err, sizeof(err)), 0);
+	n = h.len;
+	bundle_header_free(&h);
+	close(fd);
+	return n;
+}
+
+/* With parts, what a part references in another part is found there, and what is in no part
+ * (nor in the mirror) or has another type is refused with the object that referenced it. */
+static void test_parts_not_connected(void **state)
+{
+	char src[PATH_MAX], mdir[PATH_MAX], b[PATH_MAX], cmd[512], blob[64], want[256], msg[512];
+	char hex[2][64];
+	struct tstate t;
+	struct xmsg_parts parts;
+	struct pidx x;
+	git_repository *m;
+	git_oid tree, bad_tree;
+	unsigned char *data;
+	size_t len, hdrlen;
+	(void)state;
+
+	path_in(src, sizeof(src), "pnc-src");
+	path_in(b, sizeof(b), "pnc.bundle");
+	make_src(src);
+	sh("git -C '%s' symbolic-ref -d refs/heads/alias", src);
+	state_of(src, &t);
+
+	/* honest, in three parts */
+	pack_bundle(src, &t.rs, NULL, "git rev-list --objects --branches --tags", b);
+	sh("cd '%s' && head -c %zu '%s' > '%s.h' && git rev-list --objects --branches --tags | "
+	   "git pack-objects -q --window=0 --stdout >> '%s.h' && mv '%s.h' '%s'", src,
+	   header_len(b), b, b, b, b, b);
+	data = slurp(b, &len);
+	hdrlen = header_len(b);
+	{
+		uint32_t n0;
+		parts_at(data, len, hdrlen, (uint32_t[]){ 0 }, 1, "pnc0", &x, &parts);
+		n0 = x.n;
+		pidx_free(&x);
+		parts_at(data, len, hdrlen, (uint32_t[]){ 0, n0 / 3, 2 * n0 / 3 }, 3, "pnc1", &x,
+			 &parts);
+		pidx_free(&x);
+	}
+	m = new_mirror("node-pnc-honest", mdir, sizeof(mdir));
+	assert_int_equal(rx_parts(m, &t.rs, &parts, len, data, len, 4096, true, NULL, msg,
+				  sizeof(msg)), 0);
+	assert_int_equal(npacks(mdir), 3);
+	fsck(mdir);
+	expect_same_refs(src, mdir);
+	git_repository_free(m);
+	free(data);
+
+	/* a blob in no part */
+	capture(blob, sizeof(blob), "git -C '%s' rev-parse HEAD:b", src);
+	snprintf(cmd, sizeof(cmd), "git rev-list --objects --branches --tags | grep -v '^%s' | "
+		 "git pack-objects -q --window=0 --stdout", blob);
+	sh("cd '%s' && head -c %zu '%s' > '%s.h' && (%s) >> '%s.h' && mv '%s.h' '%s'", src,
+	   hdrlen, b, b, cmd, b, b, b);
+	data = slurp(b, &len);
+	parts_at(data, len, hdrlen, (uint32_t[]){ 0, 4, 9 }, 3, "pnc2", &x, &parts);
+	pidx_free(&x);
+	m = new_mirror("node-pnc-missing", mdir, sizeof(mdir));
+	snprintf(want, sizeof(want), "bundle is not connected: object %s (referenced by ", blob);
+	expect_parts_reject(m, mdir, &t.rs, &parts, len, data, len, want);
+	git_repository_free(m);
+	free(data);
+
+	/* a tree entry that says blob but names a tree of another part */
+	capture(hex[0], sizeof(hex[0]), "git -C '%s' rev-parse 'HEAD^{tree}'", src);
+	assert_int_equal(git_oid_fromstr(&tree, hex[0]), 0);
+	{
+		git_repository *r = open_repo(src);
+		git_odb *odb;
+		unsigned char raw[64];
+		size_t n = (size_t)sprintf((char *)raw, "100644 f");
+		raw[n++] = '\0';
+		memcpy(raw + n, tree.id, GIT_OID_RAWSZ);
+		n += GIT_OID_RAWSZ;
+		assert_int_equal(git_repository_odb(&odb, r), 0);
+		assert_int_equal(git_odb_write(&bad_tree, odb, raw, n, GIT_OBJECT_TREE), 0);
+		git_odb_free(odb);
+		git_repository_free(r);
+		git_oid_tostr(hex[1], sizeof(hex[1]), &bad_tree);
+	}
+	sh("cd '%s' && git update-ref refs/heads/typed $(git commit-tree %s -m typed)", src, hex[1]);
+	state_clear(&t);
+	state_of(src, &t);
+	write_bundle(src, &t.rs, NULL, 0, b, NULL);
+	hdrlen = header_len(b);
+	/* (rev-list stops at the bad tree: its objects are listed by hand) */
+	sh("cd '%s' && head -c %zu '%s' > '%s.h' && (git rev-list --objects "
+	   "--exclude=typed --branches --tags; git rev-parse typed; echo %s) | "
+	   "git pack-objects -q --window=0 --stdout >> '%s.h' && mv '%s.h' '%s'", src, hdrlen, b,
+	   b, hex[1], b, b, b);
+	data = slurp(b, &len);
+	{
+		uint32_t ra = 0, rb = 0, cut;
+		parts_at(data, len, hdrlen, (uint32_t[]){ 0 }, 1, "pnc3", &x, &parts);
+		for (uint32_t k = 0; k < x.n; k++) {
+			if (memcmp(pidx_oid(&x, x.rev[k].pos), tree.id, GIT_OID_RAWSZ) == 0)
+				ra = k;
+			if (memcmp(pidx_oid(&x, x.rev[k].pos), bad_tree.id, GIT_OID_RAWSZ) == 0)
+				rb = k;
+		}
+		assert_true(ra != rb);
+		cut = ra > rb ? ra : rb; /* the later of the two starts the second part */
+		pidx_free(&x);
+		parts_at(data, len, hdrlen, (uint32_t[]){ 0, cut }, 2, "pnc4", &x, &parts);
+		pidx_free(&x);
+	}
+	m = new_mirror("node-pnc-typed", mdir, sizeof(mdir));
+	snprintf(want, sizeof(want), "bundle is not connected: object %s (referenced by %s) is not "
+		 "a blob", hex[0], hex[1]);
+	expect_parts_reject(m, mdir, &t.rs, &parts, len, data, len, want);
+	git_repository_free(m);
+	free(data);
+	state_clear(&t);
+}
+
 static int group_setup(void **state)
 {
 	static const char *const unset[] = {
@@ -1665,6 +1818,7 @@ int main(void)
 		cmocka_unit_test(test_not_connected),
 		cmocka_unit_test(test_git_made),
 		cmocka_unit_test(test_parts),
+		cmocka_unit_test(test_parts_not_connected),
 	};
 
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
