@@ -2,7 +2,9 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -83,6 +85,100 @@ int walk_new(git_revwalk **out, git_repository *src, unsigned sort, const struct
 fail:
 	git_revwalk_free(w);
 	return gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+}
+
+struct cu_entry {
+	git_oid oid;
+	bool second; /* its parents were pushed: emit it when it is on top again */
+};
+
+int commits_until(git_repository *src, const struct oidvec *push, const struct oidset *stop,
+		  size_t max, struct oidvec *out, struct oidvec *met, char *err, size_t errsz)
+{
+	struct oidset state; /* 1 expanded, 2 emitted, 3 a stop met */
+	struct cu_entry *stack = NULL;
+	size_t sp = 0, cap = 0, expanded = 0;
+	git_commit *c = NULL;
+	int rc;
+
+	if ((rc = oidset_init(&state)) < 0)
+		return rc;
+	for (size_t i = 0; i <= push->n; i++) {
+		if (i < push->n) { /* the tips, one after the other */
+			if (oidset_has(stop, &push->v[i]))
+				continue;
+			if (sp == cap) {
+				struct cu_entry *ns = reallocarray(stack, cap ? 2 * cap : 64,
+								   sizeof(*ns));
+				if (ns == NULL)
+					goto nomem;
+				stack = ns;
+				cap = cap ? 2 * cap : 64;
+			}
+			stack[sp++] = (struct cu_entry){ push->v[i], false };
+		}
+		while (sp > 0) {
+			struct cu_entry *e = &stack[sp - 1];
+			struct oidset_slot *s = oidset_find(&state, &e->oid);
+
+			if (e->second) {
+				if (oidvec_push(out, &e->oid) < 0)
+					goto nomem;
+				s->val = 2;
+				sp--;
+				continue;
+			}
+			if (s != NULL) { /* met again through another child: done already */
+				sp--;
+				continue;
+			}
+			if (++expanded > max) {
+				rc = ME_ETOOBIG;
+				goto out;
+			}
+			if (oidset_put(&state, &e->oid, 1) < 0)
+				goto nomem;
+			e->second = true;
+			if (git_commit_lookup(&c, src, &e->oid) < 0) {
+				rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
+				goto out;
+			}
+			if (git_commit_parentcount(c) == 0) { /* below every stop, or beside */
+				rc = ME_ETOOBIG;
+				goto out;
+			}
+			for (unsigned p = 0, np = git_commit_parentcount(c); p < np; p++) {
+				const git_oid *pid = git_commit_parent_id(c, p);
+				struct oidset_slot *ps = oidset_find(&state, pid);
+				if (ps != NULL)
+					continue;
+				if (oidset_has(stop, pid)) {
+					if (oidset_put(&state, pid, 3) < 0 || oidvec_push(met, pid) < 0)
+						goto nomem;
+					continue;
+				}
+				if (sp == cap) {
+					struct cu_entry *ns = reallocarray(stack, 2 * cap, sizeof(*ns));
+					if (ns == NULL)
+						goto nomem;
+					stack = ns;
+					cap *= 2;
+				}
+				stack[sp++] = (struct cu_entry){ *pid, false };
+			}
+			git_commit_free(c);
+			c = NULL;
+		}
+	}
+	rc = 0;
+	goto out;
+nomem:
+	rc = gerr_nomem(err, errsz);
+out:
+	git_commit_free(c);
+	free(stack);
+	oidset_free(&state);
+	return rc;
 }
 
 int tip_peel(git_repository *src, const struct gmsg_ref *tip,

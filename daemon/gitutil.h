@@ -31,6 +31,16 @@ int write_full(int fd, const void *buf, size_t len);
  * be NULL), in the given git_sort_t order. 0 or ME_EGIT / ME_ENOMEM with err set. */
 int walk_new(git_revwalk **out, git_repository *src, unsigned sort, const struct oidvec *push,
 	     const struct oidvec *hide, char *err, size_t errsz);
+/* The commits reachable from push without passing through a commit of stop, each after its
+ * parents that are among them (parents first), into out; the commits of stop reached as
+ * parents into met (once each). A walk that never goes past stop, whatever the commits' dates:
+ * libgit2's revwalk orders by date and, when a new commit is dated before its parents (a
+ * skewed clock), reads the whole history of what it hides. It does not know what else stop
+ * reaches, so a commit reachable from stop by another path is walked too; ME_ETOOBIG (the
+ * caller then asks libgit2's revwalk) when that goes far: more than max commits, or down to a
+ * root commit. out and met are appended to. */
+int commits_until(git_repository *src, const struct oidvec *push, const struct oidset *stop,
+		  size_t max, struct oidvec *out, struct oidvec *met, char *err, size_t errsz);
 
 /* Peels a tip through its annotated tags: on_tag(tag id, arg) for each tag on the way (its
  * negative return ends the peel and is returned as is), and in *out the object the chain

@@ -40,6 +40,9 @@ _Static_assert(GIT_OID_RAWSZ == ME_OID_LEN, "oid size");
  * the object count a pack header may announce (libgit2 allocates arrays from it). */
 #define PACK_MIN_ENTRY 9
 #define REFLOG_MSG "megaengine: sync"
+/* Commits an increment's boundary is looked for among by walking back from the tips, before
+ * asking libgit2's revwalk (see boundary_fast). */
+#define BOUNDARY_FAST_MAX 2000
 
 /* ---- small helpers ---- */
 
@@ -754,19 +757,83 @@ static int hide_haves(git_revwalk *walk, git_odb *odb, const git_oid *haves, siz
  * while hiding the boundary gives exactly the included commits (the first excluded commit on
  * any path from an included tip is a boundary commit). Nothing is walked when no have is
  * usable. */
+/* The fast way (commits_until): walking back from the tips until the haves (peeled to
+ * commits). *usable: how many haves are commits here. Exact whenever no new commit reaches
+ * what the haves reach by another way (the usual push); ME_ETOOBIG otherwise. */
+static int boundary_fast(git_repository *src, git_odb *odb, struct oidvec *tipc,
+			 const git_oid *haves, size_t nhaves, struct oidvec *pre,
+			 struct oidvec *order, size_t *usable, char *err, size_t errsz)
+{
+	struct oidset stop, inc;
+	int rc;
+
+	*usable = 0;
+	if ((rc = oidset_init(&stop)) < 0)
+		return rc;
+	if ((rc = oidset_init(&inc)) < 0) {
+		oidset_free(&stop);
+		return rc;
+	}
+	for (size_t i = 0; i < nhaves; i++) {
+		git_object *o = NULL, *pc = NULL;
+		if (!git_odb_exists_ext(odb, &haves[i], GIT_ODB_LOOKUP_NO_REFRESH))
+			continue;
+		if (git_object_lookup(&o, src, &haves[i], GIT_OBJECT_ANY) == 0 &&
+		    git_object_peel(&pc, o, GIT_OBJECT_COMMIT) == 0) {
+			rc = oidset_put(&stop, git_object_id(pc), 0) < 0 ? ME_ENOMEM : 0;
+			(*usable)++;
+		}
+		git_error_clear(); /* not a commit-ish: nothing to stop at */
+		git_object_free(pc);
+		git_object_free(o);
+		if (rc < 0) {
+			rc = gerr_nomem(err, errsz);
+			goto out;
+		}
+	}
+	if (*usable == 0)
+		goto out;
+	if ((rc = commits_until(src, tipc, &stop, BOUNDARY_FAST_MAX, order, pre, err,
+				errsz)) < 0)
+		goto out;
+	for (size_t i = 0; i < order->n; i++)
+		if (oidset_put(&inc, &order->v[i], 0) < 0) {
+			rc = gerr_nomem(err, errsz);
+			goto out;
+		}
+	size_t j = 0;
+	for (size_t i = 0; i < tipc->n; i++)
+		if (oidset_has(&inc, &tipc->v[i]))
+			git_oid_cpy(&tipc->v[j++], &tipc->v[i]);
+	tipc->n = j;
+	if (pre->n > 1)
+		qsort(pre->v, pre->n, sizeof(*pre->v), oid_cmp);
+out:
+	oidset_free(&stop);
+	oidset_free(&inc);
+	return rc;
+}
+
 static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
-			 const git_oid *haves, size_t nhaves, struct oidvec *pre, char *err,
-			 size_t errsz)
+			 const git_oid *haves, size_t nhaves, struct oidvec *pre,
+			 struct oidvec *order, char *err, size_t errsz)
 {
 	struct oidset inc, bset;
 	struct oidvec list = { NULL, 0, 0 };
 	git_revwalk *walk = NULL;
 	git_commit *c = NULL;
 	git_oid oid;
+	size_t usable;
 	int rc, grc;
 
 	if (tipc->n == 0 || nhaves == 0)
 		return 0;
+	rc = boundary_fast(src, odb, tipc, haves, nhaves, pre, order, &usable, err, errsz);
+	if (rc != ME_ETOOBIG)
+		return rc;
+	/* too far back: libgit2's revwalk knows what the haves reach */
+	gerr_clear(err, errsz);
+	pre->n = order->n = 0;
 	if ((rc = oidset_init(&inc)) < 0 || (rc = oidset_init(&bset)) < 0)
 		return rc;
 	if ((rc = walk_new(&walk, src, GIT_SORT_NONE, tipc, NULL, err, errsz)) < 0)
@@ -843,7 +910,7 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		 size_t errsz)
 {
 	struct oidset haveset;
-	struct oidvec tipc = { NULL, 0, 0 }, pre = { NULL, 0, 0 };
+	struct oidvec tipc = { NULL, 0, 0 }, pre = { NULL, 0, 0 }, order = { NULL, 0, 0 };
 	struct oidvec tags = { NULL, 0, 0 }, ends = { NULL, 0, 0 }; /* libgit2's builder only */
 	struct tagnote tn = { &haveset, &tags, err, errsz };
 	git_packbuilder *pb = NULL;
@@ -899,11 +966,11 @@ int bundle_write(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 			goto out;
 		}
 	}
-	if ((rc = find_boundary(src, odb, &tipc, haves, nhaves, &pre, err, errsz)) < 0)
+	if ((rc = find_boundary(src, odb, &tipc, haves, nhaves, &pre, &order, err, errsz)) < 0)
 		goto out;
 	/* An increment: a thin pack when it is small enough (else libgit2's, below). */
-	if (pre.n > 0 && (rc = thinpack_plan(src, tips, ntips, &haveset, &tipc, &pre, &tp, err,
-					     errsz)) < 0) {
+	if (pre.n > 0 && (rc = thinpack_plan(src, tips, ntips, &haveset, &tipc, &pre,
+					     order.n > 0 ? &order : NULL, &tp, err, errsz)) < 0) {
 		if (rc != ME_ETOOBIG)
 			goto out;
 		gerr_clear(err, errsz);
@@ -996,6 +1063,7 @@ out:
 	git_odb_free(odb);
 	free(tipc.v);
 	free(pre.v);
+	free(order.v);
 	free(tags.v);
 	free(ends.v);
 	oidset_free(&haveset);

@@ -404,7 +404,7 @@ void thinpack_free(struct thinpack *tp)
 
 int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		  const struct oidset *haveset, const struct oidvec *tipc, const struct oidvec *pre,
-		  struct thinpack **out, char *err, size_t errsz)
+		  const struct oidvec *order, struct thinpack **out, char *err, size_t errsz)
 {
 	struct thinpack *tp;
 	git_revwalk *walk = NULL;
@@ -439,12 +439,21 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 	for (size_t i = 0; i < ntips; i++)
 		if ((rc = plan_tip(tp, haveset, &tips[i], err, errsz)) < 0)
 			goto out;
-	if ((rc = walk_new(&walk, src, GIT_SORT_TOPOLOGICAL | GIT_SORT_REVERSE, tipc, pre, err,
-			   errsz)) < 0)
+	if (order == NULL && (rc = walk_new(&walk, src, GIT_SORT_TOPOLOGICAL | GIT_SORT_REVERSE,
+					    tipc, pre, err, errsz)) < 0)
 		goto out;
 	/* Parents first: a delta base (the same path in the first parent) is then always the
 	 * receiver's already or planned earlier, so no two objects are each other's base. */
-	while ((grc = git_revwalk_next(&id, walk)) == 0) {
+	for (size_t oi = 0;; oi++) {
+		if (order != NULL) {
+			if (oi == order->n) {
+				grc = GIT_ITEROVER;
+				break;
+			}
+			git_oid_cpy(&id, &order->v[oi]);
+		} else if ((grc = git_revwalk_next(&id, walk)) != 0) {
+			break;
+		}
 		if (++ncommits > THIN_MAX_COMMITS) {
 			rc = ME_ETOOBIG;
 			goto out;

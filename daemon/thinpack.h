@@ -44,10 +44,11 @@ struct thinpack;
  * blobs they introduce, that is, not in a boundary commit's tree and not already planned; and
  * the annotated tags the tips point through that are not in haveset, and a tree or blob a tip
  * (or its tag) names that is neither. ME_ETOOBIG when the increment is beyond the THIN_* limits
- * (the caller then builds a full pack); nothing is written. */
+ * (the caller then builds a full pack); nothing is written. order (may be NULL): those commits
+ * already found, parents first (commits_until), instead of libgit2's revwalk. */
 int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		  const struct oidset *haveset, const struct oidvec *tipc, const struct oidvec *pre,
-		  struct thinpack **out, char *err, size_t errsz);
+		  const struct oidvec *order, struct thinpack **out, char *err, size_t errsz);
 /* Writes the planned pack to fd (blocking): header, entries (REF_DELTA when the delta is
  * smaller than three quarters of the object), SHA-1 trailer. *bytes and *objects may be NULL. */
 int thinpack_write(struct thinpack *tp, int fd, uint64_t *bytes, size_t *objects, char *err,

@@ -604,6 +604,102 @@ static void test_write_haves(void **state)
 	state_clear(&t);
 }
 
+static int oid_sort_cmp(const void *a, const void *b)
+{
+	return git_oid_cmp(a, b);
+}
+
+/* The prerequisites in a bundle's header, sorted hex, one per line. */
+static void prereqs_of(const char *path, char *out, size_t outsz)
+{
+	struct bundle_header h;
+	char err[256];
+	int fd = open(path, O_RDONLY);
+
+	assert_true(fd >= 0);
+	assert_int_equal(bundle_read_header(fd, &h, err, sizeof(err)), 0);
+	close(fd);
+	out[0] = '\0';
+	qsort(h.prereqs, h.nprereqs, sizeof(*h.prereqs), oid_sort_cmp);
+	for (size_t i = 0; i < h.nprereqs; i++) {
+		size_t l = strlen(out);
+		git_oid_tostr(out + l, outsz - l, &h.prereqs[i]);
+		l = strlen(out);
+		snprintf(out + l, outsz - l, "\n");
+	}
+	bundle_header_free(&h);
+}
+
+/* Commits dated before their parents (a skewed clock; libgit2's revwalk, ordered by date,
+ * then reads the whole history of what it hides): an increment on top of the haves is found
+ * by walking back to them, and one that reaches below them (a merge of an old commit) by
+ * libgit2's revwalk; both as `git bundle create` makes them, and they apply. */
+static void test_write_skew(void **state)
+{
+	char src[PATH_MAX], mdir[PATH_MAX], b[PATH_MAX], gb[PATH_MAX], ours[1024], theirs[1024];
+	char old[64];
+	struct tstate t;
+	struct bundle_stats st;
+	git_repository *m;
+	git_oid have;
+	(void)state;
+
+	path_in(src, sizeof(src), "skew-src");
+	path_in(b, sizeof(b), "skew.bundle");
+	path_in(gb, sizeof(gb), "skew-git.bundle");
+	/* 2100 commits dated from 2039 on, each changing one of 50 files */
+	sh("mkdir -p '%s' && cd '%s' && git init -q -b main && for i in $(seq 1 2100); do "
+	   "echo 'commit refs/heads/main'; echo \"mark :$i\"; "
+	   "echo \"committer A <a@b> $((2200000000 + i * 60)) +0000\"; echo 'data <<EOF'; "
+	   "echo \"c$i\"; echo EOF; if [ $i -gt 1 ]; then echo \"from :$((i - 1))\"; fi; "
+	   "echo \"M 100644 inline f$((i %% 50))\"; echo 'data <<EOF'; echo \"v$i\"; echo EOF; "
+	   "echo; done | git fast-import --quiet && git reset -q --hard main", src, src);
+	state_of(src, &t);
+	m = new_mirror("node-skew", mdir, sizeof(mdir));
+	write_bundle(src, &t.rs, NULL, 0, b, NULL);
+	apply_ok(m, b, &t.rs, NULL);
+
+	/* a commit of 2001 on top */
+	capture(old, sizeof(old), "git -C '%s' rev-parse main", src);
+	assert_int_equal(git_oid_fromstr(&have, old), 0);
+	sh("cd '%s' && echo skew > f7 && git add f7 && GIT_COMMITTER_DATE='2001-01-01 00:00 +0000' "
+	   "GIT_AUTHOR_DATE='2001-01-01 00:00 +0000' git commit -q -m skew", src);
+	state_clear(&t);
+	state_of(src, &t);
+	t.rs.seq = 2;
+	write_bundle(src, &t.rs, &have, 1, b, &st);
+	assert_int_equal(st.prereqs, 1);
+	assert_int_equal(st.objects, 3); /* the commit, its tree, the blob */
+	sh("git -C '%s' bundle create -q '%s' main ^%s", src, gb, old);
+	prereqs_of(b, ours, sizeof(ours));
+	prereqs_of(gb, theirs, sizeof(theirs));
+	assert_string_equal(ours, theirs);
+	apply_ok(m, b, &t.rs, NULL);
+	expect_same_refs(src, mdir);
+
+	/* a merge of a commit 2050 below: walking back reaches the root, libgit2 decides */
+	capture(old, sizeof(old), "git -C '%s' rev-parse main", src);
+	assert_int_equal(git_oid_fromstr(&have, old), 0);
+	sh("cd '%s' && c=$(GIT_COMMITTER_DATE='2002-01-01 00:00 +0000' "
+	   "GIT_AUTHOR_DATE='2002-01-01 00:00 +0000' git commit-tree 'main^{tree}' -p main "
+	   "-p main~2050 -m merge) && git update-ref refs/heads/main $c", src);
+	state_clear(&t);
+	state_of(src, &t);
+	t.rs.seq = 3;
+	write_bundle(src, &t.rs, &have, 1, b, &st);
+	assert_int_equal(st.objects, 1); /* the merge: everything else is the mirror's */
+	sh("git -C '%s' bundle create -q '%s' main ^%s", src, gb, old);
+	prereqs_of(b, ours, sizeof(ours));
+	prereqs_of(gb, theirs, sizeof(theirs));
+	assert_int_equal(st.prereqs, 2); /* both parents: the mirror has them */
+	assert_string_equal(ours, theirs);
+	apply_ok(m, b, &t.rs, NULL);
+	expect_same_refs(src, mdir);
+	fsck(mdir);
+	git_repository_free(m);
+	state_clear(&t);
+}
+
 /* Applies a bundle that must fail with want (and a message starting with msg when not NULL);
  * the mirror's refs, HEAD and packs must be exactly as before (callers run fsck after a
  * batch). */
@@ -1806,6 +1902,7 @@ int main(void)
 		cmocka_unit_test(test_incremental),
 		cmocka_unit_test(test_thin),
 		cmocka_unit_test(test_write_haves),
+		cmocka_unit_test(test_write_skew),
 		cmocka_unit_test(test_tampered),
 		cmocka_unit_test(test_hostile_header),
 		cmocka_unit_test(test_header_parse),
