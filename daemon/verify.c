@@ -7,6 +7,7 @@
 #include <ftw.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <malloc.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -560,6 +561,9 @@ int verify_main(int argc, char **argv)
 		_exit(1);
 	}
 	child_limits(&q);
+	/* The parts' threads (mirror.c) share one malloc arena besides the main one: an arena
+	 * per thread kept ~3 MiB more resident for a few per cent of speed */
+	mallopt(M_ARENA_MAX, 2);
 	gitrepo_global_init();
 	git_libgit2_opts(GIT_OPT_SET_ALLOCATOR, &bounded_alloc);
 	/* libgit2 maps packs in windows of 1 GiB, up to 8 GiB in all by default: small ones
