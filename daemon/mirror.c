@@ -752,14 +752,54 @@ static int hide_haves(git_revwalk *walk, git_odb *odb, const git_oid *haves, siz
 	return hidden;
 }
 
-/* The boundary of tips minus haves: the excluded parents of the included commits. Drops the
- * excluded tip commits from tipc: the receiver has them, and walking from the included tips
- * while hiding the boundary gives exactly the included commits (the first excluded commit on
- * any path from an included tip is a boundary commit). Nothing is walked when no have is
- * usable. */
+/* Does a walk down from the commits of from (breadth first, at most max commits) meet a
+ * commit of set? 1 yes, 0 not within max, or an error. */
+static int reaches_any(git_repository *src, const struct oidset *from, const struct oidset *set,
+		       size_t max, char *err, size_t errsz)
+{
+	struct oidset seen;
+	struct oidvec q = { NULL, 0, 0 };
+	git_commit *c = NULL;
+	int rc = 0;
+
+	if ((rc = oidset_init(&seen)) < 0)
+		return rc;
+	for (size_t i = 0; i < from->cap && rc == 0; i++)
+		if (from->slots[i].used && (oidset_put(&seen, &from->slots[i].oid, 0) < 0 ||
+					    oidvec_push(&q, &from->slots[i].oid) < 0))
+			rc = gerr_nomem(err, errsz);
+	for (size_t h = 0; rc == 0 && h < q.n && h < max; h++) {
+		if (oidset_has(set, &q.v[h])) {
+			rc = 1;
+			break;
+		}
+		if (git_commit_lookup(&c, src, &q.v[h]) < 0) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
+			break;
+		}
+		for (unsigned p = 0, np = git_commit_parentcount(c); rc == 0 && p < np; p++) {
+			const git_oid *pid = git_commit_parent_id(c, p);
+			int r = oidset_put(&seen, pid, 0);
+			if (r < 0 || (r == 1 && oidvec_push(&q, pid) < 0))
+				rc = gerr_nomem(err, errsz);
+		}
+		git_commit_free(c);
+		c = NULL;
+	}
+	git_commit_free(c);
+	free(q.v);
+	oidset_free(&seen);
+	return rc;
+}
+
 /* The fast way (commits_until): walking back from the tips until the haves (peeled to
- * commits). *usable: how many haves are commits here. Exact whenever no new commit reaches
- * what the haves reach by another way (the usual push); ME_ETOOBIG otherwise. */
+ * commits). *usable: how many haves are commits here. It does not know what the haves reach:
+ * a new branch from an older commit, or a merge of one, would walk down to some have below
+ * (a release tag) and resend what lies between. So the haves' own history is walked down as
+ * far (breadth first, BOUNDARY_FAST_MAX commits): when it meets a commit the fast walk took
+ * for new, or the fast walk went far or to a root, ME_ETOOBIG (libgit2's revwalk decides). A
+ * new commit reachable from the haves only deeper than that is sent again (the bundle stays
+ * valid: its prerequisites are haves). */
 static int boundary_fast(git_repository *src, git_odb *odb, struct oidvec *tipc,
 			 const git_oid *haves, size_t nhaves, struct oidvec *pre,
 			 struct oidvec *order, size_t *usable, char *err, size_t errsz)
@@ -801,6 +841,11 @@ static int boundary_fast(git_repository *src, git_odb *odb, struct oidvec *tipc,
 			rc = gerr_nomem(err, errsz);
 			goto out;
 		}
+	if ((rc = reaches_any(src, &stop, &inc, BOUNDARY_FAST_MAX, err, errsz)) != 0) {
+		if (rc == 1)
+			rc = ME_ETOOBIG;
+		goto out;
+	}
 	size_t j = 0;
 	for (size_t i = 0; i < tipc->n; i++)
 		if (oidset_has(&inc, &tipc->v[i]))
@@ -814,6 +859,11 @@ out:
 	return rc;
 }
 
+/* The boundary of tips minus haves: the excluded parents of the included commits. Drops the
+ * excluded tip commits from tipc: the receiver has them, and walking from the included tips
+ * while hiding the boundary gives exactly the included commits (the first excluded commit on
+ * any path from an included tip is a boundary commit). Nothing is walked when no have is
+ * usable. */
 static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
 			 const git_oid *haves, size_t nhaves, struct oidvec *pre,
 			 struct oidvec *order, char *err, size_t errsz)
@@ -2198,7 +2248,10 @@ static int rx_verify(struct bundle_rx *rx, struct vpack *vp, size_t np)
 	if (vc_merge(&t) == 0 &&
 	    (t.rc = odb_over(t.gitdir, true, NULL, 0, &t.odb, t.msg, sizeof(t.msg))) == 0)
 		for (size_t q = 0; t.rc == 0 && q < np; q++)
-			vc_resolve(&t, q);
+			if (vc_resolve(&t, q) == 0) { /* done with what it referenced */
+				oidset_free(&vp[q].ext);
+				vp[q].ext_init = false;
+			}
 	for (size_t i = 0; t.rc == 0 && i < rx->expected->nrefs; i++) {
 		git_object_t type;
 		int64_t pos;

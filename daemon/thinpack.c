@@ -414,7 +414,8 @@ int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips
 	int rc, grc;
 
 	*out = NULL;
-	if (pre->n == 0 || pre->n > THIN_MAX_BOUNDARY)
+	if (pre->n == 0 || pre->n > THIN_MAX_BOUNDARY ||
+	    (order != NULL && order->n > THIN_MAX_COMMITS))
 		return ME_ETOOBIG;
 	if ((tp = calloc(1, sizeof(*tp))) == NULL)
 		return ME_ENOMEM;

@@ -45,7 +45,8 @@ struct thinpack;
  * the annotated tags the tips point through that are not in haveset, and a tree or blob a tip
  * (or its tag) names that is neither. ME_ETOOBIG when the increment is beyond the THIN_* limits
  * (the caller then builds a full pack); nothing is written. order (may be NULL): those commits
- * already found, parents first (commits_until), instead of libgit2's revwalk. */
+ * already found, parents first (commits_until, see mirror.c's boundary_fast), instead of
+ * libgit2's revwalk. */
 int thinpack_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		  const struct oidset *haveset, const struct oidvec *tipc, const struct oidvec *pre,
 		  const struct oidvec *order, struct thinpack **out, char *err, size_t errsz);

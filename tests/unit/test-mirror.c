@@ -695,8 +695,39 @@ static void test_write_skew(void **state)
 	assert_string_equal(ours, theirs);
 	apply_ok(m, b, &t.rs, NULL);
 	expect_same_refs(src, mdir);
+
 	fsck(mdir);
 	git_repository_free(m);
+	state_clear(&t);
+
+	/* (dates in order from here) A tag 300 below, then a new branch from 5 below: walking
+	 * back from it stops at the tag, and would resend 295 commits the haves reach; walking
+	 * down from the haves finds them, and libgit2's revwalk decides. */
+	path_in(src, sizeof(src), "skew2-src");
+	sh("mkdir -p '%s' && cd '%s' && git init -q -b main && for i in $(seq 1 400); do "
+	   "echo 'commit refs/heads/main'; echo \"mark :$i\"; "
+	   "echo \"committer A <a@b> $((1600000000 + i * 60)) +0000\"; echo 'data <<EOF'; "
+	   "echo \"c$i\"; echo EOF; if [ $i -gt 1 ]; then echo \"from :$((i - 1))\"; fi; "
+	   "echo \"M 100644 inline f$((i %% 50))\"; echo 'data <<EOF'; echo \"v$i\"; echo EOF; "
+	   "echo; done | git fast-import --quiet && git reset -q --hard main && "
+	   "git tag v1 main~300", src, src);
+	{
+		git_oid hv[2];
+		char tag[64];
+		capture(old, sizeof(old), "git -C '%s' rev-parse main", src);
+		capture(tag, sizeof(tag), "git -C '%s' rev-parse v1", src);
+		assert_int_equal(git_oid_fromstr(&hv[0], old), 0);
+		assert_int_equal(git_oid_fromstr(&hv[1], tag), 0);
+		sh("cd '%s' && git checkout -q -b topic main~5 && echo topic > f9 && git add f9 && "
+		   "git commit -q -m topic && git checkout -q main", src);
+		state_of(src, &t);
+		write_bundle(src, &t.rs, hv, 2, b, &st);
+		assert_int_equal(st.objects, 3); /* the commit, its tree, the blob */
+		sh("git -C '%s' bundle create -q '%s' main topic v1 ^%s ^%s", src, gb, old, tag);
+	}
+	prereqs_of(b, ours, sizeof(ours));
+	prereqs_of(gb, theirs, sizeof(theirs));
+	assert_string_equal(ours, theirs);
 	state_clear(&t);
 }
 
@@ -1792,6 +1823,56 @@ static void test_parts_not_connected(void **state)
 	expect_same_refs(src, mdir);
 	git_repository_free(m);
 	free(data);
+	/* The root commit is found through parents in other parts: one branch, cut after each
+	 * of its first commits (git writes the commits first, newest first). */
+	{
+		char root[64];
+		struct check_arg a = { root, 0, 0, { "" } };
+		struct bundle_rx_opts o = { .max_bytes = 1u << 30, .check = check_root,
+					    .check_arg = &a, .roots = true, .parts = &parts,
+					    .size = 0 };
+		struct bundle_rx *rx;
+		struct gmsg_refstate one = t.rs;
+		char b1[PATH_MAX];
+		unsigned char *d1;
+		size_t l1, h1;
+		size_t k = 0;
+		while (k < t.rs.nrefs && !gmsg_str_eq(t.rs.refs[k].name,
+						      gmsg_str("refs/heads/dev")))
+			k++;
+		assert_true(k < t.rs.nrefs);
+		one.refs = &t.refs[k];
+		one.nrefs = 1;
+		one.head = gmsg_str("refs/heads/dev");
+		path_in(b1, sizeof(b1), "pnc-roots.bundle");
+		pack_bundle(src, &one, NULL, "git rev-list --objects dev", b1);
+		h1 = header_len(b1);
+		sh("cd '%s' && head -c %zu '%s' > '%s.h' && git rev-list --objects dev | "
+		   "git pack-objects -q --window=0 --stdout >> '%s.h' && mv '%s.h' '%s'", src,
+		   h1, b1, b1, b1, b1, b1);
+		d1 = slurp(b1, &l1);
+		o.size = l1;
+		capture(root, sizeof(root), "git -C '%s' rev-list --max-parents=0 dev", src);
+		parts_at(d1, l1, h1, (uint32_t[]){ 0, 1, 2, 3 }, 4, "pnc5", &x, &parts);
+		for (uint32_t k = 0; k < 3; k++) {
+			struct pidx_entry e;
+			assert_int_equal(pidx_entry(&x, k, &e), 0);
+			assert_int_equal(e.type, PACK_COMMIT);
+		}
+		pidx_free(&x);
+		m = new_mirror("node-pnc-roots", mdir, sizeof(mdir));
+		assert_int_equal(bundle_rx_new(&rx, m, &one, &o, msg, sizeof(msg)), 0);
+		assert_int_equal(bundle_rx_write(rx, d1, l1), 0);
+		if (bundle_rx_finish(rx, NULL) != 0)
+			fail_msg("%s", bundle_rx_errmsg(rx));
+		bundle_rx_free(rx);
+		assert_int_equal(a.calls, 1);
+		assert_int_equal(a.nroots, 1);
+		assert_string_equal(a.roots[0], root);
+		assert_int_equal(npacks(mdir), 4);
+		git_repository_free(m);
+		free(d1);
+	}
 
 	/* a blob in no part */
 	capture(blob, sizeof(blob), "git -C '%s' rev-parse HEAD:b", src);
