@@ -7,7 +7,6 @@
 #include <ftw.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <malloc.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -561,12 +560,6 @@ int verify_main(int argc, char **argv)
 		_exit(1);
 	}
 	child_limits(&q);
-#ifdef M_ARENA_MAX
-	/* At most two malloc arenas for the parts' threads (mirror.c) and the main one: an arena
-	 * per thread kept ~3 MiB more resident (and reserved 64 MiB of address space each) for
-	 * a few per cent of speed */
-	mallopt(M_ARENA_MAX, 2);
-#endif
 	gitrepo_global_init();
 	git_libgit2_opts(GIT_OPT_SET_ALLOCATOR, &bounded_alloc);
 	/* libgit2 maps packs in windows of 1 GiB, up to 8 GiB in all by default: small ones
