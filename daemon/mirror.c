@@ -752,6 +752,20 @@ static int hide_haves(git_revwalk *walk, git_odb *odb, const git_oid *haves, siz
 	return hidden;
 }
 
+/* Either way, once the included commits (inc) and the boundary (pre) are known: only the
+ * included tips stay in tipc (the receiver has the others), the boundary sorted. */
+static void boundary_done(struct oidvec *tipc, const struct oidset *inc, struct oidvec *pre)
+{
+	size_t j = 0;
+
+	for (size_t i = 0; i < tipc->n; i++)
+		if (oidset_has(inc, &tipc->v[i]))
+			git_oid_cpy(&tipc->v[j++], &tipc->v[i]);
+	tipc->n = j;
+	if (pre->n > 1)
+		qsort(pre->v, pre->n, sizeof(*pre->v), oid_cmp);
+}
+
 /* Does a walk down from the commits of from (breadth first, at most max commits) meet a
  * commit of set? 1 yes, 0 not within max, or an error. */
 static int reaches_any(git_repository *src, const struct oidset *from, const struct oidset *set,
@@ -846,13 +860,7 @@ static int boundary_fast(git_repository *src, git_odb *odb, struct oidvec *tipc,
 			rc = ME_ETOOBIG;
 		goto out;
 	}
-	size_t j = 0;
-	for (size_t i = 0; i < tipc->n; i++)
-		if (oidset_has(&inc, &tipc->v[i]))
-			git_oid_cpy(&tipc->v[j++], &tipc->v[i]);
-	tipc->n = j;
-	if (pre->n > 1)
-		qsort(pre->v, pre->n, sizeof(*pre->v), oid_cmp);
+	boundary_done(tipc, &inc, pre);
 out:
 	oidset_free(&stop);
 	oidset_free(&inc);
@@ -920,15 +928,7 @@ static int find_boundary(git_repository *src, git_odb *odb, struct oidvec *tipc,
 		c = NULL;
 	}
 	rc = 0;
-	{
-		size_t j = 0;
-		for (size_t i = 0; i < tipc->n; i++)
-			if (oidset_has(&inc, &tipc->v[i]))
-				git_oid_cpy(&tipc->v[j++], &tipc->v[i]);
-		tipc->n = j;
-	}
-	if (pre->n > 1)
-		qsort(pre->v, pre->n, sizeof(*pre->v), oid_cmp);
+	boundary_done(tipc, &inc, pre);
 out:
 	git_commit_free(c);
 	git_revwalk_free(walk);
