@@ -15,6 +15,11 @@ static inline uint32_t me_be32(const uint8_t *p)
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+static inline uint64_t me_be64(const uint8_t *p)
+{
+	return (uint64_t)me_be32(p) << 32 | me_be32(p + 4);
+}
+
 /* Milliseconds since the epoch / on a monotonic clock. */
 int64_t me_now_ms(void);
 int64_t me_mono_ms(void);

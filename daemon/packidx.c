@@ -15,11 +15,6 @@
 #define IDX_HDR (8 + 256 * 4)
 #define IDX_TRAILER 40
 
-static uint64_t be64(const uint8_t *p)
-{
-	return (uint64_t)me_be32(p) << 32 | me_be32(p + 4);
-}
-
 static int off_cmp(const void *a, const void *b)
 {
 	const struct pidx_off *x = a, *y = b;
@@ -43,7 +38,7 @@ void pidx_unmap_pack(struct pidx *p)
 	p->pack = NULL;
 }
 
-static int map_file(const char *path, uint8_t **out, size_t *len)
+int pidx_map(const char *path, uint8_t **out, size_t *len)
 {
 	struct stat sb;
 	void *m;
@@ -70,8 +65,8 @@ int pidx_open(struct pidx *p, const char *idxpath, const char *packpath)
 	size_t need;
 
 	memset(p, 0, sizeof(*p));
-	if (map_file(idxpath, &p->idx, &p->idxlen) < 0 ||
-	    map_file(packpath, &p->pack, &p->packlen) < 0)
+	if (pidx_map(idxpath, &p->idx, &p->idxlen) < 0 ||
+	    pidx_map(packpath, &p->pack, &p->packlen) < 0)
 		goto bad;
 	if (p->idxlen < IDX_HDR + IDX_TRAILER || memcmp(p->idx, "\377tOc", 4) != 0 ||
 	    me_be32(p->idx + 4) != 2)
@@ -105,7 +100,7 @@ int pidx_open(struct pidx *p, const char *idxpath, const char *packpath)
 			off &= 0x7fffffffu;
 			if (off >= p->n64)
 				goto bad;
-			off = be64(p->offs64 + 8 * off);
+			off = me_be64(p->offs64 + 8 * off);
 		}
 		if (off < PACK_HDR_LEN || off >= p->packlen - PACK_TRAILER_LEN)
 			goto bad;

@@ -39,6 +39,8 @@ struct pidx_entry {
  * p is empty (pidx_free is a no-op). */
 int pidx_open(struct pidx *p, const char *idxpath, const char *packpath);
 void pidx_free(struct pidx *p);
+/* Maps a regular, non-empty file read-only (not following a symlink): 0 or -1. munmap it. */
+int pidx_map(const char *path, uint8_t **out, size_t *len);
 /* Unmaps the pack, keeping the index: pidx_find and the ranks stay usable, pidx_entry and
  * pidx_types do not. */
 void pidx_unmap_pack(struct pidx *p);
