@@ -7,7 +7,8 @@ commits; feature branches fork off it, get a run of commits and are merged back 
 commits; develop, release/1.x, feature/search and feature/ui stay open at the end. Every tenth of
 the history gets an annotated tag v0.N on main, and a few lightweight tags sit on the other
 branches. The result is repacked from scratch (`git repack -adf`: deltas recomputed, as a
-project's own gc would leave it) and its refs packed, so it is one pack of a few MB.
+project's own gc would leave it) and its refs packed, so it is one pack of a few MB. It is a bare
+repository, so git writes the pack's reachability bitmap too, as its gc does there.
 
 Deterministic for a given (commits, seed): the same stream, hence the same object ids.
 

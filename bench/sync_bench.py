@@ -21,7 +21,8 @@ repository given.
    megaengine: daemon A holds S; daemon B starts with --bootstrap-node A and is timed from its
    spawn until the branches and tags of its mirror ($ROOT/repos/<id>.git, read straight from
    the files every --poll-ms) equal S's. "cold" is the first transfer of that ref state: A
-   builds the bundle for the request (libgit2's pack builder) and caches it. "warm": B is
+   builds the bundle (started by repo.add: daemon/packreuse.c, from S's bitmap when S has
+   one, as upload-pack does) while B starts, and caches it. "warm": B is
    stopped and a fresh B1 does the same while A still has that bundle cached. The breakdown
    (peer connected, announcement in, fetch requested, bundle ready and sending, fetch done)
    comes from the daemons' info log lines, timestamped when this script reads them (at
@@ -84,7 +85,9 @@ HEADS_TAGS = ("refs/heads/", "refs/tags/")
 T_FULL_RATIO = 1.1
 T_BYTES_RATIO, T_BYTES_PLUS = 1.2, 4096
 T_PEERS_S = 1.0
-T_RSS_MIB = 64
+# receiver peak: < 64 MB for the issue's 40k-object repository, < 128 MB for its 420k-object
+# one; repositories of up to 200k objects are held to the first
+T_RSS_MIB, T_RSS_MIB_LARGE, T_RSS_LARGE_OBJECTS = 64, 128, 200_000
 
 
 class BenchError(Exception):
@@ -781,11 +784,12 @@ class Bench:
         L.append(f"| commit → mirrors of 3 peers, median (worst) | {median(p_max) * 1000:.0f} ms "
                  f"({max(p_max) * 1000:.0f}) | — | | ≤ {T_PEERS_S:g} s | "
                  f"{pf(max(p_max) <= T_PEERS_S)} |")
+        t_rss = T_RSS_MIB_LARGE if si["objects"] > T_RSS_LARGE_OBJECTS else T_RSS_MIB
         L.append(f"| peak RSS, receiver: daemon + its largest verifier child (B cold / B1 "
                  f"warm) | {cold['recv_mib']:.1f} / "
                  f"{warm['recv_mib']:.1f} MiB | {g_cli:.1f} MiB (clone) | "
-                 f"{ratio(cold['recv_mib'], g_cli)} | < {T_RSS_MIB} MiB | "
-                 f"{pf(max(cold['recv_mib'], warm['recv_mib']) < T_RSS_MIB)} |")
+                 f"{ratio(cold['recv_mib'], g_cli)} | < {t_rss} MiB | "
+                 f"{pf(max(cold['recv_mib'], warm['recv_mib']) < t_rss)} |")
         L.append(f"| peak RSS, server (A) | {cold['serve_mib']:.1f} MiB | {g_srv:.1f} MiB "
                  f"(git daemon + upload-pack + pack-objects) | "
                  f"{ratio(cold['serve_mib'], g_srv)} | | |")

@@ -1100,6 +1100,7 @@ header:
 		st->header_bytes = hdrlen;
 		st->pack_bytes = w.bytes;
 		st->objects = tp != NULL || pr != NULL ? nobj : git_packbuilder_object_count(pb);
+		st->bitmapped = pr != NULL ? packreuse_bitmapped(pr) : 0;
 		st->prereqs = pre.n;
 		st->refs = ntips;
 	}

@@ -89,6 +89,7 @@ struct bundle_stats {
 	size_t refs; /* in the header */
 	size_t refs_updated; /* apply: refs created or moved */
 	size_t refs_deleted; /* apply: refs removed */
+	size_t bitmapped; /* write: objects counted from the source's .bitmap (packreuse.h) */
 	/* write: where a complete pack built from the source's packs can be cut, in bundle
 	 * offsets (none for other packs, or when it cannot be cut); apply: the parts used */
 	struct xmsg_parts parts;

@@ -14,6 +14,7 @@
 #include "common/err.h"
 #include "daemon/gitutil.h"
 #include "daemon/oidset.h"
+#include "daemon/packbitmap.h"
 #include "daemon/packidx.h"
 #include "daemon/packwrite.h"
 
@@ -37,14 +38,34 @@ struct packreuse {
 	git_odb *odb;
 	struct rpack *p;
 	size_t np;
-	struct oidset want;
+	struct oidset want;  /* counted by walking (not by the bitmap) */
 	struct oidvec loose; /* wanted, in no pack */
+	size_t nobj;         /* objects to send */
+	size_t nbitmap;      /* of which counted by the bitmap */
 	size_t ncopy;
+	/* the reachability bitmap of pack bq, while counting: the file, the objects of that
+	 * pack counted so far (by rank) and each index position's rank */
+	size_t bq;
+	uint8_t *bmap;
+	size_t bmaplen;
+	struct pbitmap bm;
+	uint64_t *bits, *tmp;
+	uint32_t *rank;
 	/* while writing, for the parts: each entry's offset in the new pack and its delta
 	 * base's (UINT64_MAX: none), in the order written */
 	uint64_t *eoff, *ebase;
 	size_t ne;
 };
+
+/* Does the source's bitmap already count this object? */
+static bool counted(const struct packreuse *r, const git_oid *id)
+{
+	int64_t pos;
+
+	if (r->bits == NULL || (pos = pidx_find(&r->p[r->bq].x, id)) < 0)
+		return false;
+	return pbitmap_test(r->bits, r->rank[pos]);
+}
 
 static int want_tree(struct packreuse *r, const git_oid *id, int depth, char *err, size_t errsz)
 {
@@ -55,6 +76,8 @@ static int want_tree(struct packreuse *r, const git_oid *id, int depth, char *er
 		gerr_set(err, errsz, "trees nested deeper than %d", MAX_TREE_DEPTH);
 		return ME_EPROTO;
 	}
+	if (counted(r, id))
+		return 0; /* and so is everything below it */
 	if ((rc = oidset_put(&r->want, id, 0)) <= 0)
 		return rc < 0 ? gerr_nomem(err, errsz) : 0;
 	if (git_tree_lookup(&t, r->src, id) < 0)
@@ -67,7 +90,8 @@ static int want_tree(struct packreuse *r, const git_oid *id, int depth, char *er
 			rc = want_tree(r, git_tree_entry_id(e), depth + 1, err, errsz);
 			break;
 		case GIT_OBJECT_BLOB:
-			if (oidset_put(&r->want, git_tree_entry_id(e), 0) < 0)
+			if (!counted(r, git_tree_entry_id(e)) &&
+			    oidset_put(&r->want, git_tree_entry_id(e), 0) < 0)
 				rc = gerr_nomem(err, errsz);
 			break;
 		default: /* a submodule's commit: not ours */
@@ -85,12 +109,92 @@ static int want_tag(const git_oid *id, void *arg)
 	return oidset_put(&r->want, id, 0) < 0 ? ME_ENOMEM : 0;
 }
 
+/* Opens the bitmap load_packs found: r->bits (empty) and r->rank, or nothing when it is not
+ * usable. */
+static int bitmap_open(struct packreuse *r)
+{
+	const struct pidx *x = &r->p[r->bq].x;
+	int rc = pbitmap_parse(&r->bm, r->bmap, r->bmaplen, x->n,
+			       x->pack + x->packlen - PACK_TRAILER_LEN);
+
+	if (rc < 0)
+		return rc == ME_ENOMEM ? rc : 0;
+	if ((r->bits = calloc(PBITMAP_WORDS(x->n), sizeof(*r->bits))) == NULL ||
+	    (r->tmp = malloc(PBITMAP_WORDS(x->n) * sizeof(*r->tmp))) == NULL ||
+	    (r->rank = malloc((size_t)x->n * sizeof(*r->rank))) == NULL)
+		return ME_ENOMEM;
+	for (uint32_t k = 0; k < x->n; k++)
+		r->rank[x->rev[k].pos] = k;
+	return 0;
+}
+
+static void bitmap_close(struct packreuse *r)
+{
+	pbitmap_free(&r->bm);
+	free(r->bits);
+	free(r->tmp);
+	free(r->rank);
+	r->bits = r->tmp = NULL;
+	r->rank = NULL;
+	if (r->bmap != NULL)
+		munmap(r->bmap, r->bmaplen);
+	r->bmap = NULL;
+}
+
+/* The histories with the bitmap, as upload-pack counts a clone: a commit the bitmap has an
+ * entry for adds all it reaches at once; one it has not (made since the last repack) is
+ * counted and its parents walked, and once all bitmaps are in, its tree is counted down to
+ * what they count. 1 when done, 0 when an entry turned out malformed (nothing but commits was
+ * counted then: the caller walks again without the bitmap). */
+static int walk_bitmap(struct packreuse *r, const struct oidvec *tips, char *err, size_t errsz)
+{
+	struct oidvec stack = { NULL, 0, 0 }, trees = { NULL, 0, 0 };
+	git_commit *c = NULL;
+	int rc = 0;
+
+	for (size_t i = 0; i < tips->n && rc == 0; i++)
+		rc = oidvec_push(&stack, &tips->v[i]);
+	while (stack.n > 0 && rc == 0) {
+		git_oid id = stack.v[--stack.n];
+		int64_t pos = pidx_find(&r->p[r->bq].x, &id), e;
+		if (counted(r, &id) || oidset_has(&r->want, &id))
+			continue;
+		if (pos >= 0 && (e = pbitmap_find(&r->bm, (uint32_t)pos)) >= 0) {
+			if (pbitmap_or(&r->bm, (uint32_t)e, r->bits, r->tmp) < 0)
+				goto unusable;
+			continue;
+		}
+		if (oidset_put(&r->want, &id, 0) < 0) {
+			rc = ME_ENOMEM;
+		} else if (git_commit_lookup(&c, r->src, &id) < 0) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
+		} else {
+			rc = oidvec_push(&trees, git_commit_tree_id(c));
+			for (unsigned p = 0, np = git_commit_parentcount(c); p < np && rc == 0; p++)
+				rc = oidvec_push(&stack, git_commit_parent_id(c, p));
+		}
+		git_commit_free(c);
+		c = NULL;
+	}
+	if (rc == ME_ENOMEM)
+		gerr_nomem(err, errsz);
+	for (size_t i = 0; i < trees.n && rc == 0; i++)
+		rc = want_tree(r, &trees.v[i], 0, err, errsz);
+	free(stack.v);
+	free(trees.v);
+	return rc < 0 ? rc : 1;
+unusable:
+	free(stack.v);
+	free(trees.v);
+	return 0;
+}
+
 /* Everything reachable from the tips: their tags, the trees and blobs they end on, and the
  * histories of the commits they end on (with each commit's tree). */
 static int enumerate(struct packreuse *r, const struct gmsg_ref *tips, size_t ntips, char *err,
 		     size_t errsz)
 {
-	struct oidvec commits = { NULL, 0, 0 };
+	struct oidvec commits = { NULL, 0, 0 }, trees = { NULL, 0, 0 };
 	git_revwalk *walk = NULL;
 	git_commit *c = NULL;
 	git_oid id;
@@ -105,7 +209,7 @@ static int enumerate(struct packreuse *r, const struct gmsg_ref *tips, size_t nt
 			rc = oidvec_push(&commits, git_object_id(end));
 			break;
 		case GIT_OBJECT_TREE:
-			rc = want_tree(r, git_object_id(end), 0, err, errsz);
+			rc = oidvec_push(&trees, git_object_id(end));
 			break;
 		default:
 			rc = oidset_put(&r->want, git_object_id(end), 0) < 0 ? ME_ENOMEM : 0;
@@ -115,29 +219,45 @@ static int enumerate(struct packreuse *r, const struct gmsg_ref *tips, size_t nt
 	}
 	if (rc == ME_ENOMEM)
 		gerr_nomem(err, errsz);
-	if (rc < 0 || commits.n == 0)
+	if (rc < 0)
 		goto out;
-	if ((rc = walk_new(&walk, r->src, GIT_SORT_NONE, &commits, NULL, err, errsz)) < 0)
+	if (r->bmap != NULL && commits.n > 0 && (rc = bitmap_open(r)) < 0) {
+		gerr_nomem(err, errsz);
 		goto out;
-	while ((grc = git_revwalk_next(&id, walk)) == 0) {
-		if (oidset_put(&r->want, &id, 0) < 0) {
-			rc = gerr_nomem(err, errsz);
-			goto out;
-		}
-		if (git_commit_lookup(&c, r->src, &id) < 0) {
-			rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
-			goto out;
-		}
-		rc = want_tree(r, git_commit_tree_id(c), 0, err, errsz);
-		git_commit_free(c);
+	}
+	if (r->bits != NULL && (rc = walk_bitmap(r, &commits, err, errsz)) != 0) {
 		if (rc < 0)
 			goto out;
+	} else if (commits.n > 0) {
+		bitmap_close(r); /* none, or malformed: walk every tree */
+		if ((rc = walk_new(&walk, r->src, GIT_SORT_NONE, &commits, NULL, err, errsz)) < 0)
+			goto out;
+		while ((grc = git_revwalk_next(&id, walk)) == 0) {
+			if (oidset_put(&r->want, &id, 0) < 0) {
+				rc = gerr_nomem(err, errsz);
+				goto out;
+			}
+			if (git_commit_lookup(&c, r->src, &id) < 0) {
+				rc = gerr_git(err, errsz, ME_EGIT, "cannot read a commit");
+				goto out;
+			}
+			rc = want_tree(r, git_commit_tree_id(c), 0, err, errsz);
+			git_commit_free(c);
+			if (rc < 0)
+				goto out;
+		}
+		if (grc != GIT_ITEROVER) {
+			rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+			goto out;
+		}
 	}
-	if (grc != GIT_ITEROVER)
-		rc = gerr_git(err, errsz, ME_EGIT, "cannot walk the history");
+	rc = 0;
+	for (size_t i = 0; i < trees.n && rc == 0; i++)
+		rc = want_tree(r, &trees.v[i], 0, err, errsz);
 out:
 	git_revwalk_free(walk);
 	free(commits.v);
+	free(trees.v);
 	return rc;
 }
 
@@ -197,6 +317,13 @@ static int load_packs(struct packreuse *r, char *err, size_t errsz)
 			} else {
 				r->p = np;
 				int orc = rpack_open(&r->p[r->np], ipath, ppath);
+				if (orc == 0 && r->bmap == NULL) {
+					/* git keeps at most one (bitmap-format.txt) */
+					snprintf(ppath, sizeof(ppath), "%s/%.*s.bitmap", dir,
+						 (int)len - 4, nm);
+					if (pidx_map(ppath, &r->bmap, &r->bmaplen) == 0)
+						r->bq = r->np;
+				}
 				if (orc == 0)
 					r->np++;
 				else if (orc == ME_ENOMEM)
@@ -221,6 +348,7 @@ void packreuse_free(struct packreuse *r)
 	free(r->p);
 	free(r->loose.v);
 	oidset_free(&r->want);
+	bitmap_close(r);
 	git_odb_free(r->odb);
 	free(r);
 }
@@ -314,16 +442,21 @@ int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntip
 	}
 	if ((rc = enumerate(r, tips, ntips, err, errsz)) < 0)
 		goto out;
-	if (r->want.n > UINT32_MAX) {
-		gerr_set(err, errsz, "too many objects");
-		rc = ME_ETOOBIG;
-		goto out;
+	if (r->bits != NULL) {
+		struct rpack *bp = &r->p[r->bq];
+		for (uint32_t k = 0; k < bp->x.n; k++)
+			if (pbitmap_test(r->bits, k)) {
+				bp->st[bp->x.rev[k].pos] = ST_WANT;
+				r->nbitmap++;
+			}
 	}
+	r->nobj = r->nbitmap;
 	for (size_t i = 0; i < r->want.cap; i++) {
 		const struct oidset_slot *s = &r->want.slots[i];
 		bool found = false;
-		if (!s->used)
+		if (!s->used || counted(r, &s->oid))
 			continue;
+		r->nobj++;
 		for (size_t q = 0; q < r->np && !found; q++) {
 			int64_t pos = pidx_find(&r->p[q].x, &s->oid);
 			if (pos >= 0) {
@@ -336,6 +469,13 @@ int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntip
 			goto out;
 		}
 	}
+	bitmap_close(r);
+	oidset_free(&r->want);
+	if (r->nobj > UINT32_MAX) {
+		gerr_set(err, errsz, "too many objects");
+		rc = ME_ETOOBIG;
+		goto out;
+	}
 	if ((rc = decide(r, err, errsz)) < 0)
 		goto out;
 	*out = r;
@@ -343,6 +483,11 @@ int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntip
 out:
 	packreuse_free(r);
 	return rc;
+}
+
+size_t packreuse_bitmapped(const struct packreuse *r)
+{
+	return r->nbitmap;
 }
 
 /* ---- writing ---- */
@@ -458,12 +603,12 @@ int packreuse_write(struct packreuse *r, int fd, uint64_t *bytes, size_t *object
 	free(r->eoff);
 	free(r->ebase);
 	r->ne = 0;
-	if ((r->eoff = malloc((r->want.n + 1) * sizeof(*r->eoff))) == NULL ||
-	    (r->ebase = malloc((r->want.n + 1) * sizeof(*r->ebase))) == NULL) {
+	if ((r->eoff = malloc((r->nobj + 1) * sizeof(*r->eoff))) == NULL ||
+	    (r->ebase = malloc((r->nobj + 1) * sizeof(*r->ebase))) == NULL) {
 		rc = gerr_nomem(err, errsz);
 		goto out;
 	}
-	if ((rc = packw_new(&w, fd, (uint32_t)r->want.n)) < 0)
+	if ((rc = packw_new(&w, fd, (uint32_t)r->nobj)) < 0)
 		goto out;
 	for (size_t q = 0; q < r->np; q++)
 		if ((rc = write_pack(r, &r->p[q], w, &n, err, errsz)) < 0)
@@ -474,8 +619,8 @@ int packreuse_write(struct packreuse *r, int fd, uint64_t *bytes, size_t *object
 		if ((rc = write_whole(r, w, &r->loose.v[i], err, errsz)) < 0)
 			goto out;
 	}
-	if (n != r->want.n) {
-		gerr_set(err, errsz, "wrote %zu objects of %zu", n, r->want.n);
+	if (n != r->nobj) {
+		gerr_set(err, errsz, "wrote %zu objects of %zu", n, r->nobj);
 		rc = ME_EINTERNAL;
 		goto out;
 	}

@@ -20,12 +20,17 @@
 struct packreuse;
 
 /* Plans the pack of everything reachable from the tips (through annotated tags, commits'
- * histories and trees; submodule commits are not followed): enumerates the objects, finds
+ * histories and trees; submodule commits are not followed): counts the objects, finds
  * them in src's packs and checks every entry to be copied. Nothing is written. ME_EINVAL
  * when src's object store has no pack to reuse or a pack is not as expected (the caller then
  * uses libgit2's pack builder); ME_ENOTFOUND for a tip not in src. */
 int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntips,
 		   struct packreuse **out, char *err, size_t errsz);
+/* How many of the planned objects were counted from the source's reachability bitmap (git's
+ * .bitmap, packbitmap.h) rather than by walking trees: when one of src's packs has a bitmap,
+ * the commits it has an entry for are counted from it, and only what was made since is
+ * walked, as git's upload-pack does. 0 when there is none or it is damaged. */
+size_t packreuse_bitmapped(const struct packreuse *r);
 /* Parts (xmsg_parts, offsets from the start of the pack): a pack is cut into at most
  * PACKREUSE_PARTS parts of at least packreuse_part_min bytes (the last one at least half
  * that), only where no delta crosses, so that a receiver indexes them on several cores while

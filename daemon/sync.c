@@ -1327,7 +1327,7 @@ struct sbuild {
 	size_t nhaves;
 	uint64_t size;
 	uint8_t digest[XMSG_DIGEST_LEN];
-	struct xmsg_parts parts;
+	struct bundle_stats st;
 	int rc;
 	char err[ERRSZ];
 };
@@ -1335,15 +1335,15 @@ struct sbuild {
 /* Writes a bundle of tips minus haves from source into path, and its size and digest. */
 static int build_file(const char *source, const struct gmsg_refstate *rs, const git_oid *haves,
 		      size_t nhaves, const char *path, uint64_t *size,
-		      uint8_t digest[XMSG_DIGEST_LEN], struct xmsg_parts *parts, char *err,
+		      uint8_t digest[XMSG_DIGEST_LEN], struct bundle_stats *st, char *err,
 		      size_t errsz)
 {
-	struct bundle_stats st;
 	git_repository *src = NULL;
 	struct me_sha3 *h = NULL;
 	uint8_t *buf = NULL;
 	int fd = -1, rc;
 
+	memset(st, 0, sizeof(*st));
 	if (git_repository_open_ext(&src, source, GIT_REPOSITORY_OPEN_NO_SEARCH, NULL) < 0) {
 		fmt(err, errsz, "cannot open the repository");
 		return ME_EGIT;
@@ -1353,9 +1353,8 @@ static int build_file(const char *source, const struct gmsg_refstate *rs, const 
 		fmt(err, errsz, "cannot create a bundle: %s", strerror(errno));
 		goto out;
 	}
-	if ((rc = bundle_write(src, rs->refs, rs->nrefs, haves, nhaves, fd, &st, err, errsz)) < 0)
+	if ((rc = bundle_write(src, rs->refs, rs->nrefs, haves, nhaves, fd, st, err, errsz)) < 0)
 		goto out;
-	*parts = st.parts;
 	if ((h = me_sha3_new()) == NULL || (buf = malloc(BUNDLE_CHUNK)) == NULL) {
 		rc = ME_ENOMEM;
 		goto out;
@@ -1393,7 +1392,7 @@ static void sbuild_work(uv_work_t *w)
 	struct sbuild *b = (struct sbuild *)((char *)w - offsetof(struct sbuild, work));
 
 	b->rc = build_file(b->source, &b->rs.rs, b->haves, b->nhaves, b->tmp, &b->size, b->digest,
-			   &b->parts, b->err, sizeof(b->err));
+			   &b->st, b->err, sizeof(b->err));
 	if (b->rc < 0 && b->haves != NULL) {
 		/* the source lacks what the series' last state had (history rewritten and
 		 * collected): start the series over with a complete bundle */
@@ -1401,7 +1400,7 @@ static void sbuild_work(uv_work_t *w)
 		b->haves = NULL;
 		b->nhaves = 0;
 		b->rc = build_file(b->source, &b->rs.rs, NULL, 0, b->tmp, &b->size, b->digest,
-				   &b->parts, b->err, sizeof(b->err));
+				   &b->st, b->err, sizeof(b->err));
 	}
 }
 
@@ -1422,12 +1421,14 @@ static void sbuild_done(uv_work_t *w, int status)
 		if (b->rc == 0 && !s->closing &&
 		    (r->se.tail == NULL || r->se.tail->seq < (int64_t)b->rs.rs.seq)) {
 			if (series_add(s, r, b->tmp, b->size, b->digest, b->creator_pk, &b->rs.rs,
-				       &b->parts, b->haves == NULL) < 0)
+				       &b->st.parts, b->haves == NULL) < 0)
 				b->rc = ME_EIO;
 			else
 				log_info("sync: %s: bundle for state %" PRIu64 " built (%" PRIu64
-					 " bytes, %s)", r->id, b->rs.rs.seq, b->size,
-					 b->haves == NULL ? "complete" : "increment");
+					 " bytes, %s, %zu objects, %zu counted from git's bitmap)",
+					 r->id, b->rs.rs.seq, b->size,
+					 b->haves == NULL ? "complete" : "increment", b->st.objects,
+					 b->st.bitmapped);
 		}
 		if (b->rc < 0)
 			log_warn("sync: cannot build a bundle of %s: %s (%s)", r->id, b->err,
@@ -2100,11 +2101,13 @@ static void serve_begin(struct serve *sv)
 static void build_work(uv_work_t *w)
 {
 	struct centry *ce = (struct centry *)((char *)w - offsetof(struct centry, work));
+	struct bundle_stats st;
 	char tmp[PATH_MAX + 8];
 
 	fmt(tmp, sizeof(tmp), "%s.tmp", ce->path);
 	ce->rc = build_file(ce->source, &ce->rs.rs, ce->haves, ce->nhaves, tmp, &ce->size,
-			    ce->digest, &ce->parts, ce->err, sizeof(ce->err));
+			    ce->digest, &st, ce->err, sizeof(ce->err));
+	ce->parts = st.parts;
 	if (ce->rc == 0 && rename(tmp, ce->path) < 0) {
 		ce->rc = ME_EIO;
 		fmt(ce->err, sizeof(ce->err), "rename: %s", strerror(errno));

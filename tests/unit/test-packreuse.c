@@ -26,6 +26,7 @@
 #include "tests/unit/gitfixture.h"
 
 static char base[64];
+static size_t last_bitmapped; /* packreuse_bitmapped() of the last reuse_parts */
 
 struct tips {
 	struct gmsg_ref v[32];
@@ -75,6 +76,7 @@ static size_t reuse_parts(const char *dir, const char *out, size_t *objects,
 	rc = packreuse_plan(r, t.v, t.n, &pr, err, sizeof(err));
 	if (rc != 0)
 		fail_msg("packreuse_plan: %d %s", rc, err);
+	last_bitmapped = packreuse_bitmapped(pr);
 	assert_true((fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600)) >= 0);
 	rc = packreuse_write(pr, fd, &bytes, objects, &reused, parts, err, sizeof(err));
 	if (rc != 0)
@@ -262,6 +264,136 @@ static void test_parts(void **state)
 	check_parts(dir, pack, objects, &parts);
 }
 
+/* With git's reachability bitmap: fresh from `git repack -adb`, everything is counted from it
+ * but the annotated tag; after new commits (loose, then in a second pack), a branch from an
+ * old commit, tags of a commit, a tree and a blob, only the new objects are walked. The pack
+ * holds exactly rev-list's objects each time. */
+static void test_bitmap(void **state)
+{
+	char dir[128], pack[160];
+	size_t objects = 0;
+
+	(void)state;
+	snprintf(dir, sizeof(dir), "%s/bitmap", base);
+	snprintf(pack, sizeof(pack), "%s/bitmap.pack", base);
+	make_history(dir, 60);
+	sh("git -C '%s' repack -adbq && ls '%s'/.git/objects/pack/*.bitmap >/dev/null", dir, dir);
+	reuse(dir, pack, &objects);
+	check_pack(dir, pack, objects);
+	assert_int_equal(last_bitmapped, objects - 1); /* v2's tag object */
+
+	sh("cd '%s' && echo new > new && git add new && git commit -q -m new && "
+	   "git checkout -q -b topic HEAD~30 && echo t > t && git add t && git commit -q -m t && "
+	   "git checkout -q main && git tag -a v3 -m three topic && "
+	   "git tag tree-tag 'HEAD~2^{tree}' && git tag blob-tag $(echo b | git hash-object -w --stdin)",
+	   dir);
+	reuse(dir, pack, &objects);
+	check_pack(dir, pack, objects);
+	assert_true(last_bitmapped > 0 && last_bitmapped < objects - 8);
+	sh("cd '%s' && git repack -q && echo more >> new && git commit -q -am more && "
+	   "test $(ls .git/objects/pack/*.pack | wc -l) -eq 2", dir);
+	reuse(dir, pack, &objects);
+	check_pack(dir, pack, objects);
+	assert_true(last_bitmapped > 0 && last_bitmapped < objects - 10);
+}
+
+/* Rewrites the bitmap of dir: one damage, then (unless fix is 0) its checksum again, so that
+ * the damage reaches the decoder. Entries: every entry's EWAH when all is set. */
+enum { BM_FLIP, BM_TRUNC, BM_XOR, BM_POS, BM_DUP, BM_RUN, BM_LIT, BM_BITS };
+
+static void damage_bitmap(const char *dir, int kind)
+{
+	char path[256];
+	unsigned char *buf;
+	size_t len, off = 32, body, first = 0;
+	FILE *f;
+	long l;
+
+	capture(path, sizeof(path), "ls '%s'/.git/objects/pack/*.bitmap", dir);
+	sh("chmod u+w '%s'", path);
+	assert_non_null(f = fopen(path, "rb"));
+	assert_int_equal(fseek(f, 0, SEEK_END), 0);
+	assert_true((l = ftell(f)) > 52);
+	len = (size_t)l;
+	rewind(f);
+	assert_non_null(buf = malloc(len));
+	assert_int_equal(fread(buf, 1, len, f), len);
+	fclose(f);
+	body = len - 20;
+#define BE32(p) ((uint32_t)(p)[0] << 24 | (uint32_t)(p)[1] << 16 | (uint32_t)(p)[2] << 8 | (p)[3])
+	for (int t = 0; t < 4; t++)
+		off += 12 + 8 * (size_t)BE32(buf + off + 4);
+	first = off;
+	for (uint32_t i = 0, n = BE32(buf + 8); i < n; i++) {
+		unsigned char *e = buf + off, *w = e + 6 + 8;
+		if (kind == BM_RUN) /* a run of ones longer than the bitmap */
+			memcpy(w, "\0\0\0\0\xff\xff\xff\xff", 8);
+		else if (kind == BM_LIT) /* more literal words than there are */
+			memcpy(w, "\xff\xff\xff\xfe\0\0\0\0", 8);
+		else if (kind == BM_BITS)
+			memcpy(e + 6, "\xff\xff\xff\xff", 4);
+		off += 6 + 12 + 8 * (size_t)BE32(e + 6 + 4);
+	}
+	switch (kind) {
+	case BM_FLIP:
+		buf[first + 9] ^= 0x40;
+		break;
+	case BM_TRUNC:
+		body = first + 20;
+		break;
+	case BM_XOR:
+		buf[first + 4] = 1; /* the first entry XORs onto the one before it */
+		break;
+	case BM_POS:
+		memcpy(buf + first, "\xff\xff\xff\xf0", 4);
+		break;
+	case BM_DUP: {
+		size_t second = first + 6 + 12 + 8 * (size_t)BE32(buf + first + 6 + 4);
+		memcpy(buf + second, buf + first, 4);
+		break;
+	}
+	default:
+		break;
+	}
+#undef BE32
+	if (kind != BM_FLIP) {
+		wc_Sha h;
+		assert_int_equal(wc_InitSha(&h), 0);
+		wc_ShaUpdate(&h, buf, (word32)body);
+		assert_int_equal(wc_ShaFinal(&h, buf + body), 0);
+		len = body + 20;
+	}
+	assert_non_null(f = fopen(path, "wb"));
+	assert_int_equal(fwrite(buf, 1, len, f), len);
+	assert_int_equal(fclose(f), 0);
+	free(buf);
+}
+
+/* A damaged bitmap (on disk, or well summed but not as git writes it: the file is refused; or
+ * entries that do not decode: found while counting) is not used: the history is walked and
+ * the pack is still exactly rev-list's objects. Run under ASan in CI. */
+static void test_bitmap_damaged(void **state)
+{
+	char src[128];
+
+	(void)state;
+	snprintf(src, sizeof(src), "%s/bmsrc", base);
+	make_history(src, 30);
+	sh("git -C '%s' repack -adbq", src);
+	for (int kind = BM_FLIP; kind <= BM_BITS; kind++) {
+		char dir[128], pack[160];
+		size_t objects = 0;
+
+		snprintf(dir, sizeof(dir), "%s/bmdamaged%d", base, kind);
+		snprintf(pack, sizeof(pack), "%s/bmdamaged%d.pack", base, kind);
+		sh("cp -a '%s' '%s'", src, dir);
+		damage_bitmap(dir, kind);
+		reuse(dir, pack, &objects);
+		check_pack(dir, pack, objects);
+		assert_int_equal(last_bitmapped, 0);
+	}
+}
+
 /* Nothing packed: nothing to reuse, the caller's pack builder is asked to do it. */
 static void test_no_packs(void **state)
 {
@@ -343,6 +475,8 @@ int main(void)
 		cmocka_unit_test(test_packed),
 		cmocka_unit_test(test_mixed),
 		cmocka_unit_test(test_parts),
+		cmocka_unit_test(test_bitmap),
+		cmocka_unit_test(test_bitmap_damaged),
 		cmocka_unit_test(test_v1_index),
 		cmocka_unit_test(test_no_packs),
 		cmocka_unit_test(test_damaged_index),
