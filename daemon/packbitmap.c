@@ -43,7 +43,7 @@ static size_t ewah_len(const struct pbitmap *b, size_t off)
 }
 
 /* tmp ^= the EWAH bitmap at off (which ewah_len accepted). */
-static int ewah_xor(const struct pbitmap *b, size_t off, uint64_t *tmp)
+static int ewah_xor(struct pbitmap *b, size_t off, uint64_t *tmp)
 {
 	const uint8_t *p = b->buf + off;
 	uint64_t bits = me_be32(p);
@@ -52,15 +52,20 @@ static int ewah_xor(const struct pbitmap *b, size_t off, uint64_t *tmp)
 	if (bits > (uint64_t)lim * 64)
 		return ME_EINVAL;
 	lim = PBITMAP_WORDS(bits);
+	if ((b->work += nw) > b->budget)
+		return ME_EINVAL;
 	p += EWAH_HDR;
 	while (i < nw) {
 		uint64_t m = me_be64(p + 8 * i++);
 		uint64_t run = m >> 1 & 0xffffffffu, lit = m >> 33;
 		if (run > lim - pos)
 			return ME_EINVAL;
-		if (m & 1)
+		if (m & 1) {
+			if ((b->work += run) > b->budget)
+				return ME_EINVAL;
 			for (uint64_t j = 0; j < run; j++)
 				tmp[pos + j] = ~tmp[pos + j];
+		}
 		pos += run;
 		if (lit > nw - i || lit > lim - pos)
 			return ME_EINVAL;
@@ -132,6 +137,7 @@ int pbitmap_parse(struct pbitmap *b, const uint8_t *buf, size_t len, uint32_t no
 		b->bypos[i] = i;
 	}
 	b->n = n;
+	b->budget = PBITMAP_BUDGET * ((uint64_t)len / 8 + PBITMAP_WORDS(nobj));
 	if (n > 1)
 		qsort_r(b->bypos, n, sizeof(*b->bypos), pos_cmp, b);
 	for (uint32_t i = 1; i < n; i++)
@@ -159,7 +165,7 @@ int64_t pbitmap_find(const struct pbitmap *b, uint32_t pos)
 	return -1;
 }
 
-int pbitmap_or(const struct pbitmap *b, uint32_t i, uint64_t *words, uint64_t *tmp)
+int pbitmap_or(struct pbitmap *b, uint32_t i, uint64_t *words, uint64_t *tmp)
 {
 	size_t nw = PBITMAP_WORDS(b->nobj);
 
@@ -167,8 +173,8 @@ int pbitmap_or(const struct pbitmap *b, uint32_t i, uint64_t *words, uint64_t *t
 		return ME_EINVAL;
 	memset(tmp, 0, nw * sizeof(*tmp));
 	/* XOR is associative: the resolved bitmap is the XOR of the whole chain, in any order */
-	for (;;) {
-		int rc = ewah_xor(b, b->e[i].off, tmp);
+	for (uint32_t depth = 0;; depth++) {
+		int rc = depth < PBITMAP_MAX_CHAIN ? ewah_xor(b, b->e[i].off, tmp) : ME_EINVAL;
 		if (rc < 0)
 			return rc;
 		if (b->e[i].xor == 0)

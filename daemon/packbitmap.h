@@ -29,6 +29,7 @@ struct pbitmap {
 	uint32_t n;
 	struct pbitmap_entry *e; /* in file order */
 	uint32_t *bypos;         /* entry numbers sorted by pos */
+	uint64_t work, budget;   /* words pbitmap_or read or filled with ones, and at most */
 };
 
 /* 64-bit words of a bitmap over n objects. */
@@ -44,8 +45,15 @@ void pbitmap_free(struct pbitmap *b);
 int64_t pbitmap_find(const struct pbitmap *b, uint32_t pos);
 /* words |= what entry i reaches (its chain of XORs resolved in tmp). words and tmp hold
  * PBITMAP_WORDS(b->nobj) words. ME_EINVAL when a bitmap of the chain is malformed or sets a
- * bit past the pack's objects (words is then unchanged). */
-int pbitmap_or(const struct pbitmap *b, uint32_t i, uint64_t *words, uint64_t *tmp);
+ * bit past the pack's objects, when the chain is longer than PBITMAP_MAX_CHAIN, or when the
+ * calls on b together would have read (or filled with runs of ones) more words than
+ * PBITMAP_BUDGET times the file's and the bitmap's width (words is then unchanged). git
+ * resolves each chain once and caches it; here a chain is resolved again for each commit
+ * asked about, which honest files (chains of tens of entries, a few commits asked) are far
+ * from, but a file made of long chains must not cost more than counting without it. */
+#define PBITMAP_MAX_CHAIN 4096
+#define PBITMAP_BUDGET 64
+int pbitmap_or(struct pbitmap *b, uint32_t i, uint64_t *words, uint64_t *tmp);
 
 static inline int pbitmap_test(const uint64_t *words, uint32_t k)
 {

@@ -42,6 +42,7 @@ struct packreuse {
 	struct oidvec loose; /* wanted, in no pack */
 	size_t nobj;         /* objects to send */
 	size_t nbitmap;      /* of which counted by the bitmap */
+	size_t nwalked;      /* objects the walk met (some of them counted by the bitmap) */
 	size_t ncopy;
 	/* the reachability bitmap of pack bq, while counting: the file, the objects of that
 	 * pack counted so far (by rank) and each index position's rank */
@@ -160,7 +161,9 @@ static int walk_bitmap(struct packreuse *r, const struct oidvec *tips, char *err
 		if (counted(r, &id) || oidset_has(&r->want, &id))
 			continue;
 		if (pos >= 0 && (e = pbitmap_find(&r->bm, (uint32_t)pos)) >= 0) {
-			if (pbitmap_or(&r->bm, (uint32_t)e, r->bits, r->tmp) < 0)
+			/* what a commit reaches includes itself */
+			if (pbitmap_or(&r->bm, (uint32_t)e, r->bits, r->tmp) < 0 ||
+			    !pbitmap_test(r->bits, r->rank[pos]))
 				goto unusable;
 			continue;
 		}
@@ -469,6 +472,7 @@ int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntip
 			goto out;
 		}
 	}
+	r->nwalked = r->want.n;
 	bitmap_close(r);
 	oidset_free(&r->want);
 	if (r->nobj > UINT32_MAX) {
@@ -488,6 +492,11 @@ out:
 size_t packreuse_bitmapped(const struct packreuse *r)
 {
 	return r->nbitmap;
+}
+
+size_t packreuse_walked(const struct packreuse *r)
+{
+	return r->nwalked;
 }
 
 /* ---- writing ---- */

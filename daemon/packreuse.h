@@ -31,6 +31,9 @@ int packreuse_plan(git_repository *src, const struct gmsg_ref *tips, size_t ntip
  * the commits it has an entry for are counted from it, and only what was made since is
  * walked, as git's upload-pack does. 0 when there is none or it is damaged. */
 size_t packreuse_bitmapped(const struct packreuse *r);
+/* How many objects the walk met (the tips' tags, the commits without a bitmap, their trees
+ * down to what the bitmap counts): with a bitmap, the work left to do without it. */
+size_t packreuse_walked(const struct packreuse *r);
 /* Parts (xmsg_parts, offsets from the start of the pack): a pack is cut into at most
  * PACKREUSE_PARTS parts of at least packreuse_part_min bytes (the last one at least half
  * that), only where no delta crosses, so that a receiver indexes them on several cores while

@@ -28,7 +28,7 @@ static char base[64];
 /* ---- bitmaps built by hand ---- */
 
 struct bmfile {
-	uint8_t b[4096];
+	uint8_t b[256 << 10];
 	size_t len;
 };
 
@@ -103,21 +103,23 @@ static void test_synthetic(void **state)
 	const uint64_t e3[] = { rlw(1, 2, 0) };                         /* 0-127: past 99 */
 	const uint64_t e4[] = { rlw(0, 0, 2), 1 };                      /* literals missing */
 	const uint64_t e5[] = { rlw(1, 3, 0) };                         /* three words of two */
+	const uint64_t e6[] = { rlw(0, 0, 2), 1, 2 };                   /* two literals of one */
+	static struct bmfile f, g;
 	struct pbitmap b;
-	struct bmfile f;
 	uint64_t words[2], tmp[2];
 
 	(void)state;
-	bm_begin(&f, 6);
+	bm_begin(&f, 7);
 	bm_entry(&f, 7, 0, 128, e0, 2);
 	bm_entry(&f, 3, 1, 64, e1, 2);
 	bm_entry(&f, 50, 1, 128, e2, 2);
 	bm_entry(&f, 99, 0, 128, e3, 1);
 	bm_entry(&f, 60, 0, 128, e4, 2);
-	bm_entry(&f, 61, 0, 192, e5, 1);
+	bm_entry(&f, 61, 0, 128, e5, 1);
+	bm_entry(&f, 62, 0, 64, e6, 3);
 	bm_end(&f);
 	assert_int_equal(pbitmap_parse(&b, f.b, f.len, 100, sum), 0);
-	assert_int_equal(b.n, 6);
+	assert_int_equal(b.n, 7);
 	assert_int_equal(pbitmap_find(&b, 7), 0);
 	assert_int_equal(pbitmap_find(&b, 3), 1);
 	assert_int_equal(pbitmap_find(&b, 99), 3);
@@ -136,12 +138,12 @@ static void test_synthetic(void **state)
 	assert_true(words[0] == ~2ull && words[1] == 0x0000000f00000011ull);
 	assert_true(pbitmap_test(words, 0) && !pbitmap_test(words, 1) && pbitmap_test(words, 68));
 	/* refused, words unchanged */
-	for (uint32_t i = 3; i < 6; i++) {
+	for (uint32_t i = 3; i < 7; i++) {
 		uint64_t before[2] = { words[0], words[1] };
 		assert_int_equal(pbitmap_or(&b, i, words, tmp), ME_EINVAL);
 		assert_memory_equal(words, before, sizeof(before));
 	}
-	assert_int_equal(pbitmap_or(&b, 6, words, tmp), ME_EINVAL);
+	assert_int_equal(pbitmap_or(&b, 7, words, tmp), ME_EINVAL);
 	pbitmap_free(&b);
 
 	/* the whole file is refused for: */
@@ -153,13 +155,13 @@ static void test_synthetic(void **state)
 		{ 0, 'X', 1 },           /* magic */
 		{ 5, 2, 1 },             /* version */
 		{ 7, 4, 1 },             /* options without FULL_DAG */
-		{ 11, 7, 1 },            /* more entries than the file holds */
+		{ 11, 9, 1 },            /* more entries than the file holds */
 		{ 12, 9, 1 },            /* another pack's */
 		{ 100, 0x55, 0 },        /* the checksum */
 		{ 32 + 7, 0xff, 1 },     /* a type bitmap's word count past the end */
 	};
 	for (size_t k = 0; k < sizeof(damage) / sizeof(damage[0]); k++) {
-		struct bmfile g = f;
+		g = f;
 		g.b[damage[k].at] = damage[k].val;
 		if (damage[k].fix) {
 			g.len -= 20;
@@ -171,7 +173,6 @@ static void test_synthetic(void **state)
 	/* entries: a position past the objects, a chain reaching before the first, the same
 	 * commit twice, a word count past the end */
 	for (int k = 0; k < 4; k++) {
-		struct bmfile g;
 		bm_begin(&g, 2);
 		bm_entry(&g, 1, 0, 64, e1, 2);
 		if (k == 0)
@@ -190,7 +191,7 @@ static void test_synthetic(void **state)
 	/* too short for a header and a trailer; and every truncation of a good file */
 	assert_int_equal(pbitmap_parse(&b, f.b, 40, 100, sum), ME_EINVAL);
 	for (size_t len = 0; len < f.len; len++) {
-		struct bmfile g = f;
+		g = f;
 		if (len >= 20) {
 			g.len = len - 20;
 			bm_end(&g);
@@ -198,6 +199,40 @@ static void test_synthetic(void **state)
 		}
 		assert_int_equal(pbitmap_parse(&b, g.b, len, 100, sum), ME_EINVAL);
 	}
+}
+
+/* Chains: entry i sets bit i % 64 and XORs onto entry i - 1. Resolved exactly up to
+ * PBITMAP_MAX_CHAIN entries, refused beyond; and the work of all calls on one file is bounded
+ * (each call here resolves 4,096 entries again). */
+static void test_chains(void **state)
+{
+	static struct bmfile f;
+	const uint32_t n = PBITMAP_MAX_CHAIN + 2, nobj = 8192;
+	struct pbitmap b;
+	uint64_t words[PBITMAP_WORDS(8192)], tmp[PBITMAP_WORDS(8192)];
+	int calls = 0;
+
+	(void)state;
+	bm_begin(&f, n);
+	for (uint32_t i = 0; i < n; i++) {
+		const uint64_t w[] = { rlw(0, 0, 1), 1ull << (i % 64) };
+		bm_entry(&f, i, i > 0, 64, w, 2);
+	}
+	bm_end(&f);
+	assert_int_equal(pbitmap_parse(&b, f.b, f.len, nobj, sum), 0);
+	memset(words, 0, sizeof(words));
+	/* 4,095 entries: bit 63 toggled 63 times, the others 64 */
+	assert_int_equal(pbitmap_or(&b, PBITMAP_MAX_CHAIN - 2, words, tmp), 0);
+	assert_true(words[0] == 1ull << 63);
+	for (size_t w = 1; w < PBITMAP_WORDS(nobj); w++)
+		assert_true(words[w] == 0);
+	assert_int_equal(pbitmap_or(&b, PBITMAP_MAX_CHAIN, words, tmp), ME_EINVAL);
+	while (pbitmap_or(&b, PBITMAP_MAX_CHAIN - 1, words, tmp) == 0)
+		assert_true(++calls < 1000);
+	assert_true(calls > 10);
+	assert_true(b.work <= b.budget + 2);
+	assert_true(words[0] == 1ull << 63);
+	pbitmap_free(&b);
 }
 
 /* ---- bitmaps git wrote ---- */
@@ -288,6 +323,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_synthetic),
+		cmocka_unit_test(test_chains),
 		cmocka_unit_test(test_git_written),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
