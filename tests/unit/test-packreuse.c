@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <git2.h>
@@ -408,6 +409,41 @@ static void test_bitmap_damaged(void **state)
 	}
 }
 
+/* Two files that change together: their versions' deltas interleave in git's pack (a, b, a,
+ * b...), so no offset cuts the region that holds nearly all the bytes. Parts take whole
+ * delta groups: a's versions and b's go to different parts, each self-contained. */
+static void test_parts_interleaved(void **state)
+{
+	char dir[128], pack[160];
+	struct xmsg_parts parts;
+	size_t objects = 0;
+	uint64_t total, largest = 0;
+	struct stat sb;
+
+	(void)state;
+	snprintf(dir, sizeof(dir), "%s/interleaved", base);
+	snprintf(pack, sizeof(pack), "%s/interleaved.pack", base);
+	sh("mkdir -p '%s' && cd '%s' && git init -q -b main && "
+	   "head -c 150000 /dev/urandom | base64 -w 76 > a && "
+	   "head -c 150000 /dev/urandom | base64 -w 76 > b && git add a b && git commit -q -m c0 && "
+	   "for i in $(seq 1 30); do echo $i >> a; echo $i >> b; git commit -q -am c$i; done && "
+	   "git gc -q", dir, dir);
+	packreuse_part_min = 1;
+	reuse_parts(dir, pack, &objects, &parts);
+	packreuse_part_min = PACKREUSE_PART_MIN;
+	check_parts(dir, pack, objects, &parts);
+	assert_int_equal(stat(pack, &sb), 0);
+	total = (uint64_t)sb.st_size - PACK_TRAILER_LEN;
+	for (uint32_t i = 0; i < parts.n; i++) {
+		uint64_t end = i + 1 < parts.n ? parts.v[i + 1].offset : total;
+		if (end - parts.v[i].offset > largest)
+			largest = end - parts.v[i].offset;
+	}
+	/* a's and b's groups are about half the pack each */
+	assert_true(parts.n >= 2);
+	assert_true(largest < total * 6 / 10);
+}
+
 /* Nothing packed: nothing to reuse, the caller's pack builder is asked to do it. */
 static void test_no_packs(void **state)
 {
@@ -489,6 +525,7 @@ int main(void)
 		cmocka_unit_test(test_packed),
 		cmocka_unit_test(test_mixed),
 		cmocka_unit_test(test_parts),
+		cmocka_unit_test(test_parts_interleaved),
 		cmocka_unit_test(test_bitmap),
 		cmocka_unit_test(test_bitmap_damaged),
 		cmocka_unit_test(test_v1_index),
