@@ -1176,6 +1176,9 @@ struct rxpart {
 	git_indexer_progress prog;
 	pthread_t th;
 	bool running;   /* th to join */
+	bool finished;  /* th is over (set by th under *mu, then *cv signalled) */
+	pthread_mutex_t *mu;
+	pthread_cond_t *cv;
 	bool done;      /* committed: name is set */
 	int rc;
 	char msg[256];
@@ -1213,6 +1216,9 @@ struct bundle_rx {
 	struct rxpart *parts;
 	struct vpack *vps;       /* by part */
 	uint32_t nparts, cur; /* cur: the part arriving (nparts: the trailer) */
+	pthread_mutex_t mu;   /* the parts' finished flags */
+	pthread_cond_t cv;
+	bool mu_init;
 };
 
 __attribute__((format(printf, 3, 4)))
@@ -1381,6 +1387,10 @@ static void *part_commit(void *arg)
 			 pt->name);
 		vp_check(pt->vp, pt->idxpath, pt->packpath, pt->graph);
 	}
+	pthread_mutex_lock(pt->mu);
+	pt->finished = true;
+	pthread_cond_signal(pt->cv);
+	pthread_mutex_unlock(pt->mu);
 	return NULL;
 }
 
@@ -1446,25 +1456,39 @@ static int rx_part_open(struct bundle_rx *rx, uint32_t i)
 	return rx_part_append(rx, i, hdr, sizeof(hdr));
 }
 
-/* Part i has all its entries: its trailer, then its commit on a thread (after the oldest
- * one running, when RX_THREADS are). */
+/* Waits for one of the parts before i that are running to finish, and joins it: whichever
+ * it is (the trees take longer than several parts of blobs). */
+static int rx_part_join_any(struct bundle_rx *rx, uint32_t i)
+{
+	uint32_t k;
+
+	pthread_mutex_lock(&rx->mu);
+	for (;;) {
+		for (k = 0; k < i && !(rx->parts[k].running && rx->parts[k].finished); k++)
+			;
+		if (k < i)
+			break;
+		pthread_cond_wait(&rx->cv, &rx->mu);
+	}
+	pthread_mutex_unlock(&rx->mu);
+	return rx_part_join(rx, k);
+}
+
+/* Part i has all its entries: its trailer, then its commit on a thread (once one of those
+ * running is over, when RX_THREADS are). */
 static int rx_part_close(struct bundle_rx *rx, uint32_t i)
 {
 	struct rxpart *pt = &rx->parts[i];
 	unsigned char sum[WC_SHA_DIGEST_SIZE];
-	uint32_t running = 0, oldest = i;
+	uint32_t running = 0;
 
 	if (wc_ShaFinal(&pt->sha, sum) != 0)
 		return rx_fail(rx, ME_EINTERNAL, "cannot hash a part of the pack");
 	if (rx_part_append(rx, i, sum, sizeof(sum)) < 0)
 		return rx->rc;
 	for (uint32_t k = 0; k < i; k++)
-		if (rx->parts[k].running) {
-			running++;
-			if (oldest == i)
-				oldest = k;
-		}
-	if (running >= RX_THREADS && rx_part_join(rx, oldest) < 0)
+		running += rx->parts[k].running;
+	if (running >= RX_THREADS && rx_part_join_any(rx, i) < 0)
 		return rx->rc;
 	pthread_attr_t attr;
 	int prc = pthread_attr_init(&attr);
@@ -1499,8 +1523,17 @@ static int rx_parts_begin(struct bundle_rx *rx, uint32_t count)
 	if ((rx->parts = calloc(v->n, sizeof(*rx->parts))) == NULL ||
 	    (rx->vps = calloc(v->n, sizeof(*rx->vps))) == NULL)
 		return rx_fail(rx, ME_ENOMEM, "out of memory");
+	if (pthread_mutex_init(&rx->mu, NULL) != 0)
+		return rx_fail(rx, ME_ENOMEM, "cannot create a mutex");
+	if (pthread_cond_init(&rx->cv, NULL) != 0) {
+		pthread_mutex_destroy(&rx->mu);
+		return rx_fail(rx, ME_ENOMEM, "cannot create a condition variable");
+	}
+	rx->mu_init = true;
 	rx->nparts = v->n;
 	for (uint32_t i = 0; i < v->n; i++) {
+		rx->parts[i].mu = &rx->mu;
+		rx->parts[i].cv = &rx->cv;
 		rx->parts[i].tmpdir = rx->tmpdir;
 		rx->parts[i].graph = rx->opts.check != NULL && rx->opts.roots;
 		rx->parts[i].vp = &rx->vps[i];
@@ -1563,6 +1596,11 @@ static void rx_parts_free(struct bundle_rx *rx)
 	rx->parts = NULL;
 	rx->vps = NULL;
 	rx->nparts = 0;
+	if (rx->mu_init) {
+		pthread_cond_destroy(&rx->cv);
+		pthread_mutex_destroy(&rx->mu);
+		rx->mu_init = false;
+	}
 }
 
 static int rx_index(struct bundle_rx *rx, const unsigned char *p, size_t len)
