@@ -572,24 +572,29 @@ static uint32_t uf_find(uint32_t *up, uint32_t i)
  * small and interleaved (git's delta search pairs the versions of one path: 11,635 groups of
  * at most 5 KB among the 225,899 trees of the large benchmark repository, where no offset
  * cuts the pack), so parts are made of groups: each group goes, in the order its first
- * entry comes, to the current part, and a part is complete once it holds part_bytes (when
- * at least half that remains). Within a part, entries keep the source's order, so bases
- * still come first. Without parts (part_bytes 0) the order is the source's.
+ * entry comes, to the current part, and a part is complete once it holds 2/PACKREUSE_PARTS
+ * of the pack's bytes and objects together (bytes/all bytes + objects/all objects) and at
+ * least part_min bytes, when at least half that remains. A receiver's work and memory for a
+ * part grow with its objects as well as its bytes: trees are many small objects. Within a
+ * part, entries keep the source's order, so bases still come first. With part_min 0 the
+ * order is the source's, one part.
  * *order: r->nobj entries; counts: entries per part, *nparts of them (up to
  * PACKREUSE_PARTS). p->newoff holds plan numbers meanwhile. */
-static int plan_order(struct packreuse *r, uint64_t part_bytes, struct went **order,
+static int plan_order(struct packreuse *r, uint64_t part_min, struct went **order,
 		      uint32_t counts[PACKREUSE_PARTS], uint32_t *nparts)
 {
 	size_t n = r->nobj, i = 0;
 	struct went *we = malloc(n * sizeof(*we)), *ord = malloc(n * sizeof(*ord));
-	uint32_t *up = malloc(n * sizeof(*up)), start[PACKREUSE_PARTS];
-	uint64_t *bytes = calloc(n, sizeof(*bytes)), total = 0, acc = 0, left;
+	uint32_t *up = malloc(n * sizeof(*up)), *cnt = malloc(n * sizeof(*cnt));
+	uint32_t start[PACKREUSE_PARTS], cur = 0;
+	uint64_t *bytes = calloc(n, sizeof(*bytes)), total = 0, accb = 0;
 	uint8_t *part = malloc(n), *partof = malloc(n);
-	uint32_t cur = 0;
+	const double target = 2.0 / PACKREUSE_PARTS;
+	double acc = 0, left = 2.0;
 	int rc = ME_ENOMEM;
 
-	if (we == NULL || ord == NULL || up == NULL || bytes == NULL || part == NULL ||
-	    partof == NULL)
+	if (we == NULL || ord == NULL || up == NULL || cnt == NULL || bytes == NULL ||
+	    part == NULL || partof == NULL)
 		goto out;
 	for (size_t q = 0; q < r->np; q++) {
 		struct rpack *p = &r->p[q];
@@ -624,29 +629,36 @@ static int plan_order(struct packreuse *r, uint64_t part_bytes, struct went **or
 		rc = ME_EINTERNAL;
 		goto out;
 	}
-	/* bytes by group (at its root), then the groups into parts */
+	/* bytes and entries by group (at its root), then the groups into parts */
+	for (i = 0; i < n; i++)
+		cnt[i] = 1;
 	for (i = 0; i < n; i++) {
 		uint32_t g = uf_find(up, (uint32_t)i);
 		total += bytes[i];
 		if (g != i) {
 			bytes[g] += bytes[i];
 			bytes[i] = 0;
+			cnt[g]++;
+			cnt[i] = 0;
 		}
 	}
-	left = total;
 	memset(partof, 0xff, n);
 	memset(counts, 0, PACKREUSE_PARTS * sizeof(*counts));
 	for (i = 0; i < n; i++) {
 		uint32_t g = uf_find(up, (uint32_t)i);
 		if (partof[g] == 0xff) {
-			if (part_bytes > 0 && acc >= part_bytes && left >= part_bytes / 2 &&
-			    cur + 1 < PACKREUSE_PARTS) {
+			double w = (total > 0 ? (double)bytes[g] / (double)total : 0) +
+				   (double)cnt[g] / (double)n;
+			if (part_min > 0 && acc >= target && accb >= part_min &&
+			    left >= target / 2 && cur + 1 < PACKREUSE_PARTS) {
 				cur++;
 				acc = 0;
+				accb = 0;
 			}
 			partof[g] = (uint8_t)cur;
-			acc += bytes[g];
-			left -= bytes[g];
+			acc += w;
+			accb += bytes[g];
+			left -= w;
 		}
 		part[i] = partof[g];
 		counts[part[i]]++;
@@ -664,6 +676,7 @@ out:
 	free(we);
 	free(ord);
 	free(up);
+	free(cnt);
 	free(bytes);
 	free(part);
 	free(partof);
@@ -676,21 +689,14 @@ int packreuse_write(struct packreuse *r, int fd, uint64_t *bytes, size_t *object
 	struct packw *w = NULL;
 	struct went *order = NULL;
 	uint32_t counts[PACKREUSE_PARTS], nparts = 1;
-	uint64_t total = 0, each = 0;
+	uint64_t total = 0;
 	size_t n = 0;
 	int rc;
 
-	if (parts != NULL) {
+	if (parts != NULL)
 		memset(parts, 0, sizeof(*parts));
-		/* the size to cut at: the source's entries, as they will mostly be copied */
-		for (size_t q = 0; q < r->np; q++)
-			for (uint32_t k = 0; k < r->p[q].x.n; k++)
-				if (r->p[q].st[r->p[q].x.rev[k].pos] >= ST_COPY)
-					total += pidx_end(&r->p[q].x, k) - r->p[q].x.rev[k].off;
-		each = total / PACKREUSE_PARTS;
-		each = each > packreuse_part_min ? each : packreuse_part_min;
-	}
-	if ((rc = plan_order(r, each, &order, counts, &nparts)) < 0) {
+	if ((rc = plan_order(r, parts != NULL ? packreuse_part_min : 0, &order, counts,
+			     &nparts)) < 0) {
 		if (rc == ME_ENOMEM)
 			gerr_nomem(err, errsz);
 		else
