@@ -23,14 +23,16 @@
 uint64_t packreuse_part_min = PACKREUSE_PART_MIN;
 #define MAX_TREE_DEPTH 256
 /* What becomes of a pack entry: not sent, sent (undecided), copied as stored, copied with its
- * OFS_DELTA offset rewritten, written whole. Entries are decided and written in the same
- * order, so a base decided (>= ST_COPY) is one written before. */
+ * OFS_DELTA offset rewritten, written whole. Entries are decided in the source's order, so a
+ * base decided (>= ST_COPY) is one decided before; plan_order keeps that order within each
+ * part and keeps a delta in its base's part, so it is also one written before. */
 enum { ST_NONE, ST_WANT, ST_COPY, ST_OFS, ST_WHOLE };
 
 struct rpack {
 	struct pidx x;
 	uint8_t *st;       /* by index position */
-	uint64_t *newoff;  /* by index position: where it went in the new pack */
+	uint64_t *newoff;  /* by index position: where it went in the new pack (while planning:
+			    * its number in the plan) */
 };
 
 struct packreuse {
@@ -580,10 +582,12 @@ static uint32_t uf_find(uint32_t *up, uint32_t i)
  * order is the source's, one part.
  * *order: r->nobj entries; counts: entries per part, *nparts of them (up to
  * PACKREUSE_PARTS). p->newoff holds plan numbers meanwhile. */
+_Static_assert(PACKREUSE_PARTS < 0xff, "part numbers are bytes, 0xff is none");
+
 static int plan_order(struct packreuse *r, uint64_t part_min, struct went **order,
 		      uint32_t counts[PACKREUSE_PARTS], uint32_t *nparts)
 {
-	size_t n = r->nobj, i = 0;
+	size_t n = r->nobj > 0 ? r->nobj : 1, i = 0; /* no malloc(0) */
 	struct went *we = malloc(n * sizeof(*we)), *ord = malloc(n * sizeof(*ord));
 	uint32_t *up = malloc(n * sizeof(*up)), *cnt = malloc(n * sizeof(*cnt));
 	uint32_t start[PACKREUSE_PARTS], cur = 0;
@@ -622,13 +626,19 @@ static int plan_order(struct packreuse *r, uint64_t part_min, struct went **orde
 		}
 	}
 	for (size_t k = 0; k < r->loose.n; k++, i++) {
+		size_t sz = 0;
+		git_object_t type;
 		we[i] = (struct went){ LOOSE, (uint32_t)k };
 		up[i] = (uint32_t)i;
+		/* deflated afresh: weighed by their size, roughly what they will take */
+		if (git_odb_read_header(&sz, &type, r->odb, &r->loose.v[k]) == 0)
+			bytes[i] = sz;
 	}
-	if (i != n) {
+	if (i != r->nobj) {
 		rc = ME_EINTERNAL;
 		goto out;
 	}
+	n = i;
 	/* bytes and entries by group (at its root), then the groups into parts */
 	for (i = 0; i < n; i++)
 		cnt[i] = 1;

@@ -35,11 +35,11 @@ size_t packreuse_bitmapped(const struct packreuse *r);
  * down to what the bitmap counts): with a bitmap, the work left to do without it. */
 size_t packreuse_walked(const struct packreuse *r);
 /* Parts (xmsg_parts, offsets from the start of the pack): a pack is written as at most
- * PACKREUSE_PARTS parts of at least packreuse_part_min bytes (the last one at least half
- * that), each holding whole groups of entries linked by deltas (a delta and its base, base
- * first), so that a receiver indexes them on several cores while the rest arrives. The
- * entries of a part keep the source's order; the parts take the groups in the order they
- * first come. */
+ * PACKREUSE_PARTS parts, each holding whole groups of entries linked by deltas (a delta and
+ * its base, base first), so that a receiver indexes them on several cores while the rest
+ * arrives. A part holds about 2/PACKREUSE_PARTS of the pack's bytes and objects together and
+ * at least packreuse_part_min bytes (the last one may hold less). The entries of a part keep
+ * the source's order; the parts take the groups in the order they first come. */
 #define PACKREUSE_PARTS 16
 #define PACKREUSE_PART_MIN (2u << 20)
 extern uint64_t packreuse_part_min; /* PACKREUSE_PART_MIN; tests lower it */

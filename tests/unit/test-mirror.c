@@ -1563,7 +1563,7 @@ static void test_git_made(void **state)
 	state_clear(&t);
 }
 
-/* ---- parts: a complete pack cut where no delta crosses, indexed part by part ---- */
+/* ---- parts: a complete pack written as self-contained parts, indexed part by part ---- */
 
 /* Feeds data to a new bundle_rx with parts in chunks of step bytes (up to len), then finishes
  * when finish is set. Returns the first error (or finish's result); *msg the message. */

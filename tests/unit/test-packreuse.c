@@ -255,8 +255,13 @@ static void test_parts(void **state)
 	assert_true(parts.v[0].count == objects);
 	packreuse_part_min = 1;
 	reuse_parts(dir, pack, &objects, &parts);
-	print_message("parts %u\n", parts.n);
 	assert_true(parts.n >= 3 && parts.n <= PACKREUSE_PARTS);
+	check_parts(dir, pack, objects, &parts);
+
+	/* deltas against bases named by id (REF_DELTA), as older gits and JGit write them */
+	sh("git -C '%s' -c repack.useDeltaBaseOffset=false repack -adfq", dir);
+	reuse_parts(dir, pack, &objects, &parts);
+	assert_true(parts.n >= 3);
 	check_parts(dir, pack, objects, &parts);
 
 	/* loose objects and two packs, some entries written whole: still self-contained */
