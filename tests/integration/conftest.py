@@ -52,7 +52,8 @@ def assert_no_sanitizer(text, what):
 
 
 def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A UDP port of 127.0.0.1 free at this moment (the daemon listens on UDP: QUIC)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -67,6 +68,26 @@ def socket_accepts(path):
         return False
     finally:
         s.close()
+
+
+def control_answers(path):
+    """Does the daemon answer a request on its control socket? The socket listens before the
+    daemon starts its network, and a connection is accepted then (the backlog); an answer
+    comes only once the daemon runs."""
+    import meclient  # noqa: E402 (tests/integration is on sys.path under pytest)
+    try:
+        c = meclient.Connection(str(path), timeout=2.0)
+    except OSError:
+        return False
+    try:
+        c.request("node.status")
+        return True
+    except meclient.MeError:
+        return True
+    except (OSError, ConnectionError, TimeoutError):
+        return False
+    finally:
+        c.close()
 
 
 def short_tmpdir(prefix):
@@ -130,6 +151,18 @@ class Daemon:
         sel = ["--socket", self.socket] if self.custom_socket else ["--root", self.root]
         return run_mectl(sel + list(args), env or self.factory.env, cwd=cwd, json=json,
                          check=check, timeout=timeout)
+
+    def port_taken(self, timeout=START_TIMEOUT):
+        """Waits for the start: True when the daemon exited because its address was in use,
+        False when it is ready (or failed otherwise, which wait_ready then reports)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return "address already in use" in self.stderr().lower()
+            if socket_accepts(self.socket) and control_answers(self.socket):
+                return False
+            time.sleep(0.02)
+        return False
 
     def wait_ready(self, timeout=START_TIMEOUT):
         deadline = time.monotonic() + timeout
@@ -220,18 +253,24 @@ class DaemonFactory:
         extra = list(extra_args)
         if socket_path is not None:
             extra += ["--socket", str(socket_path)]
-        argv = self.daemon_argv(root, extra, root_flag=root_flag, log_level=log_level)
-        errpath = self._logpath()
-        port = int(argv[argv.index("--addr") + 1].rsplit(":", 1)[1])
-        with open(errpath, "wb") as errf:
-            proc = subprocess.Popen(argv, env=env or self.env, stdin=subprocess.DEVNULL,
-                                    stdout=errf, stderr=errf)
-        d = Daemon(self, root, socket_path or root / SOCKET_NAME, proc, errpath, port,
-                   env or self.env, argv, custom_socket=socket_path is not None)
-        self.daemons.append(d)
-        if wait:
+        for attempt in range(3):
+            argv = self.daemon_argv(root, extra, root_flag=root_flag, log_level=log_level)
+            errpath = self._logpath()
+            port = int(argv[argv.index("--addr") + 1].rsplit(":", 1)[1])
+            with open(errpath, "wb") as errf:
+                proc = subprocess.Popen(argv, env=env or self.env, stdin=subprocess.DEVNULL,
+                                        stdout=errf, stderr=errf)
+            d = Daemon(self, root, socket_path or root / SOCKET_NAME, proc, errpath, port,
+                       env or self.env, argv, custom_socket=socket_path is not None)
+            self.daemons.append(d)
+            if not wait:
+                return d
+            # The port was free when picked; another process (a test peer's ephemeral UDP
+            # socket) may have bound it since: pick another, as a user would.
+            if attempt < 2 and "--addr" not in extra and d.port_taken():
+                continue
             d.wait_ready()
-        return d
+            return d
 
     def run_daemon(self, root=None, extra_args=(), env=None, timeout=START_TIMEOUT, **kw):
         """Runs megaengined expecting it to exit by itself (bad flags, refused start...).
